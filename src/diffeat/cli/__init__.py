@@ -1,0 +1,1 @@
+"""The ``diffeat`` command line: thin click commands over the library."""

@@ -1,0 +1,83 @@
+"""``diffeat plugins``, ``diffeat layers`` and ``diffeat config show``."""
+
+from __future__ import annotations
+
+import click
+
+from diffeat.cli.common import collect_overrides, config_options, emit_json
+from diffeat.core.config import load_config, to_toml
+from diffeat.core.plugins import KINDS, get_plugin_manager
+
+
+@click.command("plugins")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+def plugins_cmd(as_json: bool) -> None:
+    """Built-in and installed plugins, with versions, what they provide, and errors."""
+    pm = get_plugin_manager()
+    records = list(pm.plugins())
+    if as_json:
+        emit_json(
+            {
+                "plugins": [
+                    {"name": r.name, "version": r.version, "origin": r.origin,
+                     "ok": r.ok, "error": r.error, "provides": r.provides}
+                    for r in records
+                ],
+                **{f"{k}s": pm.names(k) for k in KINDS},
+            }
+        )
+        return
+    for r in records:
+        status = "ok" if r.ok else "BROKEN"
+        click.echo(f"{r.name} {r.version} [{r.origin}] {status}")
+        if r.provides:
+            click.echo(f"    provides: {', '.join(r.provides)}")
+        if r.error:
+            click.echo(f"    error: {r.error}")
+
+
+@click.command("layers")
+@click.argument("config", type=click.Path(dir_okay=False))
+@config_options
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+def layers_cmd(config: str, overrides: tuple[str, ...], model: str | None, device: str | None, as_json: bool) -> None:
+    """The layers, channels and strides the pipeline's extractor returns."""
+    from diffeat.core.pipeline import Pipeline
+
+    pipe = Pipeline(load_config(config, collect_overrides(overrides, model, device)))
+    infos = pipe.layers()
+    timesteps = list(pipe.extractor.timesteps())
+    if as_json:
+        emit_json({"layers": [i.to_dict() for i in infos], "timesteps": timesteps})
+        return
+    click.echo(f"timesteps: {', '.join(map(str, timesteps))}")
+    width = max(len(i.name) for i in infos)
+    click.echo(f"{'layer'.ljust(width)}  channels  stride")
+    for i in infos:
+        click.echo(f"{i.name.ljust(width)}  {i.channels:8d}  {i.stride:g}")
+
+
+@click.group("config")
+def config_group() -> None:
+    """Inspect pipeline files."""
+
+
+@config_group.command("show")
+@click.argument("config", type=click.Path(dir_okay=False))
+@click.option("--set", "overrides", multiple=True, metavar="STAGE.OPTION=VALUE", help="Override an option.")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+def config_show(config: str, overrides: tuple[str, ...], as_json: bool) -> None:
+    """Print the resolved pipeline: every option with its default filled in."""
+    cfg = load_config(config, list(overrides))
+    resolved = cfg.resolved()
+    if as_json:
+        emit_json({"config": resolved, "digest": cfg.digest()})
+    else:
+        click.echo(f"# resolved from {config}; digest {cfg.digest()[:16]}")
+        click.echo(to_toml(resolved), nl=False)
+
+
+def add_to(cli: click.Group) -> None:
+    cli.add_command(plugins_cmd)
+    cli.add_command(layers_cmd)
+    cli.add_command(config_group)

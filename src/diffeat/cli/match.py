@@ -1,0 +1,54 @@
+"""``diffeat match``: where do these source points land in the target?"""
+
+from __future__ import annotations
+
+import click
+
+from diffeat.cli.common import collect_overrides, config_options, emit_json, parse_point
+from diffeat.core.config import load_config
+from diffeat.core.errors import DiffeatError
+
+
+@click.command("match")
+@click.argument("config", type=click.Path(dir_okay=False))
+@click.argument("source", type=click.Path())
+@click.argument("target", type=click.Path())
+@click.option("--point", "-p", "points", multiple=True, required=True, metavar="X,Y", help="Source point in pixels (repeatable).")
+@click.option("--store", "store_path", default=None, type=click.Path(), help="Reuse and keep features in this store.")
+@click.option("--plot", "plot_path", default=None, type=click.Path(dir_okay=False), help="Draw the matches to this image file.")
+@config_options
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+def match_cmd(
+    config: str, source: str, target: str, points: tuple[str, ...], store_path: str | None,
+    plot_path: str | None, overrides: tuple[str, ...], model: str | None, device: str | None,
+    as_json: bool,
+) -> None:
+    """Match --point X,Y of SOURCE to TARGET with the pipeline in CONFIG."""
+    from diffeat.core.images import as_input
+    from diffeat.core.pipeline import Pipeline
+
+    pts = [parse_point(p) for p in points]
+    cfg = load_config(config, collect_overrides(overrides, model, device))
+    pipe = Pipeline(cfg, store=store_path)
+    src, tgt = as_input(source), as_input(target)
+    result = pipe.match(src, tgt, pts)
+    if plot_path:
+        from diffeat.viz import plot_matches
+
+        try:
+            plot_matches(src.image, tgt.image, pts, result.points.tolist(), plot_path, valid=result.valid.tolist())
+        except (OSError, ValueError) as exc:
+            raise DiffeatError(f"cannot write plot {plot_path}: {exc}") from None
+    rows = [{"source": list(p), **m} for p, m in zip(pts, result.to_json())]
+    if as_json:
+        emit_json({"source": source, "target": target, "matches": rows})
+        return
+    for i, row in enumerate(rows, 1):
+        sx, sy = row["source"]
+        tx, ty = row["target"]
+        flag = "" if row["valid"] else "  (not mutual)"
+        click.echo(f"{i}: ({sx:g}, {sy:g}) -> ({tx:g}, {ty:g})  score {row['score']:.4f}{flag}")
+
+
+def add_to(cli: click.Group) -> None:
+    cli.add_command(match_cmd)

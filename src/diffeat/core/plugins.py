@@ -1,0 +1,250 @@
+"""The plugin manager: built-ins plus entry-point plugins, with broken plugins isolated.
+
+Built-in plugins register through the same hooks as third-party ones. A plugin
+that fails to import, implements a hook that does not exist (a misspelling),
+or raises or registers something invalid while registering, is recorded with
+its error and skipped; every other plugin keeps working.
+
+Environment variables:
+
+- ``DIFFEAT_PLUGINS``: comma-separated names of the only third-party plugins
+  to load (``none`` loads none).
+- ``DIFFEAT_DISABLE_PLUGINS``: comma-separated names of plugins (built-in or
+  third-party) not to load.
+"""
+
+from __future__ import annotations
+
+import difflib
+import importlib
+import os
+import re
+from dataclasses import dataclass, field
+from importlib import metadata
+from typing import Any, Callable, Iterable
+
+import pluggy
+
+from diffeat.core import hookspecs
+from diffeat.core.errors import ConfigError, PluginError
+
+KINDS = ("extractor", "aggregator", "matcher", "dataset")
+_HOOK_OF_KIND = {kind: f"register_{kind}s" for kind in KINDS}
+_NAME = re.compile(r"^[a-z0-9][a-z0-9_.-]*$")
+
+BUILTIN_MODULES = {
+    "stable-diffusion": "diffeat.plugins.stable_diffusion",
+    "aggregators": "diffeat.plugins.aggregators",
+    "matchers": "diffeat.plugins.matchers",
+}
+
+
+@dataclass(frozen=True)
+class Registration:
+    """One registered component: what kind, under which name, from which plugin."""
+
+    kind: str
+    name: str
+    factory: Any
+    plugin: str
+
+
+@dataclass
+class PluginRecord:
+    """What ``diffeat plugins`` shows for one plugin."""
+
+    name: str
+    version: str
+    origin: str  # "builtin" or "entry point (distribution)"
+    error: str | None = None
+    provides: list[str] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return self.error is None
+
+
+def _split_env(var: str) -> set[str] | None:
+    raw = os.environ.get(var)
+    if raw is None:
+        return None
+    return {part.strip() for part in raw.split(",") if part.strip() and part.strip() != "none"}
+
+
+def _describe(exc: BaseException) -> str:
+    return f"{type(exc).__name__}: {exc}"
+
+
+class PluginManager:
+    """Loads plugins and keeps the registry of extractors, aggregators, matchers, datasets."""
+
+    def __init__(self, *, entry_points: bool = True, builtins: bool = True) -> None:
+        self._pm = pluggy.PluginManager(hookspecs.PROJECT)
+        self._pm.add_hookspecs(hookspecs)
+        self.records: dict[str, PluginRecord] = {}
+        self.registry: dict[str, dict[str, Registration]] = {kind: {} for kind in KINDS}
+        self._allow = _split_env("DIFFEAT_PLUGINS")
+        self._deny = _split_env("DIFFEAT_DISABLE_PLUGINS") or set()
+        from diffeat import __version__
+
+        if builtins:
+            for name, module in BUILTIN_MODULES.items():
+                self._load(name, __version__, "builtin", lambda m=module: importlib.import_module(m))
+        if entry_points:
+            for ep in metadata.entry_points(group=hookspecs.PROJECT):
+                dist = ep.dist
+                version = dist.version if dist is not None else "?"
+                origin = f"entry point ({dist.name if dist is not None else ep.value})"
+                if self._allow is not None and ep.name not in self._allow:
+                    continue
+                self._load(ep.name, version, origin, ep.load)
+
+    # -- loading ---------------------------------------------------------------
+
+    def _load(self, name: str, version: str, origin: str, load: Callable[[], Any]) -> None:
+        if name in self._deny:
+            return
+        record = PluginRecord(name, version, origin)
+        if name in self.records:
+            record.error = f"a plugin named {name!r} is already loaded ({self.records[name].origin})"
+            self.records[f"{name} ({origin})"] = record
+            return
+        self.records[name] = record
+        try:
+            plugin = load()
+        except Exception as exc:  # a broken plugin must not break the others
+            record.error = f"failed to import: {_describe(exc)}"
+            return
+        self.add_plugin(plugin, name, record=record)
+
+    def add_plugin(self, plugin: Any, name: str, *, record: PluginRecord | None = None) -> PluginRecord:
+        """Register a plugin object (module or instance with hookimpls) under ``name``."""
+        if record is None:
+            from diffeat import __version__
+
+            record = PluginRecord(name, getattr(plugin, "__version__", __version__), "programmatic")
+            self.records[name] = record
+        unknown = self._unknown_hooks(plugin)
+        if unknown:
+            record.error = "; ".join(unknown)
+            return record
+        try:
+            self._pm.register(plugin, name=name)
+        except Exception as exc:
+            record.error = f"invalid hook implementation: {_describe(exc)}"
+            return record
+        for kind in KINDS:
+            self._run_register_hook(plugin, name, kind, record)
+        if record.error is not None:
+            self._drop(name)
+        return record
+
+    def _unknown_hooks(self, plugin: Any) -> list[str]:
+        """Hook implementations that match no specification (what pluggy's check_pending finds)."""
+        problems = []
+        known = [n for n in dir(self._pm.hook) if n.startswith("register_")]
+        for attr in dir(plugin):
+            try:
+                opts = self._pm.parse_hookimpl_opts(plugin, attr)
+            except Exception:
+                opts = None
+            if opts is None:
+                continue
+            hook_name = opts.get("specname") or attr
+            if hook_name not in known:
+                close = difflib.get_close_matches(hook_name, known, n=1)
+                hint = f" (did you mean {close[0]!r}?)" if close else ""
+                problems.append(f"unknown hook {hook_name!r}{hint}")
+        return problems
+
+    def _run_register_hook(self, plugin: Any, name: str, kind: str, record: PluginRecord) -> None:
+        hook = getattr(self._pm.hook, _HOOK_OF_KIND[kind])
+        staged: list[Registration] = []
+
+        def register(comp_name: str, factory: Any) -> None:
+            if not isinstance(comp_name, str) or not _NAME.match(comp_name):
+                raise PluginError(
+                    f"invalid {kind} name {comp_name!r}: use lowercase letters, digits, '-', '_', '.'"
+                )
+            if not callable(factory):
+                raise PluginError(f"{kind} {comp_name!r}: factory {factory!r} is not callable")
+            staged.append(Registration(kind, comp_name, factory, name))
+
+        for impl in hook.get_hookimpls():
+            if impl.plugin_name != name:
+                continue
+            try:
+                impl.function(register)
+            except Exception as exc:
+                record.error = f"{_HOOK_OF_KIND[kind]} raised {_describe(exc)}"
+                return
+        for reg in staged:
+            existing = self.registry[kind].get(reg.name)
+            if existing is not None:
+                record.error = (
+                    f"{kind} {reg.name!r} is already provided by plugin {existing.plugin!r}"
+                )
+                continue
+            self.registry[kind][reg.name] = reg
+            record.provides.append(f"{kind}:{reg.name}")
+
+    def _drop(self, name: str) -> None:
+        for kind in KINDS:
+            for comp, reg in list(self.registry[kind].items()):
+                if reg.plugin == name:
+                    del self.registry[kind][comp]
+        plugin = self._pm.get_plugin(name)
+        if plugin is not None:
+            self._pm.unregister(plugin)
+        self.records[name].provides.clear()
+
+    # -- queries ---------------------------------------------------------------
+
+    def names(self, kind: str) -> list[str]:
+        return sorted(self.registry[kind])
+
+    def get(self, kind: str, name: str) -> Registration:
+        """The registration of ``name``, or a :class:`ConfigError` listing what is installed."""
+        try:
+            return self.registry[kind][name]
+        except KeyError:
+            pass
+        available = self.names(kind)
+        close = difflib.get_close_matches(name, available, n=1)
+        hint = f" Did you mean {close[0]!r}?" if close else ""
+        broken = [r.name for r in self.records.values() if not r.ok]
+        more = f" Plugins that failed to load: {', '.join(broken)} (see `diffeat plugins`)." if broken else ""
+        raise ConfigError(
+            f"unknown {kind} plugin {name!r}.{hint} Installed {kind}s: "
+            f"{', '.join(available) or '(none)'}.{more}"
+        )
+
+    def add_commands(self, cli: Any) -> None:
+        """Let every loaded plugin add click commands; a failing plugin is recorded, not fatal."""
+        for impl in self._pm.hook.register_commands.get_hookimpls():
+            try:
+                impl.function(cli)
+            except Exception as exc:
+                record = self.records.get(impl.plugin_name)
+                if record is not None:
+                    record.error = f"register_commands raised {_describe(exc)}"
+
+    def plugins(self) -> Iterable[PluginRecord]:
+        return self.records.values()
+
+
+_MANAGER: PluginManager | None = None
+
+
+def get_plugin_manager() -> PluginManager:
+    """The process-wide plugin manager, loaded on first use."""
+    global _MANAGER
+    if _MANAGER is None:
+        _MANAGER = PluginManager()
+    return _MANAGER
+
+
+def reset_plugin_manager(manager: PluginManager | None = None) -> None:
+    """Replace (or forget) the process-wide manager; for tests and embedding."""
+    global _MANAGER
+    _MANAGER = manager

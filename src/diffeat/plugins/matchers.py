@@ -1,0 +1,206 @@
+"""Dense matchers over descriptor maps: ``nearest``, ``mutual`` and ``soft-argmax``.
+
+All use cosine similarity. Source descriptors are read at the exact source
+point by bilinear sampling (``align_corners=False``), which for integer points
+equals upsampling the source map to the image size and indexing it, as DIFT
+evaluates.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+
+from diffeat.core.components import Matcher, MatchResult, View
+from diffeat.core.geometry import pixel_centres, sample_at, sample_rows
+from diffeat.core.hookspecs import Register, hookimpl
+from diffeat.core.options import opt
+
+_CHUNK_ELEMENTS = 1 << 25  # 32M floats (128 MB in float32) of upsampled target per chunk
+
+
+def _descriptors(view: View) -> torch.Tensor:
+    if view.descriptors is None:
+        raise ValueError("this matcher needs descriptor maps; the pipeline gave none")
+    return view.descriptors.float()
+
+
+def query_vectors(view: View, points: torch.Tensor) -> torch.Tensor:
+    """L2-normalised descriptors ``[N, C]`` at source pixel points ``[N, 2]``."""
+    desc = _descriptors(view)
+    grid_pts = view.image_to_grid(points.to(desc.device, torch.float32))
+    return F.normalize(sample_at(desc, grid_pts), dim=1)
+
+
+def grid_similarity(queries: torch.Tensor, view: View) -> torch.Tensor:
+    """Cosine similarity ``[N, h, w]`` of queries with every cell of the view's grid."""
+    desc = F.normalize(_descriptors(view), dim=0)
+    c, h, w = desc.shape
+    return (queries @ desc.reshape(c, h * w)).reshape(-1, h, w)
+
+
+def image_argmax(queries: torch.Tensor, view: View, chunk_elements: int = _CHUNK_ELEMENTS) -> tuple[torch.Tensor, torch.Tensor]:
+    """Best target pixel per query over the descriptor map upsampled to the image size.
+
+    Equal to upsampling the whole map (bilinear, align_corners=False) and taking
+    the hard argmax of cosine similarity, but computed a block of rows at a time
+    so memory stays bounded whatever the image size. Returns points ``[N, 2]``
+    and scores ``[N]``.
+    """
+    desc = _descriptors(view)
+    c = desc.shape[0]
+    width, height = view.image_size
+    rows = max(1, chunk_elements // max(1, c * width))
+    best = torch.full((queries.shape[0],), -torch.inf, device=desc.device)
+    best_idx = torch.zeros(queries.shape[0], dtype=torch.long, device=desc.device)
+    for start in range(0, height, rows):
+        pix = pixel_centres((width, height), slice(start, start + rows)).to(desc.device)
+        r = pix.shape[0]
+        cells = view.image_to_grid(pix.reshape(-1, 2)).reshape(r, width, 2)
+        block = F.normalize(sample_rows(desc, cells), dim=0).reshape(c, -1)
+        sims = queries @ block
+        value, idx = sims.max(dim=1)
+        better = value > best
+        best = torch.where(better, value, best)
+        best_idx = torch.where(better, idx + start * width, best_idx)
+    xs = (best_idx % width).float()
+    ys = torch.div(best_idx, width, rounding_mode="floor").float()
+    return torch.stack([xs, ys], dim=1), best
+
+
+def _cell_points(flat_idx: torch.Tensor, w: int) -> torch.Tensor:
+    return torch.stack([(flat_idx % w).float(), torch.div(flat_idx, w, rounding_mode="floor").float()], 1)
+
+
+@dataclass
+class NearestOptions:
+    resolution: Literal["image", "grid"] = opt(
+        "image",
+        "argmax over the target map upsampled to the image size (DIFT), or over grid cells",
+    )
+
+
+class Nearest(Matcher):
+    """Cosine nearest neighbour with hard argmax."""
+
+    Options = NearestOptions
+
+    def __init__(self, options: NearestOptions | None = None) -> None:
+        self.options = options or NearestOptions()
+
+    def match(self, source: View, target: View, points: torch.Tensor) -> MatchResult:
+        q = query_vectors(source, points)
+        if self.options.resolution == "image":
+            pts, scores = image_argmax(q, target)
+        else:
+            sims = grid_similarity(q, target)
+            scores, idx = sims.flatten(1).max(dim=1)
+            pts = target.grid_to_image(_cell_points(idx, sims.shape[-1]))
+        return MatchResult(pts.cpu(), scores.cpu(), torch.ones(len(pts), dtype=torch.bool))
+
+
+@dataclass
+class MutualOptions:
+    tolerance: float = opt(
+        1.0, "a match is mutual if the reverse match lands within this many source grid cells"
+    )
+
+
+def mutual_nearest(src: torch.Tensor, tgt: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """All mutual nearest neighbours between two maps ``[C, h, w]`` (cosine).
+
+    Returns source cells ``[M, 2]``, target cells ``[M, 2]`` (x, y grid
+    coordinates) and similarities ``[M]``.
+    """
+    s = F.normalize(src.float(), dim=0).flatten(1)
+    t = F.normalize(tgt.float(), dim=0).flatten(1)
+    sims = s.T @ t
+    fwd = sims.argmax(dim=1)
+    bwd = sims.argmax(dim=0)
+    idx = torch.arange(s.shape[1], device=s.device)
+    keep = bwd[fwd] == idx
+    src_idx, tgt_idx = idx[keep], fwd[keep]
+    return (
+        _cell_points(src_idx, src.shape[-1]),
+        _cell_points(tgt_idx, tgt.shape[-1]),
+        sims[src_idx, tgt_idx],
+    )
+
+
+class Mutual(Matcher):
+    """Nearest neighbour on the grid, marked valid only when the reverse match comes back."""
+
+    Options = MutualOptions
+
+    def __init__(self, options: MutualOptions | None = None) -> None:
+        self.options = options or MutualOptions()
+
+    def match(self, source: View, target: View, points: torch.Tensor) -> MatchResult:
+        q = query_vectors(source, points)
+        sims = grid_similarity(q, target)
+        scores, idx = sims.flatten(1).max(dim=1)
+        t_cells = _cell_points(idx, sims.shape[-1])
+        back_q = F.normalize(sample_at(_descriptors(target), t_cells), dim=1)
+        back = grid_similarity(back_q, source)
+        _, back_idx = back.flatten(1).max(dim=1)
+        back_cells = _cell_points(back_idx, back.shape[-1])
+        src_cells = source.image_to_grid(points.to(back_cells.device))
+        valid = (back_cells - src_cells).norm(dim=1) <= self.options.tolerance
+        pts = target.grid_to_image(t_cells)
+        return MatchResult(
+            pts.cpu(), scores.cpu(), valid.cpu(),
+            {"reverse": source.grid_to_image(back_cells).cpu()},
+        )
+
+
+@dataclass
+class SoftArgmaxOptions:
+    window: int = opt(15, "side of the square window (grid cells) around the argmax; odd")
+    temperature: float = opt(0.02, "softmax temperature on cosine similarity")
+
+    def validate(self) -> None:
+        if self.window < 1 or self.window % 2 == 0:
+            raise ValueError(f"window must be a positive odd number, got {self.window}")
+        if self.temperature <= 0:
+            raise ValueError(f"temperature must be > 0, got {self.temperature}")
+
+
+class SoftArgmax(Matcher):
+    """Window soft-argmax (GeoAware-SC): softmax-weighted mean position near the argmax cell."""
+
+    Options = SoftArgmaxOptions
+
+    def __init__(self, options: SoftArgmaxOptions | None = None) -> None:
+        self.options = options or SoftArgmaxOptions()
+
+    def match(self, source: View, target: View, points: torch.Tensor) -> MatchResult:
+        q = query_vectors(source, points)
+        sims = grid_similarity(q, target)
+        n, h, w = sims.shape
+        scores, idx = sims.flatten(1).max(dim=1)
+        cy = torch.div(idx, w, rounding_mode="floor")
+        cx = idx % w
+        r = self.options.window // 2
+        offsets = torch.arange(-r, r + 1, device=sims.device)
+        ys = (cy[:, None] + offsets[None, :])  # [N, k]
+        xs = (cx[:, None] + offsets[None, :])
+        inside = ((ys >= 0) & (ys < h))[:, :, None] & ((xs >= 0) & (xs < w))[:, None, :]
+        yc, xc = ys.clamp(0, h - 1), xs.clamp(0, w - 1)
+        rows = torch.arange(n, device=sims.device)[:, None, None]
+        window = sims[rows, yc[:, :, None], xc[:, None, :]]  # [N, k, k]
+        logits = (window / self.options.temperature).masked_fill(~inside, -torch.inf)
+        weights = torch.softmax(logits.flatten(1), dim=1).view_as(window)
+        y = (weights * ys[:, :, None].float()).sum(dim=(1, 2))
+        x = (weights * xs[:, None, :].float()).sum(dim=(1, 2))
+        pts = target.grid_to_image(torch.stack([x, y], dim=1))
+        return MatchResult(pts.cpu(), scores.cpu(), torch.ones(n, dtype=torch.bool))
+
+
+@hookimpl
+def register_matchers(register: Register) -> None:
+    register("nearest", Nearest)
+    register("mutual", Mutual)
+    register("soft-argmax", SoftArgmax)

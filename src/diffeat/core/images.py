@@ -45,11 +45,11 @@ def _to_rgb(img: Image.Image) -> Image.Image:
         arr = np.asarray(img, dtype=np.float64)
         peak = 65535.0 if img.mode.startswith("I;16") or arr.max() > 255 else 255.0
         arr8 = np.clip(np.round(arr * (255.0 / peak)), 0, 255).astype(np.uint8)
-        return Image.fromarray(arr8, mode="L").convert("RGB")
+        return Image.fromarray(arr8).convert("RGB")
     if img.mode == "F":
         arr = np.asarray(img, dtype=np.float64)
         arr8 = np.clip(np.round(arr), 0, 255).astype(np.uint8)
-        return Image.fromarray(arr8, mode="L").convert("RGB")
+        return Image.fromarray(arr8).convert("RGB")
     if img.mode == "P":
         img = img.convert("RGBA")
     return img.convert("RGB")

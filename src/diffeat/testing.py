@@ -1,0 +1,160 @@
+"""Offline test helpers for diffeat and for third-party plugin authors.
+
+- :func:`build_tiny_stable_diffusion` writes a tiny random-weight Stable
+  Diffusion (same block structure as SD 1.x/2.x) into a folder, loadable with
+  the real ``from_pretrained``; nothing is downloaded.
+- :class:`ColorBlurExtractor` is a deterministic local-descriptor extractor
+  (colour blurred at several scales: invariant to shifts and flips) for
+  known-transform tests of a whole pipeline.
+- :class:`ExtractorConformance` is a pytest mixin checking that an extractor
+  honours the contract.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from diffeat.core.components import Extractor
+from diffeat.core.features import FeatureSet, LayerInfo
+from diffeat.core.geometry import ImageTransform, Size
+from diffeat.core.hookspecs import Register, hookimpl
+from diffeat.core.images import ImageInput, as_input, resize, to_tensor
+from diffeat.core.options import opt
+from diffeat.testing_models import build_tiny_stable_diffusion, write_clip_tokenizer
+
+__all__ = [
+    "build_tiny_stable_diffusion",
+    "write_clip_tokenizer",
+    "ColorBlurExtractor",
+    "ExtractorConformance",
+    "smooth_texture",
+    "TestPlugin",
+]
+
+
+def smooth_texture(size: Size, *, seed: int = 0, cells: int = 6) -> Image.Image:
+    """A smooth random colour field (bicubic-upsampled noise): locally distinctive, no edges."""
+    rng = np.random.default_rng(seed)
+    w, h = size
+    coarse = rng.integers(0, 256, size=(cells, cells, 3), dtype=np.uint8)
+    small = Image.fromarray(coarse, "RGB")
+    return small.resize((w, h), Image.Resampling.BICUBIC)
+
+
+def _gaussian_blur(x: torch.Tensor, sigma: float) -> torch.Tensor:
+    if sigma <= 0:
+        return x
+    radius = max(1, int(math.ceil(3 * sigma)))
+    t = torch.arange(-radius, radius + 1, dtype=x.dtype)
+    k = torch.exp(-(t**2) / (2 * sigma**2))
+    k = (k / k.sum()).to(x.device)
+    c = x.shape[1]
+    x = F.pad(x, (radius, radius, 0, 0), mode="replicate")
+    x = F.conv2d(x, k.view(1, 1, 1, -1).expand(c, 1, 1, -1), groups=c)
+    x = F.pad(x, (0, 0, radius, radius), mode="replicate")
+    return F.conv2d(x, k.view(1, 1, -1, 1).expand(c, 1, -1, 1), groups=c)
+
+
+@dataclass
+class ColorBlurOptions:
+    image_size: list[int] = opt([64, 64], "model input [width, height] (squash resize)")
+    sigmas: list[float] = opt([0.0, 2.0, 4.0], "blur scales in model pixels")
+    stride: int = opt(1, "feature cells per model pixel side (average pooling)")
+
+
+class ColorBlurExtractor(Extractor):
+    """Colour blurred at several scales, one layer ``color`` ``[1, 3*S, H/stride, W/stride]``."""
+
+    Options = ColorBlurOptions
+    calls = 0  # counts images extracted across instances, so tests can assert store hits
+
+    def __init__(self, options: ColorBlurOptions | None = None) -> None:
+        self.options = options or ColorBlurOptions()
+
+    @property
+    def model_size(self) -> Size:
+        w, h = self.options.image_size
+        return (int(w), int(h))
+
+    def layers(self) -> list[LayerInfo]:
+        return [LayerInfo("color", 3 * len(self.options.sigmas), float(self.options.stride))]
+
+    def timesteps(self) -> tuple[int, ...]:
+        return (0,)
+
+    def model_identity(self) -> dict[str, Any]:
+        return {"model": "color-blur", "version": 1}
+
+    def transform_for(self, image_size: Size) -> ImageTransform:
+        return ImageTransform.resize(image_size, self.model_size)
+
+    def extract(self, images: Sequence[ImageInput]) -> list[FeatureSet]:
+        out = []
+        for im in images:
+            type(self).calls += 1
+            x = to_tensor(resize(im.image, self.model_size, "bilinear")).unsqueeze(0)
+            maps = torch.cat([_gaussian_blur(x, s) for s in self.options.sigmas], dim=1)
+            if self.options.stride > 1:
+                maps = F.avg_pool2d(maps, self.options.stride)
+            meta = {"transform": self.transform_for(im.size).to_dict()}
+            out.append(FeatureSet({"color": maps}, (0,), meta))
+        return out
+
+
+class TestPlugin:
+    """A plugin object registering :class:`ColorBlurExtractor` as ``color-blur``.
+
+    ``PluginManager().add_plugin(TestPlugin(), "testing")`` makes it available
+    to pipelines in tests.
+    """
+
+    __test__ = False  # not a pytest test class
+
+    @hookimpl
+    def register_extractors(self, register: Register) -> None:
+        register("color-blur", ColorBlurExtractor)
+
+
+class ExtractorConformance:
+    """Pytest mixin: subclass it and provide ``make_extractor()`` (and optionally ``images()``).
+
+    Checks that declared layers and timesteps match the output, that the
+    transform is recorded, and that extraction is deterministic.
+    """
+
+    def make_extractor(self) -> Any:  # pragma: no cover - provided by the subclass
+        raise NotImplementedError
+
+    def images(self) -> list[ImageInput]:
+        return [as_input(smooth_texture((80, 60), seed=1)), as_input(smooth_texture((48, 64), seed=2))]
+
+    def test_declared_layers_match_output(self) -> None:
+        ex = self.make_extractor()
+        infos = {i.name: i for i in ex.layers()}
+        for im, fs in zip(self.images(), ex.extract(self.images())):
+            assert set(fs.layers) == set(infos)
+            for name, tensor in fs.layers.items():
+                assert tensor.shape[0] == len(ex.timesteps())
+                assert tensor.shape[1] == infos[name].channels
+                mw, mh = ex.transform_for(im.size).model_size
+                assert math.isclose(mw / tensor.shape[-1], infos[name].stride, rel_tol=1e-6)
+                assert math.isclose(mh / tensor.shape[-2], infos[name].stride, rel_tol=1e-6)
+
+    def test_transform_recorded(self) -> None:
+        ex = self.make_extractor()
+        for im, fs in zip(self.images(), ex.extract(self.images())):
+            assert fs.transform.image_size == im.size
+
+    def test_deterministic(self) -> None:
+        a = self.make_extractor().extract(self.images())
+        b = self.make_extractor().extract(self.images())
+        for fa, fb in zip(a, b):
+            for name in fa.layers:
+                torch.testing.assert_close(fa.layers[name], fb.layers[name])

@@ -1,0 +1,50 @@
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from diffeat.core.plugins import PluginManager, reset_plugin_manager
+from diffeat.testing import TestPlugin, smooth_texture
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
+
+
+@pytest.fixture(scope="session")
+def tiny_sd(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny random-weight SD 1.x-style model (epsilon prediction) in diffusers format."""
+    from diffeat.testing import build_tiny_stable_diffusion
+
+    return build_tiny_stable_diffusion(tmp_path_factory.mktemp("tiny-sd15") / "model")
+
+
+@pytest.fixture(scope="session")
+def tiny_sd_v(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny SD 2.x-style model with v-prediction."""
+    from diffeat.testing import build_tiny_stable_diffusion
+
+    return build_tiny_stable_diffusion(
+        tmp_path_factory.mktemp("tiny-sd21") / "model", prediction_type="v_prediction", sd2_style=True, seed=1
+    )
+
+
+@pytest.fixture
+def manager() -> PluginManager:
+    """A plugin manager with the built-ins and the test plugin (``color-blur``)."""
+    pm = PluginManager(entry_points=False)
+    pm.add_plugin(TestPlugin(), "testing")
+    reset_plugin_manager(pm)
+    yield pm
+    reset_plugin_manager(None)
+
+
+@pytest.fixture
+def texture_files(tmp_path: Path) -> list[Path]:
+    paths = []
+    for i, size in enumerate([(96, 64), (64, 80), (72, 72)]):
+        p = tmp_path / f"img{i}.png"
+        smooth_texture(size, seed=i).save(p)
+        paths.append(p)
+    return paths

@@ -1,0 +1,112 @@
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from diffeat.core.config import load_config, parse_config, to_toml
+from diffeat.core.errors import ConfigError
+
+EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
+
+
+def write(tmp_path: Path, text: str) -> Path:
+    p = tmp_path / "pipe.toml"
+    p.write_text(text)
+    return p
+
+
+def test_examples_resolve(manager):
+    for path in EXAMPLES.glob("*.toml"):
+        cfg = load_config(path, manager=manager)
+        resolved = cfg.resolved()
+        assert resolved["extractor"]["plugin"] == "stable-diffusion"
+        assert len(cfg.digest()) == 64
+
+
+def test_dift_preset_matches_methods(manager):
+    ex = load_config(EXAMPLES / "dift-sd21.toml", manager=manager).resolved()["extractor"]
+    assert ex["model"] == "stabilityai/stable-diffusion-2-1"
+    assert ex["timesteps"] == [261]
+    assert ex["layers"] == ["up_blocks.1"]
+    assert ex["ensemble_size"] == 8
+    assert ex["image_size"] == [768, 768]
+    assert ex["latent"] == "sample"
+    assert ex["dtype"] == "float32"
+    assert ex["prompt"] == ""
+    geo = load_config(EXAMPLES / "dift-sd21-geometric.toml", manager=manager).resolved()
+    assert geo["extractor"]["timesteps"] == [0] and geo["extractor"]["layers"] == ["up_blocks.2"]
+    assert geo["matcher"]["plugin"] == "mutual"
+
+
+def test_defaults_filled_and_stable_digest(tmp_path, manager):
+    p = write(tmp_path, '[extractor]\nplugin = "color-blur"\n')
+    a = load_config(p, manager=manager)
+    assert a.resolved() == {
+        "extractor": {"plugin": "color-blur", "image_size": [64, 64], "sigmas": [0.0, 2.0, 4.0], "stride": 1},
+        "aggregator": {"plugin": "select", "layer": "", "timestep_index": 0},
+        "matcher": {"plugin": "nearest", "resolution": "image"},
+    }
+    b = load_config(write(tmp_path, '[extractor]\nplugin = "color-blur"\nstride = 1\n'), manager=manager)
+    assert a.digest() == b.digest()
+    c = load_config(p, ["extractor.stride=2"], manager=manager)
+    assert c.digest() != a.digest() and c.resolved()["extractor"]["stride"] == 2
+
+
+def test_unknown_key_names_key_and_valid_ones(tmp_path, manager):
+    p = write(tmp_path, '[extractor]\nplugin = "color-blur"\nstrid = 2\n')
+    with pytest.raises(ConfigError) as err:
+        load_config(p, manager=manager)
+    msg = str(err.value)
+    assert "'strid'" in msg and "did you mean 'stride'" in msg and "image_size, sigmas, stride" in msg
+    assert str(p) in msg
+
+
+def test_unknown_plugin_lists_installed(tmp_path, manager):
+    with pytest.raises(ConfigError, match=r"unknown matcher plugin 'nearst'.*Did you mean 'nearest'.*mutual"):
+        load_config(write(tmp_path, '[extractor]\nplugin = "color-blur"\n[matcher]\nplugin = "nearst"\n'), manager=manager)
+
+
+@pytest.mark.parametrize(
+    "body, fragment",
+    [
+        ('[extractor]\nplugin = "color-blur"\nstride = "two"\n', "expected int"),
+        ('[extractor]\nplugin = "stable-diffusion"\nlatent = "median"\n', "'sample' | 'mean'"),
+        ('[extractor]\nplugin = "stable-diffusion"\nimage_size = [100, 100]\n', "multiples of 8"),
+        ('[extractor]\nplugin = "color-blur"\n[matcher]\nplugin = "soft-argmax"\nwindow = 4\n', "odd"),
+        ('[extractor]\nplugin = "color-blur"\n[extra]\nx = 1\n', "unknown top-level key 'extra'"),
+        ('[aggregator]\nplugin = "select"\n', "missing [extractor]"),
+        ("[extractor\n", "invalid TOML"),
+    ],
+)
+def test_bad_configs(tmp_path, manager, body, fragment):
+    with pytest.raises(ConfigError) as err:
+        load_config(write(tmp_path, body), manager=manager)
+    assert fragment in str(err.value)
+
+
+def test_missing_file():
+    with pytest.raises(ConfigError, match="config file not found: /nonexistent.toml"):
+        load_config("/nonexistent.toml")
+
+
+def test_bad_override(manager):
+    with pytest.raises(ConfigError, match="STAGE.OPTION=VALUE"):
+        load_config(EXAMPLES / "dift-sd21.toml", ["timesteps=3"], manager=manager)
+
+
+def test_override_bare_string_and_toml_roundtrip(manager, tmp_path):
+    cfg = load_config(EXAMPLES / "dift-sd21.toml", ["extractor.model=/some/folder"], manager=manager)
+    assert cfg.resolved()["extractor"]["model"] == "/some/folder"
+    text = to_toml(cfg.resolved())
+    again = load_config(write(tmp_path, text), manager=manager)
+    assert again.digest() == cfg.digest()
+
+
+def test_config_is_data_not_code(manager):
+    # a string that looks like code stays a string
+    cfg = parse_config(
+        {"extractor": {"plugin": "stable-diffusion", "prompt": "__import__('os').system('x')"}},
+        manager=manager,
+    )
+    assert cfg.resolved()["extractor"]["prompt"].startswith("__import__")

@@ -120,12 +120,24 @@ def _load(cls: Any, folder: Path, sub: str, **kwargs: Any) -> Any:
         ) from None
 
 
+def _quiet_libraries() -> None:
+    """Silence per-file progress bars and advisory warnings of diffusers/transformers loading."""
+    import diffusers
+    import transformers
+
+    diffusers.utils.logging.disable_progress_bar()
+    diffusers.utils.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+    transformers.utils.logging.set_verbosity_error()
+
+
 def load_parts(folder: Path, dtype: torch.dtype, device: torch.device) -> StableDiffusionParts:
     """Load UNet, VAE, text encoder, tokenizer and DDIM scheduler from a local folder."""
     from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
     from transformers import CLIPTextModel, CLIPTokenizer
 
     os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
+    _quiet_libraries()
     unet = _load(UNet2DConditionModel, folder, "unet", torch_dtype=dtype)
     vae = _load(AutoencoderKL, folder, "vae", torch_dtype=dtype)
     vae.decoder = None  # never used; frees about a third of the VAE

@@ -1,0 +1,32 @@
+"""Run the real ``diffeat`` executable in a subprocess."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+DIFFEAT = str(Path(sys.executable).with_name("diffeat"))
+
+
+def cli_env(**extra: str) -> dict[str, str]:
+    env = dict(os.environ)
+    env.update({"HF_HUB_OFFLINE": "1", "HF_HUB_DISABLE_TELEMETRY": "1"})
+    env.update(extra)
+    return env
+
+
+def run(*args: Any, env: dict[str, str] | None = None, check: int | None = 0, timeout: float = 300) -> subprocess.CompletedProcess:
+    proc = subprocess.run(
+        [DIFFEAT, *map(str, args)], capture_output=True, text=True, env=env or cli_env(), timeout=timeout
+    )
+    if check is not None:
+        assert proc.returncode == check, f"exit {proc.returncode}\nstdout:\n{proc.stdout}\nstderr:\n{proc.stderr}"
+    return proc
+
+
+def run_json(*args: Any, **kwargs: Any) -> Any:
+    return json.loads(run(*args, "--json", **kwargs).stdout)

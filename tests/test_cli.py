@@ -1,0 +1,116 @@
+"""The real ``diffeat`` executable, end to end, on a tiny random-weight SD model."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from clihelp import run, run_json
+from diffeat.testing import smooth_texture
+
+pytestmark = pytest.mark.slow
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def config(tiny_sd, tmp_path_factory) -> Path:
+    p = tmp_path_factory.mktemp("cfg") / "tiny.toml"
+    text = (ROOT / "examples" / "dift-sd21.toml").read_text()
+    text = text.replace('"stabilityai/stable-diffusion-2-1"', f'"{tiny_sd}"')
+    text = text.replace("[768, 768]", "[64, 64]").replace("ensemble_size = 8", "ensemble_size = 2")
+    p.write_text(text)
+    return p
+
+
+@pytest.fixture(scope="module")
+def photos(tmp_path_factory) -> Path:
+    d = tmp_path_factory.mktemp("photos")
+    for i in range(3):
+        smooth_texture((80 + 8 * i, 64), seed=i).save(d / f"p{i}.png")
+    return d
+
+
+def assert_user_error(proc, *fragments: str) -> None:
+    assert proc.returncode == 2, proc.stderr
+    assert "Traceback" not in proc.stderr
+    for f in fragments:
+        assert f in proc.stderr, proc.stderr
+
+
+def test_version_and_plugins():
+    assert "diffeat, version" in run("--version").stdout
+    out = run_json("plugins")
+    names = {p["name"]: p for p in out["plugins"]}
+    assert names["stable-diffusion"]["ok"] and "extractor:stable-diffusion" in names["stable-diffusion"]["provides"]
+    assert out["matchers"] == sorted(["nearest", "mutual", "soft-argmax"])
+
+
+def test_config_show(config):
+    out = run("config", "show", ROOT / "examples" / "dift-sd21.toml").stdout
+    assert "timesteps = [261]" in out and 'plugin = "nearest"' in out and "encode_per_copy = false" in out
+    js = run_json("config", "show", config, "--set", "extractor.seed=3")
+    assert js["config"]["extractor"]["seed"] == 3
+
+
+def test_layers(config):
+    out = run_json("layers", config)
+    assert out == {"layers": [{"name": "up_blocks.1", "channels": 32, "stride": 16.0}], "timesteps": [261]}
+    text = run("layers", config, "--set", 'extractor.layers=["up_blocks.*.resnets.*.conv2"]').stdout
+    assert "up_blocks.3.resnets.2.conv2" in text
+
+
+def test_extract_then_rerun_computes_nothing(config, photos, tmp_path):
+    store = tmp_path / "feats.zarr"
+    first = run_json("extract", config, photos, "--store", store)
+    assert (first["images"], first["computed"], first["cached"]) == (3, 3, 0)
+    # the same image under another name is found by content
+    shutil.copy(photos / "p0.png", tmp_path / "renamed.png")
+    second = run_json("extract", config, photos, tmp_path / "renamed.png", "--store", store)
+    assert (second["images"], second["computed"], second["cached"]) == (4, 0, 4)
+    # a changed config never returns stale features
+    third = run_json("extract", config, photos, "--store", store, "--set", "extractor.timesteps=[100]")
+    assert third["computed"] == 3 and third["cache_key"] != first["cache_key"]
+    info = run_json("store", "info", store)
+    assert {v["entries"] for v in info["extractors"].values()} == {3}
+    listing = run_json("store", "ls", store, "--key", first["cache_key"])
+    assert len(listing) == 3 and all("up_blocks.1" in row["layers"] for row in listing)
+    assert "2 " not in run("store", "info", store).stderr
+
+
+def test_match_json_and_plot(config, photos, tmp_path):
+    plot = tmp_path / "m.png"
+    out = run_json("match", config, photos / "p0.png", photos / "p1.png", "--point", "10,20", "-p", "40,30", "--plot", plot)
+    assert len(out["matches"]) == 2
+    for m in out["matches"]:
+        x, y = m["target"]
+        assert 0 <= x <= 87 and 0 <= y <= 63 and -1 <= m["score"] <= 1
+    with Image.open(plot) as im:
+        assert im.width >= 80 + 88
+
+
+def test_match_same_image_finds_the_same_points(config, photos):
+    out = run_json("match", config, photos / "p2.png", photos / "p2.png", "-p", "30,30", "-p", "60,10")
+    assert [m["target"] for m in out["matches"]] == [[30.0, 30.0], [60.0, 10.0]]
+
+
+def test_user_errors(config, photos, tmp_path):
+    assert_user_error(run("match", config, tmp_path / "none.jpg", photos / "p0.png", "-p", "1,1", check=None), "image not found", "none.jpg")
+    assert_user_error(run("match", config, photos / "p0.png", photos / "p1.png", "-p", "500,1", check=None), "outside the 80x64 image")
+    assert_user_error(run("match", config, photos / "p0.png", photos / "p1.png", "-p", "1;1", check=None), "bad --point '1;1'")
+    bad = tmp_path / "bad.toml"
+    bad.write_text('[extractor]\nplugin = "stable-diffusion"\ntimestep = [3]\n')
+    assert_user_error(run("layers", bad, check=None), "unknown option 'timestep'", "did you mean 'timesteps'")
+    assert_user_error(run("layers", config, "--model", tmp_path, check=None), "not a diffusers Stable Diffusion folder")
+    assert_user_error(run("layers", ROOT / "examples" / "dift-sd21.toml", "--model", "nobody/nothing", check=None), "--model DIR")
+    notimg = tmp_path / "imgs"
+    notimg.mkdir()
+    (notimg / "x.jpg").write_text("not an image")
+    smooth_texture((40, 40)).save(notimg / "ok.png")
+    proc = run("extract", config, notimg, "--store", tmp_path / "s.zarr", check=None)
+    assert_user_error(proc, "x.jpg is not an image file")
+    assert "1 extracted" in proc.stdout
+    assert_user_error(run("store", "info", tmp_path / "missing.zarr", check=None), "missing.zarr")
+    assert run("frobnicate", check=None).returncode == 2

@@ -71,7 +71,7 @@ def test_unknown_plugin_lists_installed(tmp_path, manager):
     "body, fragment",
     [
         ('[extractor]\nplugin = "color-blur"\nstride = "two"\n', "expected int"),
-        ('[extractor]\nplugin = "stable-diffusion"\nlatent = "median"\n', "'sample' | 'mean'"),
+        ('[extractor]\nplugin = "stable-diffusion"\nlatent = "median"\n', "one of 'sample', 'mean'"),
         ('[extractor]\nplugin = "stable-diffusion"\nimage_size = [100, 100]\n', "multiples of 8"),
         ('[extractor]\nplugin = "color-blur"\n[matcher]\nplugin = "soft-argmax"\nwindow = 4\n', "odd"),
         ('[extractor]\nplugin = "color-blur"\n[extra]\nx = 1\n', "unknown top-level key 'extra'"),
@@ -110,3 +110,16 @@ def test_config_is_data_not_code(manager):
         manager=manager,
     )
     assert cfg.resolved()["extractor"]["prompt"].startswith("__import__")
+
+
+def test_config_reference_lists_every_builtin_option(manager):
+    from diffeat.core.options import describe_options
+
+    text = (Path(__file__).resolve().parents[1] / "docs" / "config.md").read_text()
+    for kind in ("extractor", "aggregator", "matcher"):
+        for name in manager.names(kind):
+            if manager.get(kind, name).plugin == "testing":
+                continue
+            assert f"### {kind} `{name}`" in text
+            for row in describe_options(manager.get(kind, name).factory):
+                assert f"| `{row['name']}` |" in text, (kind, name, row["name"])

@@ -27,7 +27,7 @@ def options_class(factory: Any) -> type | None:
 def _type_name(tp: Any) -> str:
     origin = get_origin(tp)
     if origin is Literal:
-        return " | ".join(repr(a) for a in get_args(tp))
+        return "one of " + ", ".join(repr(a) for a in get_args(tp))
     if origin is list:
         return f"list of {_type_name(get_args(tp)[0])}"
     return getattr(tp, "__name__", str(tp))

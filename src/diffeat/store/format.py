@@ -20,6 +20,9 @@ COMPLETE_ATTR = "complete"
 FEATURES_ARRAY = "features"
 TIMESTEP_ARRAY = "timestep"
 DIMENSION_NAMES = ("timestep", "channel", "y", "x")
+#: Chunk files are flat in the array folder (``features/c.3.0.0.0``): one folder per
+#: array instead of 1 + 3 T nested ones, which matters on shared filesystems.
+CHUNK_KEY_ENCODING = {"name": "default", "configuration": {"separator": "."}}
 
 #: Storage dtypes a store can write, and their element size (Blosc typesize).
 STORAGE_DTYPES: dict[str, int] = {"float16": 2, "float32": 4}
@@ -31,15 +34,81 @@ BLOSC_CLEVEL = 5
 BLOSC_SHUFFLE = "bitshuffle"
 
 
-def blosc_codec(storage_dtype: str):  # -> zarr.codecs.BloscCodec
+def blosc_json(storage_dtype: str) -> dict[str, Any]:
+    """The ``blosc`` codec entry of a feature array's ``codecs`` list."""
+    return {
+        "name": "blosc",
+        "configuration": {
+            "typesize": STORAGE_DTYPES[storage_dtype],
+            "cname": BLOSC_CNAME,
+            "clevel": BLOSC_CLEVEL,
+            "shuffle": BLOSC_SHUFFLE,
+            "blocksize": 0,
+        },
+    }
+
+
+def blosc_codec(storage_dtype: str):  # -> zarr.codecs.BloscCodec, for plain-zarr comparisons
     from zarr.codecs import BloscCodec
 
-    return BloscCodec(
-        cname=BLOSC_CNAME,
-        clevel=BLOSC_CLEVEL,
-        shuffle=BLOSC_SHUFFLE,
-        typesize=STORAGE_DTYPES[storage_dtype],
+    return BloscCodec.from_dict(blosc_json(storage_dtype))
+
+
+def array_json(
+    shape: tuple[int, ...],
+    data_type: str,
+    chunk_shape: tuple[int, ...],
+    *,
+    compressed: bool,
+    fill_value: float | str,
+    dimension_names: tuple[str, ...],
+) -> dict[str, Any]:
+    """The ``zarr.json`` document of a zarr v3 array as the store writes it."""
+    codecs: list[dict[str, Any]] = [{"name": "bytes", "configuration": {"endian": "little"}}]
+    if compressed:
+        codecs.append(blosc_json(data_type))
+    return {
+        "zarr_format": 3,
+        "node_type": "array",
+        "shape": list(shape),
+        "data_type": data_type,
+        "chunk_grid": {"name": "regular", "configuration": {"chunk_shape": list(chunk_shape)}},
+        "chunk_key_encoding": CHUNK_KEY_ENCODING,
+        "fill_value": fill_value,
+        "codecs": codecs,
+        "attributes": {},
+        "dimension_names": list(dimension_names),
+        "storage_transformers": [],
+    }
+
+
+def features_json(shape: tuple[int, ...], storage_dtype: str) -> dict[str, Any]:
+    """Metadata of a ``features`` array ``[T, C, H, W]``: one chunk per timestep, Blosc."""
+    chunks = (1,) + tuple(max(int(d), 1) for d in shape[1:])
+    return array_json(
+        shape,
+        storage_dtype,
+        chunks,
+        compressed=True,
+        fill_value="NaN",
+        dimension_names=DIMENSION_NAMES,
     )
+
+
+def timestep_json(n: int) -> dict[str, Any]:
+    """Metadata of a ``timestep`` array ``[T]`` (int64, one uncompressed chunk)."""
+    return array_json(
+        (n,),
+        "int64",
+        (max(n, 1),),
+        compressed=False,
+        fill_value=0,
+        dimension_names=DIMENSION_NAMES[:1],
+    )
+
+
+def to_bytes(doc: dict[str, Any]) -> bytes:
+    return json.dumps(doc, allow_nan=False, indent=2).encode()
 
 
 def check_storage_dtype(dtype: object) -> str:
@@ -68,9 +137,8 @@ def to_json_value(value: Any, what: str) -> Any:
 
 
 def group_json(attributes: dict[str, Any]) -> bytes:
-    """The ``zarr.json`` document of a zarr v3 group with ``attributes``."""
-    doc = {"zarr_format": 3, "node_type": "group", "attributes": attributes}
-    return json.dumps(doc, allow_nan=False, separators=(",", ":")).encode()
+    """The ``zarr.json`` document of a zarr v3 group with ``attributes``, as bytes."""
+    return to_bytes({"zarr_format": 3, "node_type": "group", "attributes": attributes})
 
 
 def parse_group_json(raw: bytes | None) -> dict[str, Any] | None:

@@ -1,0 +1,645 @@
+"""The zarr v3 feature store: extracted features on disk, computed once and reused.
+
+The on-disk format is specified in ``docs/store-format.md``. In short::
+
+    <root>/zarr.json                      attributes {"diffeat": {"format_version": 1}}
+    <root>/<cache_key>/zarr.json          attributes = extractor info
+    <root>/<cache_key>/<image_key>/       one group per image; "complete": true is written last
+    <root>/<cache_key>/<image_key>/<layer>/features   [T, C, H, W], one chunk per timestep
+    <root>/<cache_key>/<image_key>/<layer>/timestep   [T] int64 (the xarray coordinate)
+
+Every image writes its own files only, so any number of processes may write
+different images into one store at once. All zarr I/O of one call runs as one
+batch of coroutines on zarr's event loop (layers read and written concurrently).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import uuid
+import warnings
+from collections.abc import Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Literal
+
+import numpy as np
+import torch
+
+from diffeat.core.errors import StoreError
+from diffeat.core.features import FeatureSet
+from diffeat.store.format import (
+    COMPLETE_ATTR,
+    FEATURES_ARRAY,
+    FORMAT_VERSION,
+    ROOT_ATTR,
+    TIMESTEP_ARRAY,
+    check_storage_dtype,
+    features_json,
+    group_json,
+    parse_group_json,
+    timestep_json,
+    to_bytes,
+    to_json_value,
+    torch_dtype,
+)
+from diffeat.store.keys import check_key, check_layer_key, is_valid_key
+
+if TYPE_CHECKING:
+    import xarray
+
+__all__ = ["FeatureStore", "MissingEntry"]
+
+_FLOAT16_SOURCES = (torch.float32, torch.float64, torch.bfloat16)
+_FLOAT16_MAX = 65504.0
+
+
+class MissingEntry(KeyError):
+    """There is no complete entry for ``(cache_key, image_key)`` in the store."""
+
+    def __init__(self, cache_key: str, image_key: str, reason: str = "no complete entry") -> None:
+        self.cache_key = cache_key
+        self.image_key = image_key
+        super().__init__(f"{reason} for image {image_key!r} under cache key {cache_key!r}")
+
+    def __str__(self) -> str:  # KeyError would print the repr of the message
+        return str(self.args[0])
+
+
+def _overflows_float16(src: torch.Tensor) -> bool:
+    """True if a finite value of ``src`` would become inf in float16."""
+    if not src.numel():
+        return False
+    lo, hi = torch.aminmax(src)  # one fast pass; the exact check only when it fails
+    if -_FLOAT16_MAX <= float(lo) and float(hi) <= _FLOAT16_MAX:
+        return False
+    return bool(((src.abs() > _FLOAT16_MAX) & src.isfinite()).any())
+
+
+async def _gather_all(coros) -> list[Any]:
+    """Like ``asyncio.gather``, but on failure waits for every other coroutine to end
+    before raising (so that a cleanup after it races with no pending write)."""
+    results = await asyncio.gather(*coros, return_exceptions=True)
+    for result in results:
+        if isinstance(result, BaseException):
+            raise result
+    return results
+
+
+def _complete_attrs(raw: bytes | None) -> dict[str, Any] | None:
+    """The attributes of an image group's ``zarr.json`` if it marks a COMPLETE entry."""
+    attrs = parse_group_json(raw)
+    if (
+        attrs is None
+        or attrs.get(COMPLETE_ATTR) is not True
+        or not isinstance(attrs.get("layers"), dict)
+        or not isinstance(attrs.get("timesteps"), list)
+    ):
+        return None
+    return attrs
+
+
+def _sync(coro):
+    from zarr.core.sync import sync
+
+    return sync(coro)
+
+
+def _buffer(data: bytes):
+    from zarr.core.buffer import default_buffer_prototype
+
+    return default_buffer_prototype().buffer.from_bytes(data)
+
+
+class FeatureStore:
+    """A folder of extracted features in zarr v3 format.
+
+    ``mode="a"`` opens the store for reading and writing and creates it if the
+    folder is missing or empty; ``mode="r"`` opens an existing store read-only.
+    ``dtype`` is the storage dtype of the feature arrays this handle writes:
+    ``"float16"`` (default) or ``"float32"``. Reads return whatever was stored,
+    cast to the dtype asked for.
+    """
+
+    FORMAT_VERSION = FORMAT_VERSION
+
+    def __init__(
+        self,
+        path: str | os.PathLike[str],
+        mode: Literal["r", "a"] = "a",
+        *,
+        dtype: str | torch.dtype = "float16",
+    ) -> None:
+        if mode not in ("r", "a"):
+            raise StoreError(
+                f"invalid store mode {mode!r}: use 'r' (read-only) or 'a' (read/write)"
+            )
+        self.path = Path(path).expanduser().absolute()
+        self.mode = mode
+        self.dtype = check_storage_dtype(dtype)
+        self._known_groups: set[str] = set()
+        try:
+            self.format_version = self._open()
+        except OSError as exc:
+            raise StoreError(f"cannot open the feature store {self.path}: {exc}") from exc
+
+    # ------------------------------------------------------------------ opening
+
+    def _open(self) -> int:
+        from zarr.storage import LocalStore
+
+        path = self.path
+        if path.exists() and not path.is_dir():
+            raise StoreError(f"{path} is a file, not a feature store folder: choose another path")
+        if not path.exists() and self.mode == "r":
+            raise StoreError(
+                f"no feature store at {path}: the folder does not exist (check the path, or "
+                "extract features into it first)"
+            )
+        self._store = LocalStore(path, read_only=self.mode == "r")
+        raw = self._read_now("zarr.json")
+        if raw is None:
+            if self.mode == "r":
+                raise StoreError(
+                    f"{path} is not a diffeat feature store (it has no zarr.json): check the path"
+                )
+            # another process may be creating the store right now: its zarr.json (or the
+            # temporary file it is renaming) may already be there
+            others = [p for p in path.iterdir() if not p.name.startswith("zarr.")]
+            if others:
+                kind = "a zarr v2 store" if (path / ".zgroup").exists() else "not a zarr store"
+                raise StoreError(
+                    f"{path} is {kind} and not empty, so it cannot become a diffeat feature "
+                    "store: choose a new or empty folder"
+                )
+            root = group_json({ROOT_ATTR: {"format_version": FORMAT_VERSION}})
+            _sync(self._store.set_if_not_exists("zarr.json", _buffer(root)))
+            raw = self._read_now("zarr.json")
+        attrs = parse_group_json(raw)
+        if attrs is None:
+            raise StoreError(
+                f"{path}/zarr.json is not a readable zarr v3 group, so {path} is not a diffeat "
+                "feature store (or its root metadata is damaged): choose another path"
+            )
+        marker = attrs.get(ROOT_ATTR)
+        version = marker.get("format_version") if isinstance(marker, dict) else None
+        if version is None:
+            raise StoreError(
+                f"{path} is a zarr store but not a diffeat feature store (its root group has no "
+                f"'{ROOT_ATTR}' attribute): choose another path for the features"
+            )
+        if not isinstance(version, int) or isinstance(version, bool) or version < 1:
+            raise StoreError(f"{path}: invalid diffeat store format_version {version!r}")
+        if version > FORMAT_VERSION:
+            raise StoreError(
+                f"{path} uses diffeat store format {version}, but this diffeat reads format "
+                f"{FORMAT_VERSION} at most: upgrade diffeat (pip install -U diffeat) or choose "
+                "another path"
+            )
+        return version
+
+    def __repr__(self) -> str:
+        return f"FeatureStore({str(self.path)!r}, mode={self.mode!r}, dtype={self.dtype!r})"
+
+    def __reduce__(self):  # re-open by path in another process; nothing else is pickled
+        return (_reopen, (str(self.path), self.mode, self.dtype))
+
+    # ------------------------------------------------------------------ low level
+
+    async def _aread(self, key: str) -> bytes | None:
+        from zarr.core.buffer import default_buffer_prototype
+
+        buf = await self._store.get(key, prototype=default_buffer_prototype())
+        return None if buf is None else buf.to_bytes()
+
+    def _read_now(self, key: str) -> bytes | None:
+        """Read one small file without the event-loop round trip where the store allows."""
+        get_sync = getattr(self._store, "get_sync", None)  # LocalStore, zarr >= 3.1
+        if get_sync is None:
+            return _sync(self._aread(key))
+        buf = get_sync(key)
+        return None if buf is None else buf.to_bytes()
+
+    def _entry_now(self, prefix: str) -> dict[str, Any] | None:
+        return _complete_attrs(self._read_now(f"{prefix}/zarr.json"))
+
+    async def _aentry(self, prefix: str) -> dict[str, Any] | None:
+        """The attributes of a COMPLETE entry at ``prefix``, else None."""
+        return _complete_attrs(await self._aread(f"{prefix}/zarr.json"))
+
+    async def _alist(self, prefix: str) -> list[str]:
+        names = [name async for name in self._store.list_dir(prefix)]
+        return sorted(n for n in names if is_valid_key(n))
+
+    def _check_writable(self) -> None:
+        if self.mode == "r":
+            raise StoreError(f"the feature store {self.path} is open read-only (mode 'r')")
+
+    def _prefix(self, cache_key: str, image_key: str) -> str:
+        return f"{check_key(cache_key, 'cache key')}/{check_key(image_key, 'image key')}"
+
+    def _stored_bytes(self, prefix: str) -> int:
+        total = 0
+        for dirpath, _dirs, files in os.walk(self.path / prefix):
+            for name in files:
+                try:
+                    total += os.stat(os.path.join(dirpath, name)).st_size
+                except FileNotFoundError:  # removed meanwhile by another process
+                    pass
+        return total
+
+    # ------------------------------------------------------------------ extractors
+
+    def register_extractor(self, cache_key: str, info: dict[str, Any]) -> None:
+        """Record what produced the features under ``cache_key`` (the cache-key group's attributes).
+
+        Idempotent and safe to call from several processes at once. When the
+        stored info differs from ``info`` only in ``"versions"`` the first
+        record is kept; any other difference replaces it, with a warning.
+        """
+        self._check_writable()
+        check_key(cache_key, "cache key")
+        info = to_json_value(info, f"extractor info of cache key {cache_key!r}")
+        if not isinstance(info, dict):
+            raise StoreError(f"extractor info of cache key {cache_key!r} must be a dict")
+        key = f"{cache_key}/zarr.json"
+        current = parse_group_json(_sync(self._acreate_group(key, info)))
+        self._known_groups.add(cache_key)
+        if current == info:
+            return
+        if current:  # registered before, by us or by another process
+            differing = sorted(k for k in set(current) | set(info) if current.get(k) != info.get(k))
+            if differing == ["versions"]:
+                return
+            warnings.warn(
+                f"feature store {self.path}: cache key {cache_key!r} was registered with a "
+                f"different {', '.join(differing)}; replacing the stored extractor info",
+                stacklevel=2,
+            )
+        # (re)write: the group was created empty by put(), or its info changed, or damaged
+        _sync(self._store.set(key, _buffer(group_json(info))))
+
+    async def _acreate_group(self, key: str, attributes: dict[str, Any]) -> bytes | None:
+        """Create a group ``zarr.json`` unless one exists (atomically); return what is there."""
+        raw = await self._aread(key)
+        if raw is None:
+            await self._store.set_if_not_exists(key, _buffer(group_json(attributes)))
+            raw = await self._aread(key)
+        return raw
+
+    def extractors(self) -> dict[str, dict[str, Any]]:
+        """``cache_key -> info`` for every cache key in the store (``{}`` if never registered)."""
+        return _sync(self._aextractors())
+
+    async def _aextractors(self) -> dict[str, dict[str, Any]]:
+        keys = await self._alist("")
+        raws = await asyncio.gather(*(self._aread(f"{k}/zarr.json") for k in keys))
+        out = {}
+        for key, raw in zip(keys, raws):
+            attrs = parse_group_json(raw)
+            if attrs is not None:
+                out[key] = attrs
+        return out
+
+    # ------------------------------------------------------------------ entries
+
+    def has(self, cache_key: str, image_key: str) -> bool:
+        """True if a COMPLETE entry exists (half-written ones do not count)."""
+        return self._entry_now(self._prefix(cache_key, image_key)) is not None
+
+    def entries(self, cache_key: str) -> list[str]:
+        """The image keys of the complete entries under ``cache_key``, sorted."""
+        check_key(cache_key, "cache key")
+        complete, _ = _sync(self._ascan(cache_key))
+        return complete
+
+    async def _ascan(self, cache_key: str) -> tuple[list[str], list[str]]:
+        names = await self._alist(cache_key)
+        found = await asyncio.gather(*(self._aentry(f"{cache_key}/{n}") for n in names))
+        complete = [n for n, a in zip(names, found) if a is not None]
+        incomplete = [n for n, a in zip(names, found) if a is None]
+        return complete, incomplete
+
+    def entry_info(self, cache_key: str, image_key: str) -> dict[str, Any]:
+        """Source, layer shapes and dtype, timesteps, meta and bytes of a complete entry."""
+        prefix = self._prefix(cache_key, image_key)
+        attrs = self._entry_now(prefix)
+        if attrs is None:
+            raise MissingEntry(cache_key, image_key)
+        layers = {}
+        nbytes = 0
+        for name, spec in attrs["layers"].items():
+            shape = [int(s) for s in spec["shape"]]
+            size = int(np.prod(shape)) * np.dtype(spec["dtype"]).itemsize
+            layers[name] = {"shape": shape, "dtype": spec["dtype"], "nbytes": size}
+            nbytes += size
+        return {
+            "cache_key": cache_key,
+            "image_key": image_key,
+            "source": attrs.get("source"),
+            "timesteps": list(attrs["timesteps"]),
+            "layers": layers,
+            "meta": attrs.get("meta", {}),
+            "nbytes": nbytes,
+            "stored_bytes": self._stored_bytes(prefix),
+        }
+
+    def delete(self, cache_key: str, image_key: str) -> None:
+        """Remove an entry, complete or not; nothing happens if there is none.
+
+        The completion marker goes first, so an interrupted delete leaves an
+        incomplete (invisible) entry, never a complete one with missing chunks.
+        """
+        self._check_writable()
+        _sync(self._adelete(self._prefix(cache_key, image_key)))
+
+    async def _adelete(self, prefix: str) -> None:
+        await self._store.delete(f"{prefix}/zarr.json")
+        try:
+            await self._store.delete_dir(prefix)
+        except FileNotFoundError:  # removed meanwhile
+            pass
+
+    # ------------------------------------------------------------------ writing
+
+    def put(
+        self,
+        cache_key: str,
+        image_key: str,
+        features: FeatureSet,
+        *,
+        source: str | None = None,
+    ) -> None:
+        """Write the features of one image; overwrites an existing entry (complete or not).
+
+        An existing entry is deleted first, then the arrays are written, and the
+        completion marker last: readers see the old entry, no entry, or the new
+        one, never a mixture.
+        """
+        self._check_writable()
+        prefix = self._prefix(cache_key, image_key)
+        if not isinstance(features, FeatureSet):
+            raise TypeError(f"put() takes a FeatureSet, got {type(features).__name__}")
+        if source is not None:
+            source = os.fspath(source)
+        for name in features.layers:
+            check_layer_key(name)
+        meta = to_json_value(features.meta, f"FeatureSet.meta of image {image_key!r}")
+        arrays = {
+            name: self._to_numpy(image_key, name, tensor)
+            for name, tensor in features.layers.items()
+        }
+        attrs = {
+            COMPLETE_ATTR: False,
+            "write_id": uuid.uuid4().hex,
+            "timesteps": list(features.timesteps),
+            "source": source,
+            "layers": {n: {"shape": list(a.shape), "dtype": self.dtype} for n, a in arrays.items()},
+            "meta": meta,
+        }
+        timesteps = np.asarray(features.timesteps, dtype=np.int64)
+        try:
+            _sync(self._aput(cache_key, prefix, arrays, timesteps, attrs))
+        except OSError as exc:
+            raise StoreError(f"writing {prefix} into {self.path} failed: {exc}") from exc
+
+    def _to_numpy(self, image_key: str, name: str, tensor: torch.Tensor) -> np.ndarray:
+        target = torch_dtype(self.dtype)
+        src = tensor.detach()
+        if target == torch.float16 and src.dtype in _FLOAT16_SOURCES and _overflows_float16(src):
+            raise StoreError(
+                f"layer {name!r} of image {image_key!r} has values beyond the float16 range "
+                f"(|x| > {_FLOAT16_MAX:g}): open the FeatureStore with dtype='float32'"
+            )
+        out = src.to(target)  # cast before leaving the GPU: half the bytes to copy
+        return out.cpu().contiguous().numpy()
+
+    async def _aput(
+        self,
+        cache_key: str,
+        prefix: str,
+        arrays: dict[str, np.ndarray],
+        timesteps: np.ndarray,
+        attrs: dict[str, Any],
+    ) -> None:
+        store = self._store
+        if cache_key not in self._known_groups:
+            await store.set_if_not_exists(f"{cache_key}/zarr.json", _buffer(group_json({})))
+            self._known_groups.add(cache_key)
+        marker = f"{prefix}/zarr.json"
+        await self._adelete(prefix)
+        try:
+            await store.set(marker, _buffer(group_json(attrs)))
+            await _gather_all(
+                self._awrite_layer(prefix, n, a, timesteps) for n, a in arrays.items()
+            )
+        except BaseException:
+            with contextlib.suppress(OSError):  # best effort: leave no half-written entry
+                await self._adelete(prefix)
+            raise
+        current = parse_group_json(await self._aread(marker))
+        if current is None or current.get("write_id") != attrs["write_id"]:
+            raise StoreError(
+                f"{self.path}/{prefix} was deleted or rewritten by another process while this "
+                "one wrote it: give each image key to one writer only"
+            )
+        attrs[COMPLETE_ATTR] = True
+        await store.set(marker, _buffer(group_json(attrs)))
+
+    async def _awrite_layer(
+        self, prefix: str, name: str, array: np.ndarray, timesteps: np.ndarray
+    ) -> None:
+        # Metadata is written directly (no existence checks, no parent creation: the
+        # entry folder was just emptied and its group written), data through zarr.
+        from zarr import AsyncArray
+        from zarr.storage import StorePath
+
+        store = self._store
+        layer = f"{prefix}/{name}"
+        features_doc = features_json(array.shape, self.dtype)
+        steps_doc = timestep_json(array.shape[0])
+        await _gather_all(
+            [
+                store.set(f"{layer}/zarr.json", _buffer(group_json({}))),
+                store.set(f"{layer}/{FEATURES_ARRAY}/zarr.json", _buffer(to_bytes(features_doc))),
+                store.set(f"{layer}/{TIMESTEP_ARRAY}/zarr.json", _buffer(to_bytes(steps_doc))),
+            ]
+        )
+        if array.shape[0] == 0:
+            return
+        features = AsyncArray(
+            features_doc,
+            StorePath(store, f"{layer}/{FEATURES_ARRAY}"),
+            config={"write_empty_chunks": True},
+        )
+        steps = AsyncArray(steps_doc, StorePath(store, f"{layer}/{TIMESTEP_ARRAY}"))
+        await _gather_all([features.setitem(..., array), steps.setitem(..., timesteps)])
+
+    # ------------------------------------------------------------------ reading
+
+    def get(
+        self,
+        cache_key: str,
+        image_key: str,
+        *,
+        device: str | torch.device = "cpu",
+        dtype: torch.dtype | None = None,
+        layers: Sequence[str] | None = None,
+    ) -> FeatureSet:
+        """The features of one image, as tensors on ``device`` in ``dtype`` (default float32).
+
+        ``layers`` selects a subset (in that order); raises :class:`MissingEntry`
+        (a ``KeyError``) when there is no complete entry.
+        """
+        prefix = self._prefix(cache_key, image_key)
+        if isinstance(layers, str):
+            raise TypeError("layers= takes a sequence of layer names, not a single string")
+        names = None if layers is None else [check_layer_key(n) for n in layers]
+        device = torch.device(device)
+        dtype = torch.float32 if dtype is None else dtype
+        on_cpu = device.type == "cpu"
+        for _attempt in range(3):
+            got = _sync(self._aget(cache_key, image_key, prefix, names, dtype if on_cpu else None))
+            if got is not None:
+                break
+        else:
+            raise MissingEntry(
+                cache_key, image_key, "the entry kept changing while being read (being rewritten?)"
+            )
+        attrs, tensors = got
+        if not on_cpu:  # move the stored (smaller) dtype, cast on the device
+            tensors = {k: v.to(device).to(dtype) for k, v in tensors.items()}
+        return FeatureSet(tensors, tuple(attrs["timesteps"]), attrs.get("meta", {}))
+
+    async def _aget(
+        self,
+        cache_key: str,
+        image_key: str,
+        prefix: str,
+        names: list[str] | None,
+        cast: torch.dtype | None,
+    ) -> tuple[dict[str, Any], dict[str, torch.Tensor]] | None:
+        attrs = await self._aentry(prefix)
+        if attrs is None:
+            raise MissingEntry(cache_key, image_key)
+        stored = attrs["layers"]
+        names = list(stored) if names is None else names
+        unknown = [n for n in names if n not in stored]
+        if unknown:
+            raise StoreError(
+                f"image {image_key!r} under cache key {cache_key!r} has no layer "
+                f"{', '.join(map(repr, unknown))}; it has {', '.join(map(repr, stored))}"
+            )
+        results = await asyncio.gather(
+            *(self._aread_layer(prefix, n, cast) for n in names), return_exceptions=True
+        )
+        again = parse_group_json(await self._aread(f"{prefix}/zarr.json"))
+        if again is None or again.get("write_id") != attrs.get("write_id"):
+            return None  # rewritten or deleted while we read: try again
+        tensors: list[torch.Tensor] = []
+        for result in results:
+            if isinstance(result, BaseException):
+                raise result
+            tensors.append(result)
+        for name, tensor in zip(names, tensors):
+            if list(tensor.shape) != list(stored[name]["shape"]):
+                raise StoreError(
+                    f"{self.path}/{prefix}/{name}: stored shape {list(tensor.shape)} does not "
+                    f"match the entry's metadata {stored[name]['shape']}; delete the entry and "
+                    "extract it again"
+                )
+        return attrs, dict(zip(names, tensors))
+
+    async def _aread_layer(self, prefix: str, name: str, cast: torch.dtype | None) -> torch.Tensor:
+        from zarr import AsyncArray
+        from zarr.storage import StorePath
+
+        path = f"{prefix}/{name}/{FEATURES_ARRAY}"
+        try:
+            array = await AsyncArray.open(StorePath(self._store, path), zarr_format=3)
+            data = await array.getitem(...)
+        except Exception as exc:
+            raise StoreError(
+                f"{self.path}/{path} is damaged ({type(exc).__name__}: {exc}); delete the entry "
+                "(FeatureStore.delete) and extract it again"
+            ) from exc
+        tensor = torch.from_numpy(data)
+        if cast is None or tensor.dtype == cast:
+            return tensor
+        # the cast runs in a worker thread, overlapping with the other layers' reads
+        return await asyncio.to_thread(tensor.to, cast)
+
+    # ------------------------------------------------------------------ summaries
+
+    def info(self) -> dict[str, Any]:
+        """A summary of the store (for ``diffeat store info``)::
+
+        {"path": ..., "format_version": 1, "bytes": <on disk, whole store>,
+         "extractors": {cache_key: {<the registered info: plugin, config, model,
+                                     layers, ...>,
+                                    "entries": <complete>, "incomplete": <count>,
+                                    "bytes": <on disk>}}}
+        """
+        return _sync(self._ainfo())
+
+    async def _ainfo(self) -> dict[str, Any]:
+        extractors = await self._aextractors()
+        scans = await asyncio.gather(*(self._ascan(k) for k in extractors))
+        summary: dict[str, dict[str, Any]] = {}
+        for (key, info), (complete, incomplete) in zip(extractors.items(), scans):
+            summary[key] = {
+                **info,
+                "entries": len(complete),
+                "incomplete": len(incomplete),
+                "bytes": await asyncio.to_thread(self._stored_bytes, key),
+            }
+        return {
+            "path": str(self.path),
+            "format_version": self.format_version,
+            "extractors": summary,
+            "bytes": await asyncio.to_thread(self._stored_bytes, ""),
+        }
+
+    # ------------------------------------------------------------------ xarray
+
+    def open_xarray(self, cache_key: str, image_key: str, layer: str) -> xarray.Dataset:
+        """One layer of an entry as an xarray Dataset: variable ``features`` with dims
+        ``(timestep, channel, y, x)`` and a ``timestep`` coordinate (lazily loaded)."""
+        try:
+            import xarray as xr
+        except ImportError:
+            raise StoreError(
+                "FeatureStore.open_xarray needs xarray: pip install diffeat[xarray]"
+            ) from None
+        prefix = self._prefix(cache_key, image_key)
+        check_layer_key(layer)
+        attrs = self._entry_now(prefix)
+        if attrs is None:
+            raise MissingEntry(cache_key, image_key)
+        if layer not in attrs["layers"]:
+            raise StoreError(
+                f"image {image_key!r} under cache key {cache_key!r} has no layer {layer!r}; it "
+                f"has {', '.join(map(repr, attrs['layers']))}"
+            )
+        ds = xr.open_dataset(
+            self.path,
+            engine="zarr",
+            group=f"{prefix}/{layer}",
+            zarr_format=3,
+            consolidated=False,
+            chunks=None,
+        )
+        ds.attrs.update(
+            {
+                "cache_key": cache_key,
+                "image_key": image_key,
+                "layer": layer,
+                "source": attrs.get("source") or "",
+            }
+        )
+        return ds
+
+
+def _reopen(path: str, mode: str, dtype: str) -> FeatureStore:
+    return FeatureStore(path, mode, dtype=dtype)  # type: ignore[arg-type]

@@ -65,38 +65,16 @@ VARIANTS: dict[str, dict[str, Any]] = {
 
 def sd15_unet_config() -> dict[str, Any]:
     """``unet/config.json`` of Stable Diffusion 1.5."""
-    return {
-        "sample_size": 64,
-        "in_channels": 4,
-        "out_channels": 4,
-        "center_input_sample": False,
-        "flip_sin_to_cos": True,
-        "freq_shift": 0,
-        "down_block_types": (
-            "CrossAttnDownBlock2D",
-            "CrossAttnDownBlock2D",
-            "CrossAttnDownBlock2D",
-            "DownBlock2D",
-        ),
-        "mid_block_type": "UNetMidBlock2DCrossAttn",
-        "up_block_types": (
-            "UpBlock2D",
-            "CrossAttnUpBlock2D",
-            "CrossAttnUpBlock2D",
-            "CrossAttnUpBlock2D",
-        ),
-        "block_out_channels": (320, 640, 1280, 1280),
-        "layers_per_block": 2,
-        "downsample_padding": 1,
-        "mid_block_scale_factor": 1,
-        "act_fn": "silu",
-        "norm_num_groups": 32,
-        "norm_eps": 1e-5,
-        "cross_attention_dim": 768,
-        "attention_head_dim": 8,
-        "use_linear_projection": False,
-        "upcast_attention": False,
-    }
+    from diffeat.testing_models import sd_unet_config
+
+    return sd_unet_config(
+        block_out_channels=(320, 640, 1280, 1280),
+        norm_num_groups=32,
+        cross_attention_dim=768,
+        attention_head_dim=8,
+        use_linear_projection=False,
+        sample_size=64,
+    )
 
 
 def sd_vae_config() -> dict[str, Any]:

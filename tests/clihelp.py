@@ -19,12 +19,20 @@ def cli_env(**extra: str) -> dict[str, str]:
     return env
 
 
-def run(*args: Any, env: dict[str, str] | None = None, check: int | None = 0, timeout: float = 300) -> subprocess.CompletedProcess:
+def run(
+    *args: Any, env: dict[str, str] | None = None, check: int | None = 0, timeout: float = 300
+) -> subprocess.CompletedProcess:
     proc = subprocess.run(
-        [DIFFEAT, *map(str, args)], capture_output=True, text=True, env=env or cli_env(), timeout=timeout
+        [DIFFEAT, *map(str, args)],
+        capture_output=True,
+        text=True,
+        env=env or cli_env(),
+        timeout=timeout,
     )
     if check is not None:
-        assert proc.returncode == check, f"exit {proc.returncode}\nstdout:\n{proc.stdout}\nstderr:\n{proc.stderr}"
+        assert proc.returncode == check, (
+            f"exit {proc.returncode}\nstdout:\n{proc.stdout}\nstderr:\n{proc.stderr}"
+        )
     return proc
 
 

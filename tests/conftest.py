@@ -26,7 +26,10 @@ def tiny_sd_v(tmp_path_factory: pytest.TempPathFactory) -> Path:
     from diffeat.testing import build_tiny_stable_diffusion
 
     return build_tiny_stable_diffusion(
-        tmp_path_factory.mktemp("tiny-sd21") / "model", prediction_type="v_prediction", sd2_style=True, seed=1
+        tmp_path_factory.mktemp("tiny-sd21") / "model",
+        prediction_type="v_prediction",
+        sd2_style=True,
+        seed=1,
     )
 
 

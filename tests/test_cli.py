@@ -6,9 +6,9 @@ import shutil
 from pathlib import Path
 
 import pytest
+from clihelp import run, run_json
 from PIL import Image
 
-from clihelp import run, run_json
 from diffeat.testing import smooth_texture
 
 pytestmark = pytest.mark.slow
@@ -44,20 +44,30 @@ def test_version_and_plugins():
     assert "diffeat, version" in run("--version").stdout
     out = run_json("plugins")
     names = {p["name"]: p for p in out["plugins"]}
-    assert names["stable-diffusion"]["ok"] and "extractor:stable-diffusion" in names["stable-diffusion"]["provides"]
+    assert (
+        names["stable-diffusion"]["ok"]
+        and "extractor:stable-diffusion" in names["stable-diffusion"]["provides"]
+    )
     assert out["matchers"] == sorted(["nearest", "mutual", "soft-argmax"])
 
 
 def test_config_show(config):
     out = run("config", "show", ROOT / "examples" / "dift-sd21.toml").stdout
-    assert "timesteps = [261]" in out and 'plugin = "nearest"' in out and "encode_per_copy = false" in out
+    assert (
+        "timesteps = [261]" in out
+        and 'plugin = "nearest"' in out
+        and "encode_per_copy = false" in out
+    )
     js = run_json("config", "show", config, "--set", "extractor.seed=3")
     assert js["config"]["extractor"]["seed"] == 3
 
 
 def test_layers(config):
     out = run_json("layers", config)
-    assert out == {"layers": [{"name": "up_blocks.1", "channels": 32, "stride": 16.0}], "timesteps": [261]}
+    assert out == {
+        "layers": [{"name": "up_blocks.1", "channels": 32, "stride": 16.0}],
+        "timesteps": [261],
+    }
     text = run("layers", config, "--set", 'extractor.layers=["up_blocks.*.resnets.*.conv2"]').stdout
     assert "up_blocks.3.resnets.2.conv2" in text
 
@@ -71,7 +81,9 @@ def test_extract_then_rerun_computes_nothing(config, photos, tmp_path):
     second = run_json("extract", config, photos, tmp_path / "renamed.png", "--store", store)
     assert (second["images"], second["computed"], second["cached"]) == (4, 0, 4)
     # a changed config never returns stale features
-    third = run_json("extract", config, photos, "--store", store, "--set", "extractor.timesteps=[100]")
+    third = run_json(
+        "extract", config, photos, "--store", store, "--set", "extractor.timesteps=[100]"
+    )
     assert third["computed"] == 3 and third["cache_key"] != first["cache_key"]
     info = run_json("store", "info", store)
     assert {v["entries"] for v in info["extractors"].values()} == {3}
@@ -82,7 +94,18 @@ def test_extract_then_rerun_computes_nothing(config, photos, tmp_path):
 
 def test_match_json_and_plot(config, photos, tmp_path):
     plot = tmp_path / "m.png"
-    out = run_json("match", config, photos / "p0.png", photos / "p1.png", "--point", "10,20", "-p", "40,30", "--plot", plot)
+    out = run_json(
+        "match",
+        config,
+        photos / "p0.png",
+        photos / "p1.png",
+        "--point",
+        "10,20",
+        "-p",
+        "40,30",
+        "--plot",
+        plot,
+    )
     assert len(out["matches"]) == 2
     for m in out["matches"]:
         x, y = m["target"]
@@ -92,19 +115,41 @@ def test_match_json_and_plot(config, photos, tmp_path):
 
 
 def test_match_same_image_finds_the_same_points(config, photos):
-    out = run_json("match", config, photos / "p2.png", photos / "p2.png", "-p", "30,30", "-p", "60,10")
+    out = run_json(
+        "match", config, photos / "p2.png", photos / "p2.png", "-p", "30,30", "-p", "60,10"
+    )
     assert [m["target"] for m in out["matches"]] == [[30.0, 30.0], [60.0, 10.0]]
 
 
 def test_user_errors(config, photos, tmp_path):
-    assert_user_error(run("match", config, tmp_path / "none.jpg", photos / "p0.png", "-p", "1,1", check=None), "image not found", "none.jpg")
-    assert_user_error(run("match", config, photos / "p0.png", photos / "p1.png", "-p", "500,1", check=None), "outside the 80x64 image")
-    assert_user_error(run("match", config, photos / "p0.png", photos / "p1.png", "-p", "1;1", check=None), "bad --point '1;1'")
+    assert_user_error(
+        run("match", config, tmp_path / "none.jpg", photos / "p0.png", "-p", "1,1", check=None),
+        "image not found",
+        "none.jpg",
+    )
+    assert_user_error(
+        run("match", config, photos / "p0.png", photos / "p1.png", "-p", "500,1", check=None),
+        "outside the 80x64 image",
+    )
+    assert_user_error(
+        run("match", config, photos / "p0.png", photos / "p1.png", "-p", "1;1", check=None),
+        "bad --point '1;1'",
+    )
     bad = tmp_path / "bad.toml"
     bad.write_text('[extractor]\nplugin = "stable-diffusion"\ntimestep = [3]\n')
-    assert_user_error(run("layers", bad, check=None), "unknown option 'timestep'", "did you mean 'timesteps'")
-    assert_user_error(run("layers", config, "--model", tmp_path, check=None), "not a diffusers Stable Diffusion folder")
-    assert_user_error(run("layers", ROOT / "examples" / "dift-sd21.toml", "--model", "nobody/nothing", check=None), "--model DIR")
+    assert_user_error(
+        run("layers", bad, check=None), "unknown option 'timestep'", "did you mean 'timesteps'"
+    )
+    assert_user_error(
+        run("layers", config, "--model", tmp_path, check=None),
+        "not a diffusers Stable Diffusion folder",
+    )
+    assert_user_error(
+        run(
+            "layers", ROOT / "examples" / "dift-sd21.toml", "--model", "nobody/nothing", check=None
+        ),
+        "--model DIR",
+    )
     notimg = tmp_path / "imgs"
     notimg.mkdir()
     (notimg / "x.jpg").write_text("not an image")

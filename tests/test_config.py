@@ -43,11 +43,18 @@ def test_defaults_filled_and_stable_digest(tmp_path, manager):
     p = write(tmp_path, '[extractor]\nplugin = "color-blur"\n')
     a = load_config(p, manager=manager)
     assert a.resolved() == {
-        "extractor": {"plugin": "color-blur", "image_size": [64, 64], "sigmas": [0.0, 2.0, 4.0], "stride": 1},
+        "extractor": {
+            "plugin": "color-blur",
+            "image_size": [64, 64],
+            "sigmas": [0.0, 2.0, 4.0],
+            "stride": 1,
+        },
         "aggregator": {"plugin": "select", "layer": "", "timestep_index": 0},
         "matcher": {"plugin": "nearest", "resolution": "image"},
     }
-    b = load_config(write(tmp_path, '[extractor]\nplugin = "color-blur"\nstride = 1\n'), manager=manager)
+    b = load_config(
+        write(tmp_path, '[extractor]\nplugin = "color-blur"\nstride = 1\n'), manager=manager
+    )
     assert a.digest() == b.digest()
     c = load_config(p, ["extractor.stride=2"], manager=manager)
     assert c.digest() != a.digest() and c.resolved()["extractor"]["stride"] == 2
@@ -58,22 +65,35 @@ def test_unknown_key_names_key_and_valid_ones(tmp_path, manager):
     with pytest.raises(ConfigError) as err:
         load_config(p, manager=manager)
     msg = str(err.value)
-    assert "'strid'" in msg and "did you mean 'stride'" in msg and "image_size, sigmas, stride" in msg
+    assert (
+        "'strid'" in msg and "did you mean 'stride'" in msg and "image_size, sigmas, stride" in msg
+    )
     assert str(p) in msg
 
 
 def test_unknown_plugin_lists_installed(tmp_path, manager):
-    with pytest.raises(ConfigError, match=r"unknown matcher plugin 'nearst'.*Did you mean 'nearest'.*mutual"):
-        load_config(write(tmp_path, '[extractor]\nplugin = "color-blur"\n[matcher]\nplugin = "nearst"\n'), manager=manager)
+    with pytest.raises(
+        ConfigError, match=r"unknown matcher plugin 'nearst'.*Did you mean 'nearest'.*mutual"
+    ):
+        load_config(
+            write(tmp_path, '[extractor]\nplugin = "color-blur"\n[matcher]\nplugin = "nearst"\n'),
+            manager=manager,
+        )
 
 
 @pytest.mark.parametrize(
     "body, fragment",
     [
         ('[extractor]\nplugin = "color-blur"\nstride = "two"\n', "expected int"),
-        ('[extractor]\nplugin = "stable-diffusion"\nlatent = "median"\n', "one of 'sample', 'mean'"),
+        (
+            '[extractor]\nplugin = "stable-diffusion"\nlatent = "median"\n',
+            "one of 'sample', 'mean'",
+        ),
         ('[extractor]\nplugin = "stable-diffusion"\nimage_size = [100, 100]\n', "multiples of 8"),
-        ('[extractor]\nplugin = "color-blur"\n[matcher]\nplugin = "soft-argmax"\nwindow = 4\n', "odd"),
+        (
+            '[extractor]\nplugin = "color-blur"\n[matcher]\nplugin = "soft-argmax"\nwindow = 4\n',
+            "odd",
+        ),
         ('[extractor]\nplugin = "color-blur"\n[extra]\nx = 1\n', "unknown top-level key 'extra'"),
         ('[aggregator]\nplugin = "select"\n', "missing [extractor]"),
         ("[extractor\n", "invalid TOML"),
@@ -96,7 +116,9 @@ def test_bad_override(manager):
 
 
 def test_override_bare_string_and_toml_roundtrip(manager, tmp_path):
-    cfg = load_config(EXAMPLES / "dift-sd21.toml", ["extractor.model=/some/folder"], manager=manager)
+    cfg = load_config(
+        EXAMPLES / "dift-sd21.toml", ["extractor.model=/some/folder"], manager=manager
+    )
     assert cfg.resolved()["extractor"]["model"] == "/some/folder"
     text = to_toml(cfg.resolved())
     again = load_config(write(tmp_path, text), manager=manager)

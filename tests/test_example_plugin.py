@@ -8,8 +8,8 @@ import sys
 from pathlib import Path
 
 import pytest
-
 from clihelp import cli_env, run, run_json
+
 from diffeat.testing import smooth_texture
 
 pytestmark = pytest.mark.slow
@@ -18,9 +18,22 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def pip_install(target: Path, package: Path) -> None:
     subprocess.run(
-        [sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--no-build-isolation",
-         "--no-index", "--target", str(target), str(package)],
-        check=True, capture_output=True, timeout=300,
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "install",
+            "--quiet",
+            "--no-deps",
+            "--no-build-isolation",
+            "--no-index",
+            "--target",
+            str(target),
+            str(package),
+        ],
+        check=True,
+        capture_output=True,
+        timeout=300,
     )
 
 
@@ -50,8 +63,13 @@ def test_entry_point_plugin_is_found_and_broken_one_isolated(site):
     plugins = {p["name"]: p for p in out["plugins"]}
     assert plugins["example"]["ok"] and plugins["example"]["version"] == "0.1.0"
     assert "entry point (diffeat-example-plugin)" == plugins["example"]["origin"]
-    assert set(plugins["example"]["provides"]) == {"extractor:example-patches", "matcher:example-l2"}
-    assert not plugins["broken"]["ok"] and "a_module_that_does_not_exist" in plugins["broken"]["error"]
+    assert set(plugins["example"]["provides"]) == {
+        "extractor:example-patches",
+        "matcher:example-l2",
+    }
+    assert (
+        not plugins["broken"]["ok"] and "a_module_that_does_not_exist" in plugins["broken"]["error"]
+    )
     assert "stable-diffusion" in out["extractors"]
     text = run("plugins", env=env_with(site)).stdout
     assert "broken 9.9" in text and "BROKEN" in text
@@ -61,14 +79,23 @@ def test_plugin_pipeline_runs_through_the_cli(site, tmp_path):
     img = smooth_texture((64, 64), seed=9)
     img.save(tmp_path / "a.png")
     img.save(tmp_path / "b.png")
-    out = run_json("match", ROOT / "examples" / "diffeat-example-plugin" / "example.toml",
-                   tmp_path / "a.png", tmp_path / "b.png", "-p", "20,30", env=env_with(site))
+    out = run_json(
+        "match",
+        ROOT / "examples" / "diffeat-example-plugin" / "example.toml",
+        tmp_path / "a.png",
+        tmp_path / "b.png",
+        "-p",
+        "20,30",
+        env=env_with(site),
+    )
     assert out["matches"][0]["target"] == [20.0, 30.0]
 
 
 def test_allow_and_deny_lists(site):
     only = run_json("plugins", env=env_with(site, DIFFEAT_PLUGINS="example"))
-    assert {p["name"] for p in only["plugins"]} >= {"example"} and "broken" not in {p["name"] for p in only["plugins"]}
+    assert {p["name"] for p in only["plugins"]} >= {"example"} and "broken" not in {
+        p["name"] for p in only["plugins"]
+    }
     none = run_json("plugins", env=env_with(site, DIFFEAT_PLUGINS="none"))
     assert "example" not in {p["name"] for p in none["plugins"]}
     denied = run_json("plugins", env=env_with(site, DIFFEAT_DISABLE_PLUGINS="example,broken"))

@@ -33,7 +33,9 @@ def test_offset_and_roundtrip_through_grid():
     grid = t.image_to_grid(pts, (10, 5))
     torch.testing.assert_close(t.grid_to_image(grid, (10, 5)), pts)
     t2 = ImageTransform((64, 32), (64, 48), (1.0, 1.0), (0.0, 8.0))  # 8 px padding on top
-    torch.testing.assert_close(t2.image_to_model(torch.tensor([[3.0, 0.0]])), torch.tensor([[3.0, 8.0]]))
+    torch.testing.assert_close(
+        t2.image_to_model(torch.tensor([[3.0, 0.0]])), torch.tensor([[3.0, 8.0]])
+    )
     assert ImageTransform.from_dict(t2.to_dict()) == t2
 
 

@@ -16,7 +16,11 @@ from diffeat.testing import smooth_texture
 
 def _view(desc: torch.Tensor, image_size, model_size=None) -> View:
     model_size = model_size or image_size
-    return View(Image.new("RGB", image_size), ImageTransform.resize(image_size, model_size), descriptors=desc)
+    return View(
+        Image.new("RGB", image_size),
+        ImageTransform.resize(image_size, model_size),
+        descriptors=desc,
+    )
 
 
 def test_image_argmax_equals_dift_upsample_then_argmax():
@@ -32,7 +36,9 @@ def test_image_argmax_equals_dift_upsample_then_argmax():
     sims = q @ F.normalize(tgt_up.flatten(1), dim=0)
     best = sims.max(dim=1).values
 
-    def sim_at(pts: torch.Tensor) -> torch.Tensor:  # ties (the clamped border) make any argmax valid
+    def sim_at(
+        pts: torch.Tensor,
+    ) -> torch.Tensor:  # ties (the clamped border) make any argmax valid
         return sims[torch.arange(len(pts)), (pts[:, 1] * 45 + pts[:, 0]).long()]
 
     result = Nearest().match(_view(src_desc, src_size), _view(tgt_desc, tgt_size), points)
@@ -95,7 +101,11 @@ MATCHERS = [
 
 
 def _grid_points(w: int, h: int, margin: int = 12, step: int = 9) -> torch.Tensor:
-    xs, ys = torch.meshgrid(torch.arange(margin, w - margin, step), torch.arange(margin, h - margin, step), indexing="xy")
+    xs, ys = torch.meshgrid(
+        torch.arange(margin, w - margin, step),
+        torch.arange(margin, h - margin, step),
+        indexing="xy",
+    )
     return torch.stack([xs.flatten(), ys.flatten()], 1).float()
 
 
@@ -156,4 +166,4 @@ def test_mutual_flags_one_sided_matches(manager):
     pipe = _pipeline(manager, {"plugin": "mutual"}, image_size=[64, 64])
     res = pipe.match(src, tgt, _grid_points(64, 64, margin=4, step=15))
     assert res.valid.float().mean() < 0.5
-    assert not Mutual.needs_descriptors is False
+    assert Mutual.needs_descriptors is not False

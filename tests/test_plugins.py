@@ -47,8 +47,13 @@ def test_broken_plugins_are_isolated():
     pm = PluginManager(entry_points=False)
     records = {
         name: pm.add_plugin(obj, name)
-        for name, obj in [("misspelled", Misspelled()), ("raising", Raising()), ("colliding", Colliding()),
-                          ("badname", BadName()), ("good", Good())]
+        for name, obj in [
+            ("misspelled", Misspelled()),
+            ("raising", Raising()),
+            ("colliding", Colliding()),
+            ("badname", BadName()),
+            ("good", Good()),
+        ]
     }
     assert "unknown hook 'register_extractor'" in records["misspelled"].error
     assert "did you mean 'register_extractors'" in records["misspelled"].error

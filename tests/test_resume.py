@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from clihelp import DIFFEAT, cli_env, run_json
+
 from diffeat.core.pipeline import Pipeline
 from diffeat.store import FeatureStore
 from diffeat.testing import smooth_texture
@@ -33,7 +33,9 @@ def test_sigkill_then_resume(tiny_sd, tmp_path):
     store_path = tmp_path / "feats.zarr"
     proc = subprocess.Popen(
         [DIFFEAT, "--quiet", "extract", str(cfg), str(photos), "--store", str(store_path)],
-        env=cli_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+        env=cli_env(),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
     )
     deadline = time.time() + 240
     done = 0

@@ -19,11 +19,19 @@ SIZE = 64  # model input; latent 8x8
 
 
 def make(model, **opts) -> StableDiffusionExtractor:
-    values = {"model": str(model), "image_size": [SIZE, SIZE], "ensemble_size": 3, "device": "cpu", **opts}
+    values = {
+        "model": str(model),
+        "image_size": [SIZE, SIZE],
+        "ensemble_size": 3,
+        "device": "cpu",
+        **opts,
+    }
     return StableDiffusionExtractor(build_options(StableDiffusionExtractor, values, "test"))
 
 
-def written_out(folder, image: Image.Image, noise: dict, *, t: int, block: str, prompt: str = "") -> torch.Tensor:
+def written_out(
+    folder, image: Image.Image, noise: dict, *, t: int, block: str, prompt: str = ""
+) -> torch.Tensor:
     """DIFT's recipe step by step on plain diffusers components (VAE encoded per copy, full UNet)."""
     unet = UNet2DConditionModel.from_pretrained(folder, subfolder="unet").eval()
     vae = AutoencoderKL.from_pretrained(folder, subfolder="vae").eval()
@@ -36,7 +44,13 @@ def written_out(folder, image: Image.Image, noise: dict, *, t: int, block: str, 
     with torch.no_grad():
         dist = vae.encode(x[None].repeat(e, 1, 1, 1)).latent_dist
         latents = (dist.mean + dist.std * noise["posterior"]) * vae.config.scaling_factor
-        ids = tok([prompt], padding="max_length", max_length=tok.model_max_length, truncation=True, return_tensors="pt").input_ids
+        ids = tok(
+            [prompt],
+            padding="max_length",
+            max_length=tok.model_max_length,
+            truncation=True,
+            return_tensors="pt",
+        ).input_ids
         context = enc(ids)[0].repeat(e, 1, 1)
         tt = torch.tensor(t, dtype=torch.long)
         noisy = sched.add_noise(latents, noise["noise"][0], tt)
@@ -75,7 +89,9 @@ def test_v_prediction_sd2_style(tiny_sd_v, image):
 
 def test_conv2_is_the_residual_branch(tiny_sd, image):
     """The captured conv2 output plus the (projected) input is the ResNet block's output."""
-    ex = make(tiny_sd, layers=["up_blocks.2.resnets.0.conv2", "up_blocks.2.resnets.0"], ensemble_size=1)
+    ex = make(
+        tiny_sd, layers=["up_blocks.2.resnets.0.conv2", "up_blocks.2.resnets.0"], ensemble_size=1
+    )
     unet = ex.parts.unet
     block = unet.up_blocks[2].resnets[0]
     seen = {}
@@ -173,7 +189,9 @@ def test_fingerprint_changes_with_weights(tiny_sd, tmp_path):
     from diffeat.testing import build_tiny_stable_diffusion
 
     other = build_tiny_stable_diffusion(tmp_path / "other", seed=7)
-    assert make(tiny_sd).model_identity()["fingerprint"] != make(other).model_identity()["fingerprint"]
+    assert (
+        make(tiny_sd).model_identity()["fingerprint"] != make(other).model_identity()["fingerprint"]
+    )
     assert make(tiny_sd).model_identity() == make(tiny_sd).model_identity()
 
 
@@ -182,6 +200,9 @@ def test_bfloat16_runs_on_cpu(tiny_sd, image):
     (fs,) = ex.extract([as_input(image)])
     ref = make(tiny_sd, ensemble_size=2).extract([as_input(image)])[0]
     assert fs.layers["up_blocks.1"].dtype == torch.float32
-    assert torch.nn.functional.cosine_similarity(
-        fs.layers["up_blocks.1"].flatten(), ref.layers["up_blocks.1"].flatten(), dim=0
-    ) > 0.98
+    assert (
+        torch.nn.functional.cosine_similarity(
+            fs.layers["up_blocks.1"].flatten(), ref.layers["up_blocks.1"].flatten(), dim=0
+        )
+        > 0.98
+    )

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 __version__ = "0.1.0"
 
-__all__ = ["__version__", "Pipeline", "FeatureStore", "FeatureSet", "LayerInfo", "hookimpl"]
+__all__ = ["FeatureSet", "FeatureStore", "LayerInfo", "Pipeline", "__version__", "hookimpl"]
 
 
 def __getattr__(name: str):  # lazy imports keep `import diffeat` and the CLI start fast

@@ -13,8 +13,9 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -30,12 +31,12 @@ from diffeat.core.options import opt
 from diffeat.testing_models import build_tiny_stable_diffusion, write_clip_tokenizer
 
 __all__ = [
-    "build_tiny_stable_diffusion",
-    "write_clip_tokenizer",
     "ColorBlurExtractor",
     "ExtractorConformance",
-    "smooth_texture",
     "TestPlugin",
+    "build_tiny_stable_diffusion",
+    "smooth_texture",
+    "write_clip_tokenizer",
 ]
 
 
@@ -51,7 +52,7 @@ def smooth_texture(size: Size, *, seed: int = 0, cells: int = 6) -> Image.Image:
 def _gaussian_blur(x: torch.Tensor, sigma: float) -> torch.Tensor:
     if sigma <= 0:
         return x
-    radius = max(1, int(math.ceil(3 * sigma)))
+    radius = max(1, math.ceil(3 * sigma))
     t = torch.arange(-radius, radius + 1, dtype=x.dtype)
     k = torch.exp(-(t**2) / (2 * sigma**2))
     k = (k / k.sum()).to(x.device)
@@ -133,7 +134,10 @@ class ExtractorConformance:
         raise NotImplementedError
 
     def images(self) -> list[ImageInput]:
-        return [as_input(smooth_texture((80, 60), seed=1)), as_input(smooth_texture((48, 64), seed=2))]
+        return [
+            as_input(smooth_texture((80, 60), seed=1)),
+            as_input(smooth_texture((48, 64), seed=2)),
+        ]
 
     def test_declared_layers_match_output(self) -> None:
         ex = self.make_extractor()

@@ -211,13 +211,16 @@ def write_clip_tokenizer(
     return out
 
 
-def tiny_unet_config(
+def sd_unet_config(
     *,
-    sample_size: int = 32,
-    cross_attention_dim: int = TINY_TEXT_HIDDEN_SIZE,
-    sd2_style: bool = False,
+    block_out_channels: Sequence[int],
+    norm_num_groups: int,
+    cross_attention_dim: int,
+    attention_head_dim: int | Sequence[int],
+    use_linear_projection: bool,
+    sample_size: int,
 ) -> dict[str, Any]:
-    """UNet2DConditionModel config with SD 1.5 / 2.1's block structure and tiny channels."""
+    """UNet2DConditionModel config with SD 1.x / 2.x's block structure and the given widths."""
     return {
         "sample_size": sample_size,
         "in_channels": 4,
@@ -238,18 +241,35 @@ def tiny_unet_config(
             "CrossAttnUpBlock2D",
             "CrossAttnUpBlock2D",
         ),
-        "block_out_channels": TINY_UNET_BLOCK_OUT_CHANNELS,
+        "block_out_channels": tuple(block_out_channels),
         "layers_per_block": 2,
         "downsample_padding": 1,
         "mid_block_scale_factor": 1,
         "act_fn": "silu",
-        "norm_num_groups": TINY_UNET_NORM_NUM_GROUPS,
+        "norm_num_groups": norm_num_groups,
         "norm_eps": 1e-5,
         "cross_attention_dim": cross_attention_dim,
-        "attention_head_dim": list(TINY_UNET_SD2_HEADS) if sd2_style else TINY_UNET_SD1_HEADS,
-        "use_linear_projection": sd2_style,
+        "attention_head_dim": attention_head_dim,
+        "use_linear_projection": use_linear_projection,
         "upcast_attention": False,
     }
+
+
+def tiny_unet_config(
+    *,
+    sample_size: int = 32,
+    cross_attention_dim: int = TINY_TEXT_HIDDEN_SIZE,
+    sd2_style: bool = False,
+) -> dict[str, Any]:
+    """UNet2DConditionModel config with SD 1.5 / 2.1's block structure and tiny channels."""
+    return sd_unet_config(
+        block_out_channels=TINY_UNET_BLOCK_OUT_CHANNELS,
+        norm_num_groups=TINY_UNET_NORM_NUM_GROUPS,
+        cross_attention_dim=cross_attention_dim,
+        attention_head_dim=list(TINY_UNET_SD2_HEADS) if sd2_style else TINY_UNET_SD1_HEADS,
+        use_linear_projection=sd2_style,
+        sample_size=sample_size,
+    )
 
 
 def tiny_vae_config(*, sample_size: int = 32) -> dict[str, Any]:

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 from PIL import Image
 
@@ -41,9 +41,16 @@ def plot_matches(
         ax.plot([sx, tx + offset], [sy, ty], style, color=color, linewidth=1.5)
         for x, y in ((sx, sy), (tx + offset, ty)):
             ax.scatter([x], [y], s=40, color=color, edgecolors="white", linewidths=1, zorder=3)
-            ax.annotate(str(i + 1), (x, y), xytext=(4, -4), textcoords="offset points",
-                        color="white", fontsize=9, weight="bold",
-                        bbox={"boxstyle": "round,pad=0.15", "fc": color, "ec": "none"})
+            ax.annotate(
+                str(i + 1),
+                (x, y),
+                xytext=(4, -4),
+                textcoords="offset points",
+                color="white",
+                fontsize=9,
+                weight="bold",
+                bbox={"boxstyle": "round,pad=0.15", "fc": color, "ec": "none"},
+            )
     out = Path(out)
     fig.savefig(out, dpi=dpi)
     plt.close(fig)

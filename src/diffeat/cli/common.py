@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import json
 import sys
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import click
 
@@ -20,7 +21,9 @@ def parse_point(text: str) -> tuple[float, float]:
     try:
         x, y = (float(v) for v in text.split(","))
     except ValueError:
-        raise DiffeatError(f"bad --point {text!r}: expected X,Y in pixels, e.g. --point 120,88") from None
+        raise DiffeatError(
+            f"bad --point {text!r}: expected X,Y in pixels, e.g. --point 120,88"
+        ) from None
     return x, y
 
 
@@ -33,13 +36,18 @@ def config_options(fn: Callable[..., Any]) -> Callable[..., Any]:
         "--model", default=None, help="Override the extractor's model (hub id or local folder)."
     )(fn)
     fn = click.option(
-        "--set", "overrides", multiple=True, metavar="STAGE.OPTION=VALUE",
+        "--set",
+        "overrides",
+        multiple=True,
+        metavar="STAGE.OPTION=VALUE",
         help="Override an option, e.g. --set extractor.timesteps=[261]. Repeatable.",
     )(fn)
     return fn
 
 
-def collect_overrides(overrides: tuple[str, ...], model: str | None, device: str | None) -> list[str]:
+def collect_overrides(
+    overrides: tuple[str, ...], model: str | None, device: str | None
+) -> list[str]:
     out = list(overrides)
     if model:
         out.append(f"extractor.model={json.dumps(model)}")

@@ -12,13 +12,25 @@ from diffeat.core.images import list_images
 @click.command("extract")
 @click.argument("config", type=click.Path(dir_okay=False))
 @click.argument("inputs", nargs=-1, required=True, type=click.Path())
-@click.option("--store", "store_path", required=True, type=click.Path(), help="Feature store folder (created if missing).")
+@click.option(
+    "--store",
+    "store_path",
+    required=True,
+    type=click.Path(),
+    help="Feature store folder (created if missing).",
+)
 @config_options
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON report.")
 @click.pass_context
 def extract_cmd(
-    ctx: click.Context, config: str, inputs: tuple[str, ...], store_path: str,
-    overrides: tuple[str, ...], model: str | None, device: str | None, as_json: bool,
+    ctx: click.Context,
+    config: str,
+    inputs: tuple[str, ...],
+    store_path: str,
+    overrides: tuple[str, ...],
+    model: str | None,
+    device: str | None,
+    as_json: bool,
 ) -> None:
     """Extract features of INPUTS (images or folders) into the store; finished images are skipped."""
     from diffeat.core.pipeline import Pipeline
@@ -44,7 +56,7 @@ def extract_cmd(
             f"{report.total} images: {report.computed} extracted, {report.cached} already stored, "
             f"{len(report.failed)} failed -> {store_path} ({pipe.cache_key})"
         )
-    for image, error in report.failed:
+    for _image, error in report.failed:
         click.echo(f"error: {error}", err=True)
     if report.failed:
         ctx.exit(2)

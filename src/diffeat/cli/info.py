@@ -19,8 +19,14 @@ def plugins_cmd(as_json: bool) -> None:
         emit_json(
             {
                 "plugins": [
-                    {"name": r.name, "version": r.version, "origin": r.origin,
-                     "ok": r.ok, "error": r.error, "provides": r.provides}
+                    {
+                        "name": r.name,
+                        "version": r.version,
+                        "origin": r.origin,
+                        "ok": r.ok,
+                        "error": r.error,
+                        "provides": r.provides,
+                    }
                     for r in records
                 ],
                 **{f"{k}s": pm.names(k) for k in KINDS},
@@ -40,7 +46,9 @@ def plugins_cmd(as_json: bool) -> None:
 @click.argument("config", type=click.Path(dir_okay=False))
 @config_options
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
-def layers_cmd(config: str, overrides: tuple[str, ...], model: str | None, device: str | None, as_json: bool) -> None:
+def layers_cmd(
+    config: str, overrides: tuple[str, ...], model: str | None, device: str | None, as_json: bool
+) -> None:
     """The layers, channels and strides the pipeline's extractor returns."""
     from diffeat.core.pipeline import Pipeline
 
@@ -64,7 +72,9 @@ def config_group() -> None:
 
 @config_group.command("show")
 @click.argument("config", type=click.Path(dir_okay=False))
-@click.option("--set", "overrides", multiple=True, metavar="STAGE.OPTION=VALUE", help="Override an option.")
+@click.option(
+    "--set", "overrides", multiple=True, metavar="STAGE.OPTION=VALUE", help="Override an option."
+)
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 def config_show(config: str, overrides: tuple[str, ...], as_json: bool) -> None:
     """Print the resolved pipeline: every option with its default filled in."""

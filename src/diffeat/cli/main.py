@@ -49,7 +49,9 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(130)
     except Exception:
         traceback.print_exc()
-        click.echo("error: internal error (the traceback above is a bug report's best friend)", err=True)
+        click.echo(
+            "error: internal error (the traceback above is a bug report's best friend)", err=True
+        )
         sys.exit(1)
     sys.exit(code if isinstance(code, int) else 0)
 

@@ -13,14 +13,41 @@ from diffeat.core.errors import DiffeatError
 @click.argument("config", type=click.Path(dir_okay=False))
 @click.argument("source", type=click.Path())
 @click.argument("target", type=click.Path())
-@click.option("--point", "-p", "points", multiple=True, required=True, metavar="X,Y", help="Source point in pixels (repeatable).")
-@click.option("--store", "store_path", default=None, type=click.Path(), help="Reuse and keep features in this store.")
-@click.option("--plot", "plot_path", default=None, type=click.Path(dir_okay=False), help="Draw the matches to this image file.")
+@click.option(
+    "--point",
+    "-p",
+    "points",
+    multiple=True,
+    required=True,
+    metavar="X,Y",
+    help="Source point in pixels (repeatable).",
+)
+@click.option(
+    "--store",
+    "store_path",
+    default=None,
+    type=click.Path(),
+    help="Reuse and keep features in this store.",
+)
+@click.option(
+    "--plot",
+    "plot_path",
+    default=None,
+    type=click.Path(dir_okay=False),
+    help="Draw the matches to this image file.",
+)
 @config_options
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 def match_cmd(
-    config: str, source: str, target: str, points: tuple[str, ...], store_path: str | None,
-    plot_path: str | None, overrides: tuple[str, ...], model: str | None, device: str | None,
+    config: str,
+    source: str,
+    target: str,
+    points: tuple[str, ...],
+    store_path: str | None,
+    plot_path: str | None,
+    overrides: tuple[str, ...],
+    model: str | None,
+    device: str | None,
     as_json: bool,
 ) -> None:
     """Match --point X,Y of SOURCE to TARGET with the pipeline in CONFIG."""
@@ -36,7 +63,14 @@ def match_cmd(
         from diffeat.viz import plot_matches
 
         try:
-            plot_matches(src.image, tgt.image, pts, result.points.tolist(), plot_path, valid=result.valid.tolist())
+            plot_matches(
+                src.image,
+                tgt.image,
+                pts,
+                result.points.tolist(),
+                plot_path,
+                valid=result.valid.tolist(),
+            )
         except (OSError, ValueError) as exc:
             raise DiffeatError(f"cannot write plot {plot_path}: {exc}") from None
     rows = [{"source": list(p), **m} for p, m in zip(pts, result.to_json())]

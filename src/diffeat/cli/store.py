@@ -57,13 +57,16 @@ def store_ls(path: str, cache_key: str | None, as_json: bool) -> None:
     rows = []
     for key in keys:
         for image_key in store.entries(key):
-            rows.append({"cache_key": key, "image_key": image_key, **store.entry_info(key, image_key)})
+            rows.append(
+                {"cache_key": key, "image_key": image_key, **store.entry_info(key, image_key)}
+            )
     if as_json:
         emit_json(rows)
         return
     for row in rows:
         layers = ", ".join(
-            f"{name} {'x'.join(map(str, spec['shape']))}" for name, spec in row.get("layers", {}).items()
+            f"{name} {'x'.join(map(str, spec['shape']))}"
+            for name, spec in row.get("layers", {}).items()
         )
         click.echo(f"{row['cache_key']}/{row['image_key']}  {row.get('source') or '-'}  {layers}")
 

@@ -8,8 +8,9 @@ checks an extractor).
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any, Sequence
+from typing import Any
 
 import torch
 from PIL import Image
@@ -101,7 +102,11 @@ class MatchResult:
 
     def to_json(self) -> list[dict[str, Any]]:
         return [
-            {"target": [round(float(x), 3), round(float(y), 3)], "score": float(s), "valid": bool(v)}
+            {
+                "target": [round(float(x), 3), round(float(y), 3)],
+                "score": float(s),
+                "valid": bool(v),
+            }
             for (x, y), s, v in zip(self.points.tolist(), self.scores.tolist(), self.valid.tolist())
         ]
 

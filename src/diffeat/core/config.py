@@ -102,14 +102,14 @@ def parse_config(
 ) -> PipelineConfig:
     """Validate raw config data (as read from TOML) into a :class:`PipelineConfig`."""
     manager = manager or get_plugin_manager()
-    for key, value in data.items():
+    for key in data:
         if key not in STAGES and key not in TOP_LEVEL_KEYS:
             raise ConfigError(
                 f"{source}: unknown top-level key {key!r}; expected tables "
                 f"{', '.join(f'[{s}]' for s in STAGES)} (and optional name, description)"
             )
     if "extractor" not in data:
-        raise ConfigError(f"{source}: missing [extractor] table (with plugin = \"...\")")
+        raise ConfigError(f'{source}: missing [extractor] table (with plugin = "...")')
     stages = {}
     for stage in STAGES:
         table = data.get(stage, {})
@@ -118,7 +118,7 @@ def parse_config(
         table = dict(table)
         plugin = table.pop("plugin", DEFAULT_PLUGIN.get(stage))
         if not isinstance(plugin, str):
-            raise ConfigError(f"{source}: [{stage}] needs plugin = \"NAME\"")
+            raise ConfigError(f'{source}: [{stage}] needs plugin = "NAME"')
         try:
             reg = manager.get(stage, plugin)
         except ConfigError as exc:
@@ -145,7 +145,9 @@ def read_toml(path: str | Path) -> dict[str, Any]:
 
 
 def load_config(
-    path: str | Path, overrides: list[str] | tuple[str, ...] = (), manager: PluginManager | None = None
+    path: str | Path,
+    overrides: list[str] | tuple[str, ...] = (),
+    manager: PluginManager | None = None,
 ) -> PipelineConfig:
     """Read, override and validate a pipeline file."""
     data = apply_overrides(read_toml(path), list(overrides), str(path))

@@ -36,7 +36,7 @@ class LayerInfo:
         return {"name": self.name, "channels": self.channels, "stride": self.stride}
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "LayerInfo":
+    def from_dict(cls, d: dict[str, Any]) -> LayerInfo:
         return cls(name=str(d["name"]), channels=int(d["channels"]), stride=float(d["stride"]))
 
 
@@ -59,7 +59,9 @@ class FeatureSet:
         for name, tensor in self.layers.items():
             check_layer_name(name)
             if tensor.ndim != 4:
-                raise ValueError(f"layer {name!r}: expected [T, C, H, W], got {tuple(tensor.shape)}")
+                raise ValueError(
+                    f"layer {name!r}: expected [T, C, H, W], got {tuple(tensor.shape)}"
+                )
             if tensor.shape[0] != len(self.timesteps):
                 raise ValueError(
                     f"layer {name!r} has {tensor.shape[0]} timesteps, metadata lists "
@@ -72,7 +74,9 @@ class FeatureSet:
 
         return ImageTransform.from_dict(self.meta["transform"])
 
-    def to(self, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> "FeatureSet":
+    def to(
+        self, device: torch.device | str | None = None, dtype: torch.dtype | None = None
+    ) -> FeatureSet:
         """A copy with every layer moved to ``device`` and/or cast to ``dtype``."""
         return FeatureSet(
             {k: v.to(device=device, dtype=dtype) for k, v in self.layers.items()},

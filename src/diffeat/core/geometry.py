@@ -38,7 +38,7 @@ class ImageTransform:
     offset: tuple[float, float] = (0.0, 0.0)
 
     @classmethod
-    def resize(cls, image_size: Size, model_size: Size) -> "ImageTransform":
+    def resize(cls, image_size: Size, model_size: Size) -> ImageTransform:
         """The transform of a resize that squashes the image to ``model_size``."""
         (w, h), (mw, mh) = image_size, model_size
         return cls((int(w), int(h)), (int(mw), int(mh)), (mw / w, mh / h))
@@ -69,7 +69,7 @@ class ImageTransform:
         }
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "ImageTransform":
+    def from_dict(cls, d: dict[str, Any]) -> ImageTransform:
         return cls(
             tuple(int(v) for v in d["image_size"]),  # type: ignore[arg-type]
             tuple(int(v) for v in d["model_size"]),  # type: ignore[arg-type]

@@ -20,7 +20,8 @@ See ``docs/writing-a-plugin.md`` for the component protocols.
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import pluggy
 

@@ -67,7 +67,9 @@ def load_image(path: str | os.PathLike) -> Image.Image:
             img.load()
             return _to_rgb(img)
     except UnidentifiedImageError:
-        raise ImageError(f"{p} is not an image file PIL can read (expected JPEG, PNG, ...)") from None
+        raise ImageError(
+            f"{p} is not an image file PIL can read (expected JPEG, PNG, ...)"
+        ) from None
     except PermissionError:
         raise ImageError(f"cannot read {p}: permission denied") from None
     except (OSError, SyntaxError, ValueError) as exc:
@@ -102,7 +104,9 @@ def list_images(paths: list[str | os.PathLike]) -> list[Path]:
         p = Path(raw)
         if p.is_dir():
             found.extend(
-                sorted(q for q in p.rglob("*") if q.is_file() and q.suffix.lower() in IMAGE_SUFFIXES)
+                sorted(
+                    q for q in p.rglob("*") if q.is_file() and q.suffix.lower() in IMAGE_SUFFIXES
+                )
             )
         elif p.exists():
             found.append(p)

@@ -127,5 +127,7 @@ def describe_options(factory: Any) -> list[dict[str, Any]]:
 def opt(default: Any, help: str, *, cache: bool = True) -> Any:
     """Shorthand for a documented option field."""
     if isinstance(default, list):
-        return dataclasses.field(default_factory=lambda d=default: list(d), metadata={"help": help, "cache": cache})
+        return dataclasses.field(
+            default_factory=lambda d=default: list(d), metadata={"help": help, "cache": cache}
+        )
     return dataclasses.field(default=default, metadata={"help": help, "cache": cache})

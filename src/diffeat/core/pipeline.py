@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import sys
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any
 
 import torch
 
@@ -84,14 +85,14 @@ class Pipeline:
         overrides: Sequence[str] = (),
         store: Any = None,
         manager: PluginManager | None = None,
-    ) -> "Pipeline":
+    ) -> Pipeline:
         """Load a TOML pipeline file; ``overrides`` are ``stage.option=value`` strings."""
         return cls(load_config(path, list(overrides), manager), store=store)
 
     @classmethod
     def from_dict(
         cls, data: dict[str, Any], *, store: Any = None, manager: PluginManager | None = None
-    ) -> "Pipeline":
+    ) -> Pipeline:
         return cls(parse_config(data, manager=manager), store=store)
 
     # -- components, built on first use ----------------------------------------
@@ -184,7 +185,10 @@ class Pipeline:
                 report.cached += 1
                 if progress is not None:
                     progress.update(1)
-                yield index, (self.store.get(self.cache_key, inp.key, device=self.device) if keep else None)
+                yield (
+                    index,
+                    (self.store.get(self.cache_key, inp.key, device=self.device) if keep else None),
+                )
                 continue
             batch.append((index, inp))
             if len(batch) >= batch_size:
@@ -219,11 +223,11 @@ class Pipeline:
             return View(inp.image, ImageTransform.resize(inp.size, inp.size), source=inp.source)
         (fs,) = self.features([inp])
         descriptors = self.aggregator(fs)
-        return View(inp.image, fs.transform, descriptors=descriptors, features=fs, source=inp.source)
+        return View(
+            inp.image, fs.transform, descriptors=descriptors, features=fs, source=inp.source
+        )
 
-    def match(
-        self, source: ImageLike, target: ImageLike, points: Any
-    ) -> MatchResult:
+    def match(self, source: ImageLike, target: ImageLike, points: Any) -> MatchResult:
         """Target points for ``points`` (``[(x, y), ...]`` source pixel indices)."""
         pts = torch.as_tensor(points, dtype=torch.float32).reshape(-1, 2)
         src_input = as_input(source)

@@ -19,9 +19,10 @@ import difflib
 import importlib
 import os
 import re
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from importlib import metadata
-from typing import Any, Callable, Iterable
+from typing import Any
 
 import pluggy
 
@@ -89,7 +90,9 @@ class PluginManager:
 
         if builtins:
             for name, module in BUILTIN_MODULES.items():
-                self._load(name, __version__, "builtin", lambda m=module: importlib.import_module(m))
+                self._load(
+                    name, __version__, "builtin", lambda m=module: importlib.import_module(m)
+                )
         if entry_points:
             for ep in metadata.entry_points(group=hookspecs.PROJECT):
                 dist = ep.dist
@@ -106,7 +109,9 @@ class PluginManager:
             return
         record = PluginRecord(name, version, origin)
         if name in self.records:
-            record.error = f"a plugin named {name!r} is already loaded ({self.records[name].origin})"
+            record.error = (
+                f"a plugin named {name!r} is already loaded ({self.records[name].origin})"
+            )
             self.records[f"{name} ({origin})"] = record
             return
         self.records[name] = record
@@ -117,7 +122,9 @@ class PluginManager:
             return
         self.add_plugin(plugin, name, record=record)
 
-    def add_plugin(self, plugin: Any, name: str, *, record: PluginRecord | None = None) -> PluginRecord:
+    def add_plugin(
+        self, plugin: Any, name: str, *, record: PluginRecord | None = None
+    ) -> PluginRecord:
         """Register a plugin object (module or instance with hookimpls) under ``name``."""
         if record is None:
             from diffeat import __version__
@@ -213,7 +220,11 @@ class PluginManager:
         close = difflib.get_close_matches(name, available, n=1)
         hint = f" Did you mean {close[0]!r}?" if close else ""
         broken = [r.name for r in self.records.values() if not r.ok]
-        more = f" Plugins that failed to load: {', '.join(broken)} (see `diffeat plugins`)." if broken else ""
+        more = (
+            f" Plugins that failed to load: {', '.join(broken)} (see `diffeat plugins`)."
+            if broken
+            else ""
+        )
         raise ConfigError(
             f"unknown {kind} plugin {name!r}.{hint} Installed {kind}s: "
             f"{', '.join(available) or '(none)'}.{more}"

@@ -42,7 +42,9 @@ def grid_similarity(queries: torch.Tensor, view: View) -> torch.Tensor:
     return (queries @ desc.reshape(c, h * w)).reshape(-1, h, w)
 
 
-def image_argmax(queries: torch.Tensor, view: View, chunk_elements: int = _CHUNK_ELEMENTS) -> tuple[torch.Tensor, torch.Tensor]:
+def image_argmax(
+    queries: torch.Tensor, view: View, chunk_elements: int = _CHUNK_ELEMENTS
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Best target pixel per query over the descriptor map upsampled to the image size.
 
     Equal to upsampling the whole map (bilinear, align_corners=False) and taking
@@ -72,7 +74,9 @@ def image_argmax(queries: torch.Tensor, view: View, chunk_elements: int = _CHUNK
 
 
 def _cell_points(flat_idx: torch.Tensor, w: int) -> torch.Tensor:
-    return torch.stack([(flat_idx % w).float(), torch.div(flat_idx, w, rounding_mode="floor").float()], 1)
+    return torch.stack(
+        [(flat_idx % w).float(), torch.div(flat_idx, w, rounding_mode="floor").float()], 1
+    )
 
 
 @dataclass
@@ -109,7 +113,9 @@ class MutualOptions:
     )
 
 
-def mutual_nearest(src: torch.Tensor, tgt: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def mutual_nearest(
+    src: torch.Tensor, tgt: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """All mutual nearest neighbours between two maps ``[C, h, w]`` (cosine).
 
     Returns source cells ``[M, 2]``, target cells ``[M, 2]`` (x, y grid
@@ -151,7 +157,9 @@ class Mutual(Matcher):
         valid = (back_cells - src_cells).norm(dim=1) <= self.options.tolerance
         pts = target.grid_to_image(t_cells)
         return MatchResult(
-            pts.cpu(), scores.cpu(), valid.cpu(),
+            pts.cpu(),
+            scores.cpu(),
+            valid.cpu(),
             {"reverse": source.grid_to_image(back_cells).cpu()},
         )
 
@@ -185,8 +193,8 @@ class SoftArgmax(Matcher):
         cx = idx % w
         r = self.options.window // 2
         offsets = torch.arange(-r, r + 1, device=sims.device)
-        ys = (cy[:, None] + offsets[None, :])  # [N, k]
-        xs = (cx[:, None] + offsets[None, :])
+        ys = cy[:, None] + offsets[None, :]  # [N, k]
+        xs = cx[:, None] + offsets[None, :]
         inside = ((ys >= 0) & (ys < h))[:, :, None] & ((xs >= 0) & (xs < w))[:, None, :]
         yc, xc = ys.clamp(0, h - 1), xs.clamp(0, w - 1)
         rows = torch.arange(n, device=sims.device)[:, None, None]

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any, Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -19,7 +20,9 @@ __version__ = "0.1.0"
 
 @dataclass
 class PatchOptions:
-    image_size: list[int] = field(default_factory=lambda: [64, 64], metadata={"help": "model input [w, h]"})
+    image_size: list[int] = field(
+        default_factory=lambda: [64, 64], metadata={"help": "model input [w, h]"}
+    )
     patch: int = field(default=3, metadata={"help": "odd neighbourhood side in pixels"})
 
     def validate(self) -> None:
@@ -63,11 +66,13 @@ class L2Matcher(Matcher):
 
     def match(self, source: View, target: View, points: torch.Tensor) -> MatchResult:
         q = sample_at(source.descriptors, source.image_to_grid(points))
-        c, h, w = target.descriptors.shape
+        c, _, w = target.descriptors.shape
         d = torch.cdist(q, target.descriptors.reshape(c, -1).T)
         dist, idx = d.min(dim=1)
         cells = torch.stack([(idx % w).float(), (idx // w).float()], dim=1)
-        return MatchResult(target.grid_to_image(cells), -dist, torch.ones(len(idx), dtype=torch.bool))
+        return MatchResult(
+            target.grid_to_image(cells), -dist, torch.ones(len(idx), dtype=torch.bool)
+        )
 
 
 @hookimpl

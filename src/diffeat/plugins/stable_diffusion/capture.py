@@ -8,7 +8,8 @@ deeper module is needed.
 from __future__ import annotations
 
 import fnmatch
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import torch
 from torch import nn
@@ -53,13 +54,13 @@ class OutputCapture:
         self.outputs: dict[str, torch.Tensor] = {}
         self._handles: list[Any] = []
 
-    def __enter__(self) -> "OutputCapture":
+    def __enter__(self) -> OutputCapture:
         modules = dict(self.model.named_modules())
         for name in self.names:
             self._handles.append(modules[name].register_forward_hook(self._hook(name)))
         return self
 
-    def __exit__(self, *exc: Any) -> None:
+    def __exit__(self, *exc: object) -> None:
         for handle in self._handles:
             handle.remove()
         self._handles.clear()

@@ -14,8 +14,9 @@ every copy), and the UNet forward stops after the deepest requested module.
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Literal, Sequence
+from typing import Any, Literal
 
 import torch
 
@@ -48,7 +49,9 @@ class StableDiffusionOptions:
     )
     timesteps: list[int] = opt([261], "noise timesteps; one UNet pass each")
     ensemble_size: int = opt(8, "noisy copies per image; their feature maps are averaged")
-    image_size: list[int] = opt([768, 768], "model input [width, height]; images are squash-resized")
+    image_size: list[int] = opt(
+        [768, 768], "model input [width, height]; images are squash-resized"
+    )
     resample: Literal["bicubic", "bilinear", "lanczos", "nearest"] = opt(
         "bicubic", "PIL resize filter (DIFT uses PIL's default, bicubic)"
     )
@@ -61,7 +64,8 @@ class StableDiffusionOptions:
     device: str = opt("auto", "torch device; auto: cuda if available, else cpu", cache=False)
     batch_size: int = opt(1, "images per UNet pass (each with ensemble_size copies)", cache=False)
     encode_per_copy: bool = opt(
-        False, "VAE-encode every ensemble copy, as the original code does (slower, same result)",
+        False,
+        "VAE-encode every ensemble copy, as the original code does (slower, same result)",
         cache=False,
     )
     stop_early: bool = opt(True, "stop the UNet once the deepest requested layer ran", cache=False)
@@ -158,7 +162,9 @@ class StableDiffusionExtractor(Extractor):
             unet = self.parts.unet
             vae_factor = 2 ** (len(self.parts.vae.config.block_out_channels) - 1)
             latent = 2 ** (len(unet.config.down_block_types) - 1) * 2
-            z = torch.zeros(1, unet.config.in_channels, latent, latent, device=self.device, dtype=self.dtype)
+            z = torch.zeros(
+                1, unet.config.in_channels, latent, latent, device=self.device, dtype=self.dtype
+            )
             context = self.prompt_embeddings(self.options.prompt)
             with torch.no_grad(), OutputCapture(unet, self.module_names) as cap:
                 outs = cap.run(lambda: unet(z, 0, encoder_hidden_states=context))
@@ -196,8 +202,11 @@ class StableDiffusionExtractor(Extractor):
         if prompt not in self._prompt_cache:
             tok, enc = self.parts.tokenizer, self.parts.text_encoder
             ids = tok(
-                [prompt], padding="max_length", max_length=tok.model_max_length,
-                truncation=True, return_tensors="pt",
+                [prompt],
+                padding="max_length",
+                max_length=tok.model_max_length,
+                truncation=True,
+                return_tensors="pt",
             ).input_ids.to(self.device)
             with torch.no_grad():
                 self._prompt_cache[prompt] = enc(ids)[0].to(self.dtype)
@@ -256,7 +265,9 @@ class StableDiffusionExtractor(Extractor):
                 n = torch.cat([item["noise"][ti] for item in noise]).to(self.device, latents.dtype)
                 noisy = p.scheduler.add_noise(latents, n, step)
                 with OutputCapture(p.unet, self.module_names, stop_early=o.stop_early) as cap:
-                    outs = cap.run(lambda: p.unet(noisy, step, encoder_hidden_states=context))
+                    outs = cap.run(
+                        lambda z=noisy, s=step: p.unet(z, s, encoder_hidden_states=context)
+                    )
                 for name in self.module_names:
                     ft = outs[name].float()
                     per_t[name].append(ft.view(b, e, *ft.shape[1:]).mean(dim=1))

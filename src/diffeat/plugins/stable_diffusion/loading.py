@@ -39,7 +39,7 @@ def _offline_hint(model: str) -> str:
     return (
         f"To use it without network access, download it where the hub is reachable "
         f"(`hf download {model} --local-dir DIR`), copy DIR here, and pass the folder: "
-        f"model = \"DIR\" in the [extractor] table or --model DIR."
+        f'model = "DIR" in the [extractor] table or --model DIR.'
     )
 
 

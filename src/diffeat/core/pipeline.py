@@ -150,20 +150,28 @@ class Pipeline:
             self.store.register_extractor(self.cache_key, self.extractor_info())
             self._registered = True
 
+    def _store_and_round(self, inp: ImageInput, fs: FeatureSet) -> FeatureSet:
+        """Store ``fs``; return it at the store's precision, so a later run that reads the
+        store sees exactly the features this run used."""
+        cpu = fs.to("cpu")
+        self.store.put(self.cache_key, inp.key, cpu, source=inp.source)
+        stored_dtype = getattr(torch, str(getattr(self.store, "dtype", "float32")))
+        return cpu.to(dtype=stored_dtype).to(self.device, torch.float32)
+
     def _iter_features(
         self, items: Sequence[ImageLike], report: ExtractReport, *, keep: bool, progress: Any = None
     ) -> Iterator[tuple[int, FeatureSet | None]]:
         """Yield ``(index, features)`` in input order, reading the store or extracting batches."""
-        self._register()
         batch: list[tuple[int, ImageInput]] = []
         batch_size = max(1, int(getattr(self.extractor, "batch_size", 1)))
 
         def flush() -> Iterator[tuple[int, FeatureSet | None]]:
             feats = self.extractor.extract([inp for _, inp in batch])
+            self._register()  # only now: a run that finds everything stored never loads the model
             for (index, inp), fs in zip(batch, feats):
                 fs.meta.setdefault("source", inp.source)
                 if self.store is not None:
-                    self.store.put(self.cache_key, inp.key, fs.to("cpu"), source=inp.source)
+                    fs = self._store_and_round(inp, fs)
                 report.computed += 1
                 if progress is not None:
                     progress.update(1)

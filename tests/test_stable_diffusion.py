@@ -206,3 +206,38 @@ def test_bfloat16_runs_on_cpu(tiny_sd, image):
         )
         > 0.98
     )
+
+
+def test_category_prompt_template(tiny_sd, image, tmp_path):
+    from diffeat.core.errors import DiffeatError
+    from diffeat.core.pipeline import Pipeline
+
+    data = {
+        "extractor": {
+            "plugin": "stable-diffusion",
+            "model": str(tiny_sd),
+            "image_size": [SIZE, SIZE],
+            "ensemble_size": 2,
+            "prompt": "a photo of a {category}",
+        }
+    }
+    pipe = Pipeline.from_dict(data, store=tmp_path / "s.zarr")
+    cat, dog = as_input(image).with_category("cat"), as_input(image).with_category("dog")
+    assert pipe.image_key(cat) != pipe.image_key(dog)
+    assert pipe.image_key(cat).startswith(cat.key)
+    fc, fd = pipe.features([cat, dog])
+    assert fc.meta["prompt"] == "a photo of a cat"
+    assert not torch.allclose(fc.layers["up_blocks.1"], fd.layers["up_blocks.1"])
+    # the template's result equals the fixed prompt's
+    fixed = make(tiny_sd, prompt="a photo of a cat", ensemble_size=2)
+    (ff,) = fixed.extract([cat])
+    torch.testing.assert_close(
+        ff.layers["up_blocks.1"], fc.layers["up_blocks.1"], atol=2e-3, rtol=2e-3
+    )
+    assert sorted(pipe.store.entries(pipe.cache_key)) == sorted(
+        [pipe.image_key(cat), pipe.image_key(dog)]
+    )
+    with pytest.raises(DiffeatError, match=r"needs the image's category.*--category"):
+        pipe.features([as_input(image)])
+    plain = Pipeline.from_dict({"extractor": {**data["extractor"], "prompt": "x"}})
+    assert plain.image_key(cat) == cat.key

@@ -36,6 +36,9 @@ from diffeat.core.errors import DiffeatError
     type=click.Path(dir_okay=False),
     help="Draw the matches to this image file.",
 )
+@click.option(
+    "--category", default="", help="Category of both images, for prompts with {category}."
+)
 @config_options
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 def match_cmd(
@@ -45,6 +48,7 @@ def match_cmd(
     points: tuple[str, ...],
     store_path: str | None,
     plot_path: str | None,
+    category: str,
     overrides: tuple[str, ...],
     model: str | None,
     device: str | None,
@@ -57,7 +61,8 @@ def match_cmd(
     pts = [parse_point(p) for p in points]
     cfg = load_config(config, collect_overrides(overrides, model, device))
     pipe = Pipeline(cfg, store=store_path)
-    src, tgt = as_input(source), as_input(target)
+    src = as_input(source).with_category(category)
+    tgt = as_input(target).with_category(category)
     result = pipe.match(src, tgt, pts)
     if plot_path:
         from diffeat.viz import plot_matches

@@ -51,6 +51,14 @@ class Extractor:
         """Features for each image; ``meta["transform"]`` must be set."""
         raise NotImplementedError
 
+    def conditioning(self, image: ImageInput) -> str:
+        """What, besides the pixels and the config, this image's features depend on.
+
+        Empty for most extractors; a category-aware one returns e.g. its
+        per-image prompt. The store keys the image by its content plus this.
+        """
+        return ""
+
 
 class Aggregator:
     """Turns a :class:`FeatureSet` into one descriptor map ``[C, H, W]``."""

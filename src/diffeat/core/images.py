@@ -27,11 +27,21 @@ ImageLike = Union[str, os.PathLike, Image.Image, "ImageInput"]
 
 @dataclass(frozen=True)
 class ImageInput:
-    """A decoded RGB image, its content key and where it came from."""
+    """A decoded RGB image, its content key, where it came from and (optionally) its category.
+
+    The category feeds category-aware extractors (e.g. a prompt template
+    ``"a photo of a {category}"``); it is part of the store key only for
+    extractors whose :meth:`~diffeat.core.components.Extractor.conditioning`
+    depends on it.
+    """
 
     image: Image.Image
     key: str
     source: str
+    category: str = ""
+
+    def with_category(self, category: str) -> ImageInput:
+        return ImageInput(self.image, self.key, self.source, category)
 
     @property
     def size(self) -> tuple[int, int]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import sys
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
@@ -150,11 +151,19 @@ class Pipeline:
             self.store.register_extractor(self.cache_key, self.extractor_info())
             self._registered = True
 
+    def image_key(self, inp: ImageInput) -> str:
+        """The store key of an image: its content hash, plus the extractor's conditioning."""
+        condition = getattr(self.extractor, "conditioning", None)
+        extra = condition(inp) if condition is not None else ""
+        if not extra:
+            return inp.key
+        return f"{inp.key}-{hashlib.sha256(extra.encode()).hexdigest()[:12]}"
+
     def _store_and_round(self, inp: ImageInput, fs: FeatureSet) -> FeatureSet:
         """Store ``fs``; return it at the store's precision, so a later run that reads the
         store sees exactly the features this run used."""
         cpu = fs.to("cpu")
-        self.store.put(self.cache_key, inp.key, cpu, source=inp.source)
+        self.store.put(self.cache_key, self.image_key(inp), cpu, source=inp.source)
         stored_dtype = getattr(torch, str(getattr(self.store, "dtype", "float32")))
         return cpu.to(dtype=stored_dtype).to(self.device, torch.float32)
 
@@ -189,13 +198,17 @@ class Pipeline:
                 if progress is not None:
                     progress.update(1)
                 continue
-            if self.store is not None and self.store.has(self.cache_key, inp.key):
+            if self.store is not None and self.store.has(self.cache_key, self.image_key(inp)):
                 report.cached += 1
                 if progress is not None:
                     progress.update(1)
                 yield (
                     index,
-                    (self.store.get(self.cache_key, inp.key, device=self.device) if keep else None),
+                    (
+                        self.store.get(self.cache_key, self.image_key(inp), device=self.device)
+                        if keep
+                        else None
+                    ),
                 )
                 continue
             batch.append((index, inp))

@@ -21,6 +21,7 @@ from typing import Any, Literal
 import torch
 
 from diffeat.core.components import Extractor
+from diffeat.core.errors import DiffeatError
 from diffeat.core.features import FeatureSet, LayerInfo
 from diffeat.core.geometry import ImageTransform, Size
 from diffeat.core.images import ImageInput, resize, to_tensor
@@ -33,6 +34,7 @@ from diffeat.plugins.stable_diffusion.loading import (
     resolve_model_dir,
 )
 
+CATEGORY = "{category}"
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
@@ -55,7 +57,11 @@ class StableDiffusionOptions:
     resample: Literal["bicubic", "bilinear", "lanczos", "nearest"] = opt(
         "bicubic", "PIL resize filter (DIFT uses PIL's default, bicubic)"
     )
-    prompt: str = opt("", "text prompt (empty: the null prompt, as DIFT)")
+    prompt: str = opt(
+        "",
+        "text prompt (empty: the null prompt, as DIFT); {category} is replaced by each "
+        "image's category, e.g. \"a photo of a {category}\" (DIFT's SPair protocol)",
+    )
     latent: Literal["sample", "mean"] = opt(
         "sample", "VAE latent: a posterior sample (DIFT) or the posterior mean (Hedlin et al.)"
     )
@@ -165,7 +171,7 @@ class StableDiffusionExtractor(Extractor):
             z = torch.zeros(
                 1, unet.config.in_channels, latent, latent, device=self.device, dtype=self.dtype
             )
-            context = self.prompt_embeddings(self.options.prompt)
+            context = self.prompt_embeddings("")  # shapes only
             with torch.no_grad(), OutputCapture(unet, self.module_names) as cap:
                 outs = cap.run(lambda: unet(z, 0, encoder_hidden_states=context))
             px = latent * vae_factor
@@ -212,6 +218,21 @@ class StableDiffusionExtractor(Extractor):
                 self._prompt_cache[prompt] = enc(ids)[0].to(self.dtype)
         return self._prompt_cache[prompt]
 
+    def prompt_for(self, image: ImageInput) -> str:
+        """The prompt of one image: the template with ``{category}`` filled in."""
+        template = self.options.prompt
+        if CATEGORY in template and not image.category:
+            raise DiffeatError(
+                f"the prompt {template!r} needs the image's category, but {image.source} has "
+                f"none: give a category (--category NAME, or evaluate on a dataset) or use a "
+                f"fixed prompt"
+            )
+        return template.replace(CATEGORY, image.category)
+
+    def conditioning(self, image: ImageInput) -> str:
+        """The per-image prompt when the template uses ``{category}`` (else nothing)."""
+        return self.prompt_for(image) if CATEGORY in self.options.prompt else ""
+
     def preprocess(self, image: ImageInput) -> torch.Tensor:
         """``[3, H, W]`` in [-1, 1] at the model size."""
         return to_tensor(resize(image.image, self.model_size, self.options.resample))
@@ -225,19 +246,23 @@ class StableDiffusionExtractor(Extractor):
             return []
         noise = list(noise) if noise is not None else [self.make_noise(im.key) for im in images]
         pixels = torch.stack([self.preprocess(im) for im in images])
-        maps = self.features_from_pixels(pixels, noise, self.options.prompt)
+        prompts = [self.prompt_for(im) for im in images]
+        maps = self.features_from_pixels(pixels, noise, prompts)
         out = []
         for i, im in enumerate(images):
             layers = {name: maps[name][i] for name in self.module_names}
             meta = {
                 "transform": self.transform_for(im.size).to_dict(),
-                "prompt": self.options.prompt,
+                "prompt": prompts[i],
             }
             out.append(FeatureSet(layers, self.timesteps(), meta))
         return out
 
     def features_from_pixels(
-        self, pixels: torch.Tensor, noise: Sequence[dict[str, torch.Tensor]], prompt: str
+        self,
+        pixels: torch.Tensor,
+        noise: Sequence[dict[str, torch.Tensor]],
+        prompts: Sequence[str],
     ) -> dict[str, torch.Tensor]:
         """Per layer ``[B, T, C, h, w]`` (float32, ensemble-averaged) for pixels ``[B, 3, H, W]``."""
         p = self.parts
@@ -258,7 +283,8 @@ class StableDiffusionExtractor(Extractor):
             else:
                 latents = mean
             latents = latents * p.vae.config.scaling_factor
-            context = self.prompt_embeddings(prompt).expand(b * e, -1, -1)
+            context = torch.cat([self.prompt_embeddings(pr) for pr in prompts])
+            context = context.repeat_interleave(e, dim=0)
             per_t: dict[str, list[torch.Tensor]] = {name: [] for name in self.module_names}
             for ti, t in enumerate(o.timesteps):
                 step = torch.tensor(t, dtype=torch.long, device=self.device)

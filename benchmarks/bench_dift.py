@@ -126,12 +126,16 @@ def build_sd15_random(folder: Path, seed: int = 0) -> float:
     from diffusers import (
         AutoencoderKL,
         DDIMScheduler,
-        StableDiffusionPipeline,
         UNet2DConditionModel,
     )
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
-    from diffeat.testing_models import EOS_TOKEN, tiny_scheduler_config, write_clip_tokenizer
+    from diffeat.testing_models import (
+        EOS_TOKEN,
+        save_stable_diffusion,
+        tiny_scheduler_config,
+        write_clip_tokenizer,
+    )
 
     start = time.perf_counter()
     if folder.exists():
@@ -151,19 +155,7 @@ def build_sd15_random(folder: Path, seed: int = 0) -> float:
         torch.manual_seed(seed + 2)
         text_encoder = CLIPTextModel(text_config)
     scheduler = DDIMScheduler(**tiny_scheduler_config("epsilon"))  # SD's DDIM config
-    pipe = StableDiffusionPipeline(
-        vae=vae.eval(),
-        text_encoder=text_encoder.eval(),
-        tokenizer=tokenizer,
-        unet=unet.eval(),
-        scheduler=scheduler,
-        safety_checker=None,
-        feature_extractor=None,
-        requires_safety_checker=False,
-    )
-    for name in ("unet", "vae", "text_encoder", "scheduler"):
-        getattr(pipe, name).save_pretrained(folder / name, safe_serialization=True)
-    pipe.save_config(folder)
+    save_stable_diffusion(folder, unet, vae, text_encoder, tokenizer, scheduler)
     params = {
         n: sum(p.numel() for p in m.parameters())
         for n, m in (("unet", unet), ("vae", vae), ("text_encoder", text_encoder))

@@ -377,7 +377,6 @@ def build_tiny_stable_diffusion(
     from diffusers import (
         AutoencoderKL,
         DDIMScheduler,
-        StableDiffusionPipeline,
         UNet2DConditionModel,
     )
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
@@ -430,19 +429,31 @@ def build_tiny_stable_diffusion(
     text_encoder.eval()
     scheduler = DDIMScheduler(**tiny_scheduler_config(prediction_type))
 
+    save_stable_diffusion(out, unet, vae, text_encoder, tokenizer, scheduler)
+    return out
+
+
+def save_stable_diffusion(
+    folder: Path, unet: Any, vae: Any, text_encoder: Any, tokenizer: Any, scheduler: Any
+) -> None:
+    """Save components as a diffusers Stable Diffusion folder (safetensors, no safety checker).
+
+    The tokenizer folder must already be written (by :func:`write_clip_tokenizer`, the
+    vocab.json/merges.txt layout of the hub checkpoints); the other components are saved
+    through a pipeline object so that ``model_index.json`` is written too.
+    """
+    from diffusers import StableDiffusionPipeline
+
     pipe = StableDiffusionPipeline(
-        vae=vae,
-        text_encoder=text_encoder,
+        vae=vae.eval(),
+        text_encoder=text_encoder.eval(),
         tokenizer=tokenizer,
-        unet=unet,
+        unet=unet.eval(),
         scheduler=scheduler,
         safety_checker=None,
         feature_extractor=None,
         requires_safety_checker=False,
     )
-    # The tokenizer folder is written by write_clip_tokenizer (vocab.json/merges.txt layout of the
-    # hub checkpoints); save the other components through the pipeline for model_index.json.
     for name in ("unet", "vae", "text_encoder", "scheduler"):
-        getattr(pipe, name).save_pretrained(out / name, safe_serialization=True)
-    pipe.save_config(out)
-    return out
+        getattr(pipe, name).save_pretrained(folder / name, safe_serialization=True)
+    pipe.save_config(folder)

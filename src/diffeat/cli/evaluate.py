@@ -1,0 +1,310 @@
+"""``diffeat eval`` (PCK on a benchmark) and ``diffeat datasets`` (list, make-synthetic)."""
+
+from __future__ import annotations
+
+import itertools
+import sys
+from typing import Any
+
+import click
+
+from diffeat.cli.common import collect_overrides, config_options, emit_json
+from diffeat.core.errors import DiffeatError
+
+THRESHOLD_CHOICES = ("bbox-target", "bbox-source", "img", "kps-target", "kps-source")
+
+
+def parse_alphas(values: tuple[str, ...]) -> tuple[float, ...]:
+    """``("0.05,0.1", "0.2")`` -> ``(0.05, 0.1, 0.2)``, with a clear error otherwise."""
+    out: list[float] = []
+    for value in values:
+        for part in value.split(","):
+            if not part.strip():
+                continue
+            try:
+                alpha = float(part)
+            except ValueError:
+                raise DiffeatError(f"bad --alpha {part!r}: expected a number such as 0.1") from None
+            if not alpha > 0:
+                raise DiffeatError(f"bad --alpha {part!r}: alpha must be positive")
+            out.append(alpha)
+    return tuple(out)
+
+
+def parse_dataset_options(items: tuple[str, ...]) -> dict[str, Any]:
+    from diffeat.core.config import parse_value
+
+    out: dict[str, Any] = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise DiffeatError(
+                f"bad --option {item!r}: use KEY=VALUE, e.g. --option pairs_per_class=20"
+            )
+        out[key.strip()] = parse_value(value.strip())
+    return out
+
+
+def build_dataset(name: str, values: dict[str, Any]) -> Any:
+    """The dataset plugin ``name`` with validated options."""
+    from diffeat.core.options import build_options
+    from diffeat.core.plugins import get_plugin_manager
+
+    reg = get_plugin_manager().get("dataset", name)
+    options = build_options(reg.factory, values, f"dataset {name}")
+    return reg.factory(options) if options is not None else reg.factory()
+
+
+@click.command("eval")
+@click.argument("config", type=click.Path(dir_okay=False))
+@click.option(
+    "--dataset", "dataset_name", required=True, help="Dataset plugin (see `diffeat datasets`)."
+)
+@click.option("--root", required=True, type=click.Path(), help="The benchmark's folder.")
+@click.option("--split", default=None, help="Split (default: the dataset's, usually test).")
+@click.option(
+    "--option",
+    "-o",
+    "dataset_options",
+    multiple=True,
+    metavar="KEY=VALUE",
+    help="A dataset option, e.g. -o pairs_per_class=20 (repeatable; see `diffeat datasets`).",
+)
+@click.option(
+    "--store",
+    "store_path",
+    default=None,
+    type=click.Path(),
+    help="Reuse and keep features in this store.",
+)
+@click.option(
+    "--out",
+    "out_dir",
+    default=None,
+    type=click.Path(file_okay=False),
+    help="Write results.json, results.md and plots here.",
+)
+@click.option(
+    "--protocol",
+    "protocol_name",
+    default=None,
+    help="PCK protocol preset (default: the dataset's).",
+)
+@click.option(
+    "--alpha",
+    "alphas",
+    multiple=True,
+    metavar="A[,A...]",
+    help="PCK alpha(s), replacing the protocol's (repeatable).",
+)
+@click.option(
+    "--threshold",
+    "thresholds",
+    multiple=True,
+    type=click.Choice(THRESHOLD_CHOICES),
+    help="Reference length(s), replacing the protocol's (repeatable).",
+)
+@click.option(
+    "--comparison",
+    type=click.Choice(["<=", "<"]),
+    default=None,
+    help="Correct if distance <= or < alpha * T.",
+)
+@click.option("--limit", type=click.IntRange(min=1), default=None, help="Only the first N pairs.")
+@click.option("--no-plots", is_flag=True, help="Do not draw plots into --out.")
+@config_options
+@click.option(
+    "--json", "as_json", is_flag=True, help="Print the results (without per-pair records) as JSON."
+)
+@click.pass_context
+def eval_cmd(
+    ctx: click.Context,
+    config: str,
+    dataset_name: str,
+    root: str,
+    split: str | None,
+    dataset_options: tuple[str, ...],
+    store_path: str | None,
+    out_dir: str | None,
+    protocol_name: str | None,
+    alphas: tuple[str, ...],
+    thresholds: tuple[str, ...],
+    comparison: str | None,
+    limit: int | None,
+    no_plots: bool,
+    overrides: tuple[str, ...],
+    model: str | None,
+    device: str | None,
+    as_json: bool,
+) -> None:
+    """Evaluate the pipeline in CONFIG on a benchmark: PCK per category, results, plots."""
+    from tqdm import tqdm
+
+    from diffeat.core.config import load_config
+    from diffeat.core.pipeline import Pipeline
+    from diffeat.eval.protocols import get_protocol
+    from diffeat.eval.report import results_dict, terminal_report, write_outputs
+    from diffeat.eval.runner import evaluate
+
+    values = {"root": root, **parse_dataset_options(dataset_options)}
+    if split is not None:
+        values["split"] = split
+    dataset = build_dataset(dataset_name, values)
+    protocol = get_protocol(protocol_name or getattr(dataset, "default_protocol", "dift"))
+    protocol = protocol.with_changes(
+        alphas=parse_alphas(alphas), thresholds=thresholds, comparison=comparison
+    )
+    cfg = load_config(config, collect_overrides(overrides, model, device))
+    pipe = Pipeline(cfg, store=store_path)
+    pairs = list(itertools.islice(dataset.pairs(), limit))
+    quiet = ctx.obj.get("quiet", False) if ctx.obj else False
+    with tqdm(
+        total=len(pairs), desc="eval", unit="pair", disable=quiet, file=sys.stderr, leave=False
+    ) as bar:
+        ev = evaluate(
+            pipe, dataset, dataset_name=dataset_name, protocol=protocol, pairs=pairs, progress=bar
+        )
+    extra = {"config_file": config, "command": ["diffeat", *sys.argv[1:]]}
+    written = write_outputs(ev, out_dir, plots=not no_plots, extra=extra) if out_dir else {}
+    if as_json:
+        emit_json({**results_dict(ev, pairs=False, extra=extra), "outputs": written})
+        return
+    click.echo(terminal_report(ev), nl=False)
+    if written:
+        click.echo(f"results: {written['json']}, {written['markdown']}")
+    if store_path is None and ev.stats.computed > 0:
+        click.echo(
+            "hint: without --store every pair extracts both images anew; "
+            "--store PATH extracts each image once and lets later runs reuse it",
+            err=True,
+        )
+
+
+@click.group("datasets", invoke_without_command=True)
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+@click.pass_context
+def datasets_group(ctx: click.Context, as_json: bool) -> None:
+    """Installed dataset plugins and what each expects on disk."""
+    if ctx.invoked_subcommand is not None:
+        return
+    from diffeat.core.options import describe_options
+    from diffeat.core.plugins import get_plugin_manager
+
+    pm = get_plugin_manager()
+    rows = []
+    for name in pm.names("dataset"):
+        reg = pm.get("dataset", name)
+        factory = reg.factory
+        rows.append(
+            {
+                "name": name,
+                "plugin": reg.plugin,
+                "title": getattr(factory, "title", ""),
+                "url": getattr(factory, "url", ""),
+                "layout": " ".join(str(getattr(factory, "layout", "")).split()),
+                "default_protocol": getattr(factory, "default_protocol", ""),
+                "options": describe_options(factory),
+            }
+        )
+    if as_json:
+        emit_json({"datasets": rows})
+        return
+    if not rows:
+        click.echo("no dataset plugins installed")
+    for row in rows:
+        click.echo(
+            f"{row['name']}  {row['title']}  [plugin {row['plugin']}; protocol {row['default_protocol']}]"
+        )
+        click.echo(f"    expects: {row['layout']}")
+        click.echo(f"    get it:  {row['url']}")
+        opts = ", ".join(f"{o['name']}={o['default']!r}" for o in row["options"])
+        if opts:
+            click.echo(f"    options: {opts}")
+
+
+@datasets_group.command("make-synthetic")
+@click.argument("out", type=click.Path(file_okay=False))
+@click.option(
+    "--from",
+    "sources",
+    multiple=True,
+    required=True,
+    type=click.Path(exists=True),
+    help="Image file or folder (recursive; repeatable).",
+)
+@click.option(
+    "--pairs", default=20, show_default=True, type=click.IntRange(min=1), help="Number of pairs."
+)
+@click.option("--seed", default=0, show_default=True, type=int, help="Seed of every random choice.")
+@click.option(
+    "--kinds",
+    default="homography,flip",
+    show_default=True,
+    help="Comma list of identity, translate, flip, homography (pair k: image k mod n, kind (k + k // n) mod len(kinds)).",
+)
+@click.option(
+    "--points",
+    default=10,
+    show_default=True,
+    type=click.IntRange(min=1),
+    help="Keypoints per source image.",
+)
+@click.option(
+    "--ext",
+    type=click.Choice(["jpg", "png"]),
+    default="jpg",
+    show_default=True,
+    help="Image format (png is lossless).",
+)
+@click.option(
+    "--category",
+    default="synthetic",
+    show_default=True,
+    help="Category of images not in a subfolder of --from.",
+)
+@click.option(
+    "--max-side",
+    default=0,
+    type=click.IntRange(min=0),
+    help="Downscale source images to this longest side (0: keep).",
+)
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+def make_synthetic_cmd(
+    out: str,
+    sources: tuple[str, ...],
+    pairs: int,
+    seed: int,
+    kinds: str,
+    points: int,
+    ext: str,
+    category: str,
+    max_side: int,
+    as_json: bool,
+) -> None:
+    """Write pairs made by random known transforms of your images, in the SPair-71k layout."""
+    from diffeat.plugins.datasets.synthetic import make_synthetic
+
+    report = make_synthetic(
+        out,
+        list(sources),
+        pairs=pairs,
+        seed=seed,
+        kinds=kinds.split(","),
+        points=points,
+        ext=ext,
+        category=category,
+        max_side=max_side,
+    )
+    if as_json:
+        emit_json(report.to_dict())
+        return
+    kinds_text = ", ".join(f"{k} {n}" for k, n in sorted(report.kinds.items()))
+    click.echo(
+        f"{report.pairs} pairs ({kinds_text}) from {report.images} images -> {out}; "
+        f"evaluate with: diffeat eval CONFIG --dataset synthetic --root {out}"
+    )
+
+
+def add_to(cli: click.Group) -> None:
+    cli.add_command(eval_cmd)
+    cli.add_command(datasets_group)

@@ -1,0 +1,233 @@
+"""PCK@alpha (percentage of correct keypoints) with every protocol option.
+
+A predicted keypoint is correct when its distance to the ground truth is
+``<=`` (or, strictly, ``<``) ``alpha * T``, where the reference length ``T``
+of a pair is one of:
+
+- ``bbox-target``: ``max(w, h)`` of the target bounding box (DIFT, SD-DINO,
+  Hyperfeatures' ``alpha_bbox``);
+- ``bbox-source``: the same of the *source* box (the SPair evaluation of
+  Hedlin et al.);
+- ``img``: ``max(w, h)`` of the target image (``alpha_img``);
+- ``kps-target`` / ``kps-source``: ``max(w, h)`` of the extent of the pair's
+  scored keypoints in the target / source image (PF-Willow's ``alpha_bbox``).
+
+A box with ``x1 < x0`` or ``y1 < y0`` is normalised: only ``|x1 - x0|`` and
+``|y1 - y0|`` enter. A threshold must be finite and ``>= 0`` (a zero one
+counts only exact hits with ``<=`` and nothing with ``<``).
+
+Only keypoints visible in both images are scored; a distance of ``NaN``
+marks a keypoint that is not. Averages:
+
+- per image: the mean over pairs of each pair's fraction correct (pairs with
+  no scored keypoint are left out, and counted);
+- per point: all correct keypoints / all scored keypoints;
+- per category: both of the above within each category; the *mean of
+  categories* is their unweighted mean over the categories present.
+
+Everything is plain numpy; values are fractions in ``[0, 1]``.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import numpy as np
+
+Comparison = Literal["<=", "<"]
+COMPARISONS: tuple[str, ...] = ("<=", "<")
+THRESHOLDS: tuple[str, ...] = ("bbox-target", "bbox-source", "img", "kps-target", "kps-source")
+AVERAGES: tuple[str, ...] = (
+    "per-image",
+    "per-point",
+    "category-mean-per-image",
+    "category-mean-per-point",
+)
+
+
+def box_side(box: Sequence[float]) -> float:
+    """``max(|x1 - x0|, |y1 - y0|)`` of a box ``(x0, y0, x1, y1)`` (flipped corners allowed)."""
+    if box is None or len(box) != 4:
+        raise ValueError(f"a box is (x0, y0, x1, y1), got {box!r}")
+    x0, y0, x1, y1 = (float(v) for v in box)
+    return max(abs(x1 - x0), abs(y1 - y0))
+
+
+def keypoint_extent(points: Any, mask: Any = None) -> float:
+    """``max(w, h)`` of the bounding box of ``points`` ``[N, 2]`` (those with ``mask``)."""
+    pts = np.asarray(points, dtype=np.float64).reshape(-1, 2)
+    if mask is not None:
+        pts = pts[np.asarray(mask, dtype=bool).reshape(-1)]
+    if len(pts) == 0:
+        raise ValueError("the keypoint extent needs at least one keypoint")
+    span = pts.max(axis=0) - pts.min(axis=0)
+    return float(span.max())
+
+
+def threshold_of(
+    kind: str,
+    *,
+    source_bbox: Sequence[float] | None = None,
+    target_bbox: Sequence[float] | None = None,
+    target_size: Sequence[int] | None = None,
+    source_points: Any = None,
+    target_points: Any = None,
+    visible: Any = None,
+) -> float:
+    """The reference length ``T`` of one pair for a threshold ``kind`` (see module doc)."""
+    if kind == "bbox-target":
+        if target_bbox is None:
+            raise ValueError("threshold 'bbox-target' needs the target bounding box")
+        return box_side(target_bbox)
+    if kind == "bbox-source":
+        if source_bbox is None:
+            raise ValueError("threshold 'bbox-source' needs the source bounding box")
+        return box_side(source_bbox)
+    if kind == "img":
+        if target_size is None:
+            raise ValueError("threshold 'img' needs the target image size")
+        w, h = (float(v) for v in list(target_size)[:2])
+        return max(w, h)
+    if kind == "kps-target":
+        if target_points is None:
+            raise ValueError("threshold 'kps-target' needs the target keypoints")
+        return keypoint_extent(target_points, visible)
+    if kind == "kps-source":
+        if source_points is None:
+            raise ValueError("threshold 'kps-source' needs the source keypoints")
+        return keypoint_extent(source_points, visible)
+    raise ValueError(f"unknown PCK threshold {kind!r}: use one of {', '.join(THRESHOLDS)}")
+
+
+def distances(predicted: Any, target: Any, visible: Any = None) -> np.ndarray:
+    """Euclidean distances ``[N]``; ``NaN`` where ``visible`` is false or a value is missing."""
+    pred = np.asarray(predicted, dtype=np.float64).reshape(-1, 2)
+    gt = np.asarray(target, dtype=np.float64).reshape(-1, 2)
+    if pred.shape != gt.shape:
+        raise ValueError(f"{len(pred)} predicted points for {len(gt)} ground-truth points")
+    d = np.linalg.norm(pred - gt, axis=1)
+    if visible is not None:
+        mask = np.asarray(visible, dtype=bool).reshape(-1)
+        if len(mask) != len(d):
+            raise ValueError(f"visibility has {len(mask)} entries for {len(d)} points")
+        d = np.where(mask, d, np.nan)
+    return d
+
+
+def _check(threshold: float, alpha: float, comparison: str) -> None:
+    if comparison not in COMPARISONS:
+        raise ValueError(f"comparison must be '<=' or '<', got {comparison!r}")
+    if not (isinstance(alpha, (int, float)) and math.isfinite(alpha) and alpha > 0):
+        raise ValueError(f"alpha must be a positive number, got {alpha!r}")
+    if not (math.isfinite(threshold) and threshold >= 0):
+        raise ValueError(f"a PCK threshold must be finite and >= 0, got {threshold!r}")
+
+
+def correct(
+    dist: Any, threshold: float, alpha: float, comparison: Comparison | str = "<="
+) -> np.ndarray:
+    """Which keypoints are correct: ``dist <= alpha * threshold`` (or ``<``); NaN -> False."""
+    threshold = float(threshold)
+    _check(threshold, alpha, comparison)
+    d = np.asarray(dist, dtype=np.float64)
+    limit = alpha * threshold
+    with np.errstate(invalid="ignore"):
+        ok = d <= limit if comparison == "<=" else d < limit
+    return ok & ~np.isnan(d)
+
+
+@dataclass
+class ScoredPair:
+    """What PCK needs of one pair: its category, distances (NaN: not scored) and ``T``."""
+
+    id: str
+    category: str
+    distances: np.ndarray
+    threshold: float
+
+    def __post_init__(self) -> None:
+        self.distances = np.asarray(self.distances, dtype=np.float64).reshape(-1)
+        self.threshold = float(self.threshold)
+
+    @property
+    def scored(self) -> int:
+        return int((~np.isnan(self.distances)).sum())
+
+
+def _mean(values: list[float]) -> float | None:
+    return float(np.mean(values)) if values else None
+
+
+def summarize(
+    pairs: Sequence[ScoredPair], alphas: Sequence[float], comparison: Comparison | str = "<="
+) -> dict[str, Any]:
+    """PCK of ``pairs`` at each alpha: per image, per point, per category, mean of categories.
+
+    Returns ``{"comparison", "alphas", "pairs", "points", "pairs_without_points",
+    "by_alpha": {"<alpha>": {"per_image", "per_point", "category_mean_per_image",
+    "category_mean_per_point", "correct", "categories": {category: {"per_image",
+    "per_point", "pairs", "points", "correct"}}}}}``; an average over nothing is
+    ``None``.
+    """
+    scored = [p for p in pairs if p.scored > 0]
+    out: dict[str, Any] = {
+        "comparison": comparison,
+        "alphas": [float(a) for a in alphas],
+        "pairs": len(scored),
+        "points": int(sum(p.scored for p in scored)),
+        "pairs_without_points": len(pairs) - len(scored),
+        "by_alpha": {},
+    }
+    categories = sorted({p.category for p in scored})
+    for alpha in alphas:
+        per_pair: list[tuple[str, int, int]] = []  # (category, correct, scored)
+        for p in scored:
+            ok = correct(p.distances, p.threshold, alpha, comparison)
+            per_pair.append((p.category, int(ok.sum()), p.scored))
+        cats: dict[str, Any] = {}
+        for cat in categories:
+            rows = [(c, n) for k, c, n in per_pair if k == cat]
+            cats[cat] = {
+                "per_image": _mean([c / n for c, n in rows]),
+                "per_point": sum(c for c, _ in rows) / sum(n for _, n in rows),
+                "pairs": len(rows),
+                "points": sum(n for _, n in rows),
+                "correct": sum(c for c, _ in rows),
+            }
+        total = sum(n for _, _, n in per_pair)
+        out["by_alpha"][format_alpha(alpha)] = {
+            "alpha": float(alpha),
+            "per_image": _mean([c / n for _, c, n in per_pair]),
+            "per_point": (sum(c for _, c, _ in per_pair) / total) if total else None,
+            "category_mean_per_image": _mean([v["per_image"] for v in cats.values()]),
+            "category_mean_per_point": _mean([v["per_point"] for v in cats.values()]),
+            "correct": sum(c for _, c, _ in per_pair),
+            "categories": cats,
+        }
+    return out
+
+
+def headline(summary: dict[str, Any], alpha: float, average: str) -> float | None:
+    """One number of a :func:`summarize` result: ``average`` is one of :data:`AVERAGES`."""
+    if average not in AVERAGES:
+        raise ValueError(f"unknown average {average!r}: use one of {', '.join(AVERAGES)}")
+    return summary["by_alpha"][format_alpha(alpha)][average.replace("-", "_")]
+
+
+def pck_curve(
+    pairs: Sequence[ScoredPair],
+    alphas: Sequence[float],
+    comparison: Comparison | str = "<=",
+    average: str = "per-point",
+) -> list[float | None]:
+    """PCK at each alpha under one average (for PCK-vs-alpha plots)."""
+    summary = summarize(pairs, alphas, comparison)
+    return [headline(summary, a, average) for a in alphas]
+
+
+def format_alpha(alpha: float) -> str:
+    """The key of an alpha in results: ``0.1`` -> ``"0.1"``."""
+    return f"{float(alpha):g}"

@@ -1,0 +1,305 @@
+"""One evaluation loop for every dataset.
+
+For each pair: load both images (decoded once per run and kept in a bounded
+in-memory cache keyed by path), tag them with the pair's category (so a
+``{category}`` prompt template sees it, as DIFT's SPair protocol does), and
+call ``pipeline.match(source, target, visible_source_points)``. Then score
+with a :class:`~diffeat.eval.protocols.Protocol`.
+
+Source keypoints are clipped into the source image (``0 <= x <= W - 1``);
+the number of clipped points is reported, never hidden. Features computed
+versus read from the pipeline's store are counted per image use.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections import OrderedDict
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from diffeat.core.errors import DiffeatError
+from diffeat.core.images import ImageInput, as_input
+from diffeat.eval.pck import ScoredPair, distances, summarize, threshold_of
+from diffeat.eval.protocols import Protocol
+from diffeat.plugins.datasets.schema import Pair
+
+IMAGE_CACHE = 256  # decoded images kept per run (pairs come grouped by category)
+
+
+@dataclass
+class PairOutcome:
+    """The prediction for one pair: ``predicted`` ``[N, 2]`` (NaN where not matched)."""
+
+    pair: Pair
+    predicted: np.ndarray
+    scores: np.ndarray
+    valid: np.ndarray
+    seconds: float
+    clipped: int = 0
+
+    def distances(self) -> np.ndarray:
+        return distances(self.predicted, self.pair.target_points, self.pair.visible)
+
+
+@dataclass
+class RunStats:
+    pairs: int = 0
+    pairs_without_points: int = 0
+    computed: int = 0
+    read_from_store: int = 0
+    clipped_source_points: int = 0
+    image_loads: int = 0
+    seconds: float = 0.0
+    match_seconds: list[float] = field(default_factory=list)
+    size_mismatches: list[dict[str, Any]] = field(default_factory=list)
+
+    def to_dict(self) -> dict[str, Any]:
+        times = np.asarray(self.match_seconds, dtype=np.float64)
+        return {
+            "pairs": self.pairs,
+            "pairs_without_points": self.pairs_without_points,
+            "features": {"computed": self.computed, "read_from_store": self.read_from_store},
+            "clipped_source_points": self.clipped_source_points,
+            "images_decoded": self.image_loads,
+            "seconds_total": round(self.seconds, 4),
+            "seconds_per_pair_mean": float(times.mean()) if len(times) else None,
+            "seconds_per_pair_median": float(np.median(times)) if len(times) else None,
+            "size_mismatches": self.size_mismatches,
+        }
+
+
+class ImageCache:
+    """Decoded images by path, least recently used dropped beyond ``size``."""
+
+    def __init__(self, size: int = IMAGE_CACHE) -> None:
+        self.size = size
+        self.loads = 0
+        self._items: OrderedDict[str, ImageInput] = OrderedDict()
+
+    def get(self, path: Path) -> ImageInput:
+        key = str(path)
+        item = self._items.get(key)
+        if item is not None:
+            self._items.move_to_end(key)
+            return item
+        item = as_input(path)
+        self.loads += 1
+        self._items[key] = item
+        if len(self._items) > self.size:
+            self._items.popitem(last=False)
+        return item
+
+
+def _feature_source(pipeline: Any, inp: ImageInput, seen: set[str], stats: RunStats) -> None:
+    """Count whether ``inp``'s features will be computed or read from the store."""
+    if not getattr(pipeline.matcher, "needs_descriptors", True):
+        return
+    store = pipeline.store
+    if store is None:
+        stats.computed += 1
+        return
+    key = pipeline.image_key(inp)
+    if key in seen or store.has(pipeline.cache_key, key):
+        stats.read_from_store += 1
+    else:
+        stats.computed += 1
+    seen.add(key)
+
+
+def run_pairs(
+    pipeline: Any,
+    pairs: Iterable[Pair],
+    *,
+    limit: int | None = None,
+    progress: Any = None,
+    cache_size: int = IMAGE_CACHE,
+) -> tuple[list[PairOutcome], RunStats]:
+    """Match every pair (at most ``limit``); returns the outcomes and run statistics."""
+    cache = ImageCache(cache_size)
+    stats = RunStats()
+    outcomes: list[PairOutcome] = []
+    stored_keys: set[str] = set()
+    start = time.perf_counter()
+    for pair in pairs:
+        if limit is not None and stats.pairs >= limit:
+            break
+        stats.pairs += 1
+        src = cache.get(pair.source).with_category(pair.category)
+        tgt = cache.get(pair.target).with_category(pair.category)
+        for inp, given, what in (
+            (src, pair.source_size, "source"),
+            (tgt, pair.target_size, "target"),
+        ):
+            if given is not None and tuple(given) != tuple(inp.size):
+                stats.size_mismatches.append(
+                    {
+                        "pair": pair.id,
+                        "image": what,
+                        "annotation": list(given),
+                        "file": list(inp.size),
+                    }
+                )
+        if pair.source_size is None:
+            pair.source_size = src.size
+        if pair.target_size is None:
+            pair.target_size = tgt.size
+        assert pair.visible is not None
+        n = pair.num_points
+        predicted = np.full((n, 2), np.nan)
+        scores = np.full(n, np.nan)
+        valid = np.zeros(n, dtype=bool)
+        index = np.flatnonzero(pair.visible)
+        clipped = 0
+        seconds = 0.0
+        if len(index):
+            pts = pair.source_points[index].copy()
+            w, h = src.size
+            inside = np.clip(pts, 0, [w - 1, h - 1])
+            clipped = int((np.abs(inside - pts) > 0).any(axis=1).sum())
+            _feature_source(pipeline, src, stored_keys, stats)
+            _feature_source(pipeline, tgt, stored_keys, stats)
+            t0 = time.perf_counter()
+            result = pipeline.match(src, tgt, inside.astype(np.float32))
+            seconds = time.perf_counter() - t0
+            predicted[index] = result.points.detach().cpu().double().numpy().reshape(-1, 2)
+            scores[index] = result.scores.detach().cpu().double().numpy().reshape(-1)
+            valid[index] = result.valid.detach().cpu().numpy().reshape(-1).astype(bool)
+            stats.match_seconds.append(seconds)
+        else:
+            stats.pairs_without_points += 1
+        stats.clipped_source_points += clipped
+        outcomes.append(PairOutcome(pair, predicted, scores, valid, seconds, clipped))
+        if progress is not None:
+            progress.update(1)
+    stats.seconds = time.perf_counter() - start
+    stats.image_loads = cache.loads
+    return outcomes, stats
+
+
+def pair_threshold(pair: Pair, kind: str) -> float:
+    """The reference length of ``pair`` for threshold ``kind``, with errors naming the pair."""
+    try:
+        return threshold_of(
+            kind,
+            source_bbox=pair.source_bbox,
+            target_bbox=pair.target_bbox,
+            target_size=pair.target_size,
+            source_points=pair.source_points,
+            target_points=pair.target_points,
+            visible=pair.visible,
+        )
+    except ValueError as exc:
+        raise DiffeatError(f"pair {pair.id}: {exc}") from None
+
+
+@dataclass
+class Evaluation:
+    """Everything an evaluation produced: outcomes, statistics, PCK per threshold kind."""
+
+    dataset: str
+    dataset_info: dict[str, Any]
+    protocol: Protocol
+    alphas: tuple[float, ...]
+    thresholds: tuple[str, ...]
+    outcomes: list[PairOutcome]
+    stats: RunStats
+    summaries: dict[str, dict[str, Any]]
+    pair_thresholds: list[dict[str, float]]
+    pipeline_config: dict[str, Any] = field(default_factory=dict)
+    pipeline_digest: str = ""
+    pipeline_source: str = ""
+    store: dict[str, Any] | None = None
+
+    def scored(self, kind: str) -> list[ScoredPair]:
+        return scored_pairs(self.outcomes, self.pair_thresholds, kind)
+
+    def headline(self, kind: str | None = None, alpha: float | None = None) -> float | None:
+        from diffeat.eval.pck import headline
+
+        kind = kind or self.thresholds[0]
+        alpha = self.alphas[0] if alpha is None else alpha
+        return headline(self.summaries[kind], alpha, self.protocol.average)
+
+
+def scored_pairs(
+    outcomes: list[PairOutcome], thresholds: list[dict[str, float]], kind: str
+) -> list[ScoredPair]:
+    return [
+        ScoredPair(o.pair.id, o.pair.category, o.distances(), t[kind])
+        for o, t in zip(outcomes, thresholds)
+    ]
+
+
+def score(
+    outcomes: list[PairOutcome], protocol: Protocol, dataset: str
+) -> tuple[tuple[str, ...], list[dict[str, float]], dict[str, dict[str, Any]]]:
+    """Thresholds per pair and the PCK summary per threshold kind."""
+    kinds = protocol.thresholds_for(dataset)
+    per_pair: list[dict[str, float]] = []
+    for o in outcomes:
+        values: dict[str, float] = {}
+        for kind in kinds:
+            values[kind] = pair_threshold(o.pair, kind) if o.pair.num_visible else math.nan
+        per_pair.append(values)
+    summaries = {
+        kind: summarize(
+            scored_pairs(outcomes, per_pair, kind), protocol.alphas, protocol.comparison
+        )
+        for kind in kinds
+    }
+    return kinds, per_pair, summaries
+
+
+def evaluate(
+    pipeline: Any,
+    dataset: Any,
+    *,
+    dataset_name: str,
+    protocol: Protocol,
+    pairs: Iterable[Pair] | None = None,
+    limit: int | None = None,
+    progress: Any = None,
+) -> Evaluation:
+    """Run ``pipeline`` on every pair of ``dataset`` (or on ``pairs``, already drawn from
+    it) and score it with ``protocol``."""
+    source = dataset.pairs() if pairs is None else pairs
+    outcomes, stats = run_pairs(pipeline, source, limit=limit, progress=progress)
+    if not outcomes:
+        raise DiffeatError(
+            f"the {dataset_name} dataset yielded no pairs (check --split and options)"
+        )
+    kinds, per_pair, summaries = score(outcomes, protocol, dataset_name)
+    store_info = None
+    if pipeline.store is not None:
+        info = pipeline.store.info()
+        key = pipeline.cache_key if stats.computed or stats.read_from_store else None
+        store_info = {
+            "path": str(getattr(pipeline.store, "path", "")),
+            "bytes": info.get("bytes"),
+            "cache_key": key,
+            "cache_key_bytes": info.get("extractors", {}).get(key, {}).get("bytes")
+            if key
+            else None,
+        }
+    describe = getattr(dataset, "describe", None)
+    return Evaluation(
+        dataset=dataset_name,
+        dataset_info=describe() if describe else {},
+        protocol=protocol,
+        alphas=tuple(protocol.alphas),
+        thresholds=kinds,
+        outcomes=outcomes,
+        stats=stats,
+        summaries=summaries,
+        pair_thresholds=per_pair,
+        pipeline_config=pipeline.config.resolved(),
+        pipeline_digest=pipeline.config.digest(),
+        pipeline_source=str(getattr(pipeline.config, "source", "")),
+        store=store_info,
+    )

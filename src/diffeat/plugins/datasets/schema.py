@@ -1,0 +1,222 @@
+"""The one pair schema every dataset plugin yields, and the dataset contract.
+
+A dataset plugin is registered with ``register_datasets(register)``; its
+factory takes validated options (a dataclass ``Options`` with at least
+``root`` and ``split``) and returns an object with :meth:`Dataset.pairs`.
+
+Coordinates follow the library convention (``diffeat.core.geometry``): points
+are ``(x, y)`` pixel indices, the centre of the top-left pixel is ``(0, 0)``.
+Boxes are ``(x0, y0, x1, y1)`` in the same coordinates; a box given with
+``x1 < x0`` or ``y1 < y0`` is normalised (corners sorted), never rejected,
+because only its side lengths enter a PCK threshold.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from diffeat.core.errors import DiffeatError
+
+Box = tuple[float, float, float, float]
+Size = tuple[int, int]  # (width, height)
+
+
+def normalise_box(box: Sequence[float] | None) -> Box | None:
+    """``(x0, y0, x1, y1)`` with sorted corners; ``None`` stays ``None``."""
+    if box is None:
+        return None
+    values = [float(v) for v in box]
+    if len(values) != 4 or not all(math.isfinite(v) for v in values):
+        raise ValueError(f"a box is 4 finite numbers (x0, y0, x1, y1), got {list(box)!r}")
+    x0, y0, x1, y1 = values
+    return (min(x0, x1), min(y0, y1), max(x0, x1), max(y0, y1))
+
+
+def _points(value: Any, what: str) -> np.ndarray:
+    arr = np.asarray(value, dtype=np.float64)
+    if arr.size == 0:
+        return np.zeros((0, 2), dtype=np.float64)
+    if arr.ndim != 2 or arr.shape[1] != 2:
+        raise ValueError(f"{what} must be [N, 2] (x, y), got shape {tuple(arr.shape)}")
+    return arr
+
+
+def _size(value: Sequence[int] | None) -> Size | None:
+    if value is None:
+        return None
+    w, h = (int(v) for v in list(value)[:2])
+    if w <= 0 or h <= 0:
+        raise ValueError(f"an image size is (width, height) > 0, got {list(value)!r}")
+    return (w, h)
+
+
+@dataclass
+class Pair:
+    """One annotated image pair.
+
+    ``visible[i]`` is true when keypoint ``i`` is annotated in *both* images;
+    only those keypoints are matched and scored. ``source_size`` /
+    ``target_size`` are ``(width, height)`` from the annotation (``None`` when
+    the benchmark gives none; the evaluation then reads them from the files).
+    ``flags`` holds benchmark extras, e.g. SPair's ``viewpoint_variation``,
+    ``scale_variation``, ``truncation``, ``occlusion`` and ``mirror``.
+    """
+
+    id: str
+    source: Path
+    target: Path
+    category: str
+    source_points: np.ndarray
+    target_points: np.ndarray
+    visible: np.ndarray | None = None
+    source_bbox: Box | None = None
+    target_bbox: Box | None = None
+    source_size: Size | None = None
+    target_size: Size | None = None
+    keypoint_ids: list[str] | None = None
+    flags: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.source = Path(self.source)
+        self.target = Path(self.target)
+        self.source_points = _points(self.source_points, f"pair {self.id}: source points")
+        self.target_points = _points(self.target_points, f"pair {self.id}: target points")
+        n = len(self.source_points)
+        if len(self.target_points) != n:
+            raise ValueError(
+                f"pair {self.id}: {n} source points but {len(self.target_points)} target points"
+            )
+        if self.visible is None:
+            self.visible = np.ones(n, dtype=bool)
+        else:
+            self.visible = np.asarray(self.visible, dtype=bool).reshape(-1)
+            if len(self.visible) != n:
+                raise ValueError(
+                    f"pair {self.id}: visibility has {len(self.visible)} entries for {n} keypoints"
+                )
+        self.source_bbox = normalise_box(self.source_bbox)
+        self.target_bbox = normalise_box(self.target_bbox)
+        self.source_size = _size(self.source_size)
+        self.target_size = _size(self.target_size)
+        if self.keypoint_ids is not None:
+            self.keypoint_ids = [str(k) for k in self.keypoint_ids]
+            if len(self.keypoint_ids) != n:
+                raise ValueError(
+                    f"pair {self.id}: {len(self.keypoint_ids)} keypoint ids for {n} keypoints"
+                )
+
+    @property
+    def num_points(self) -> int:
+        return len(self.source_points)
+
+    @property
+    def num_visible(self) -> int:
+        assert self.visible is not None
+        return int(self.visible.sum())
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain JSON-able data (lists, not arrays)."""
+        return {
+            "id": self.id,
+            "source": str(self.source),
+            "target": str(self.target),
+            "category": self.category,
+            "source_points": self.source_points.tolist(),
+            "target_points": self.target_points.tolist(),
+            "visible": [bool(v) for v in self.visible],  # type: ignore[union-attr]
+            "source_bbox": list(self.source_bbox) if self.source_bbox else None,
+            "target_bbox": list(self.target_bbox) if self.target_bbox else None,
+            "source_size": list(self.source_size) if self.source_size else None,
+            "target_size": list(self.target_size) if self.target_size else None,
+            "keypoint_ids": self.keypoint_ids,
+            "flags": dict(self.flags),
+        }
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> Pair:
+        return cls(
+            id=str(d["id"]),
+            source=Path(d["source"]),
+            target=Path(d["target"]),
+            category=str(d.get("category", "")),
+            source_points=d["source_points"],
+            target_points=d["target_points"],
+            visible=d.get("visible"),
+            source_bbox=d.get("source_bbox"),
+            target_bbox=d.get("target_bbox"),
+            source_size=d.get("source_size"),
+            target_size=d.get("target_size"),
+            keypoint_ids=d.get("keypoint_ids"),
+            flags=dict(d.get("flags") or {}),
+        )
+
+
+class Dataset:
+    """The dataset contract (built-in datasets inherit it; a plugin need not).
+
+    Class attributes document the benchmark for ``diffeat datasets``:
+    ``title``, ``url`` (where to get it), ``layout`` (what the loader expects
+    under ``root``) and ``default_protocol`` (a name in
+    :mod:`diffeat.eval.protocols`).
+    """
+
+    title: str = ""
+    url: str = ""
+    layout: str = ""
+    default_protocol: str = "dift"
+
+    def __init__(self, options: Any) -> None:
+        self.options = options
+
+    def pairs(self) -> Iterator[Pair]:
+        raise NotImplementedError
+
+    def __iter__(self) -> Iterator[Pair]:
+        return self.pairs()
+
+    def describe(self) -> dict[str, Any]:
+        """What ``results.json`` records about the dataset."""
+        from diffeat.core.options import options_dict
+
+        return {"title": self.title, "url": self.url, "options": options_dict(self.options)}
+
+    # -- helpers for loaders ------------------------------------------------------
+
+    def root_dir(self) -> Path:
+        """``options.root`` as an existing folder, or a :class:`DiffeatError` saying what to pass."""
+        raw = str(getattr(self.options, "root", "") or "")
+        if not raw:
+            raise DiffeatError(
+                f"the {self.title} dataset needs its folder: pass --root DIR "
+                f"(get the benchmark from {self.url})"
+            )
+        root = Path(raw).expanduser()
+        if not root.is_dir():
+            raise DiffeatError(
+                f"{self.title}: {root} is not a folder; pass --root the folder that contains "
+                f"{self.layout_summary()} (get the benchmark from {self.url})"
+            )
+        return root
+
+    def layout_summary(self) -> str:
+        return self.layout.strip().splitlines()[0] if self.layout.strip() else "the benchmark"
+
+    def missing(self, root: Path, what: list[str]) -> DiffeatError:
+        """The error for missing files, naming each one and where the benchmark comes from."""
+        listed = ", ".join(what)
+        hint = ""
+        nested = [p for p in root.iterdir() if p.is_dir()] if root.is_dir() else []
+        for sub in nested:
+            if all((sub / w.rstrip("/").split("/")[0]).exists() for w in what):
+                hint = f" (it looks like the benchmark is in {sub}: pass --root {sub})"
+                break
+        return DiffeatError(
+            f"{self.title} at {root} is missing {listed}{hint}. Expected layout: "
+            f"{' '.join(self.layout.split())} Get the benchmark from {self.url}"
+        )

@@ -1,0 +1,400 @@
+"""The evaluation loop and ``diffeat eval`` end to end, with known PCK."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from clihelp import cli_env, run, run_json
+
+from diffeat.core.components import MatchResult
+from diffeat.core.pipeline import Pipeline
+from diffeat.eval.protocols import get_protocol
+from diffeat.eval.report import markdown, results_dict, terminal_report, write_outputs
+from diffeat.eval.runner import evaluate, run_pairs
+from diffeat.plugins.datasets.schema import Pair
+from diffeat.plugins.datasets.spair import SPairOptions
+from diffeat.plugins.datasets.synthetic import Synthetic, make_synthetic
+from diffeat.testing import smooth_texture
+
+ROOT = Path(__file__).resolve().parents[1]
+EXAMPLE = ROOT / "examples" / "diffeat-example-plugin"
+
+
+def texture_folder(path: Path) -> Path:
+    """Four 64x64 textures in two category folders (64x64: the example extractor's input)."""
+    for cat, seeds in (("cat", (0, 1)), ("dog", (10, 11))):
+        (path / cat).mkdir(parents=True)
+        for s in seeds:
+            smooth_texture((64, 64), seed=s).save(path / cat / f"t{s}.png")
+    return path
+
+
+COLOR_BLUR = {"extractor": {"plugin": "color-blur", "image_size": [64, 64]}}
+
+
+# ------------------------------------------------------------------------- in process
+
+
+def test_flip_invariant_extractor_is_exact_on_synthetic_pairs(manager, tmp_path):
+    bench = tmp_path / "bench"
+    make_synthetic(
+        bench,
+        [texture_folder(tmp_path / "photos")],
+        pairs=9,
+        seed=0,
+        kinds=["identity", "translate", "flip"],
+        ext="png",
+    )
+    dataset = Synthetic(SPairOptions(root=str(bench)))
+    store = tmp_path / "feats.zarr"
+    pipe = Pipeline.from_dict(COLOR_BLUR, manager=manager, store=store)
+    ev = evaluate(pipe, dataset, dataset_name="synthetic", protocol=get_protocol("dift"))
+    # colour blurred with symmetric kernels is shift- and flip-equivariant: every point exact
+    for outcome in ev.outcomes:
+        assert np.nanmax(outcome.distances()) == 0.0, outcome.pair.id
+    assert ev.headline() == 1.0
+    summary = ev.summaries["bbox-target"]["by_alpha"]["0.1"]
+    assert summary["per_point"] == 1.0 and set(summary["categories"]) == {"cat", "dog"}
+    # 4 source images + 9 targets, of which the 3 identity targets are their sources' pixels
+    stats = ev.stats.to_dict()
+    assert stats["pairs"] == 9 and stats["images_decoded"] == 4 + 9
+    assert stats["features"] == {"computed": 4 + 6, "read_from_store": 18 - 10}
+    assert ev.store["bytes"] > 0 and ev.store["cache_key"] == pipe.cache_key
+    # another matcher on the same store computes nothing
+    other = Pipeline.from_dict(
+        {**COLOR_BLUR, "matcher": {"plugin": "mutual"}}, manager=manager, store=store
+    )
+    ev2 = evaluate(other, dataset, dataset_name="synthetic", protocol=get_protocol("dift"))
+    assert ev2.stats.to_dict()["features"] == {"computed": 0, "read_from_store": 18}
+    # outputs
+    written = write_outputs(ev, tmp_path / "out")
+    data = json.loads(Path(written["json"]).read_text())
+    assert data["pipeline"]["config"]["extractor"]["plugin"] == "color-blur"
+    assert data["pipeline"]["config"]["matcher"]["plugin"] == "nearest"  # resolved default
+    assert data["protocol"]["name"] == "dift" and data["dataset"]["name"] == "synthetic"
+    assert data["headline"]["value"] == 1.0 and data["run"]["features"]["computed"] == 10
+    pair = data["pairs"][0]
+    assert pair["predicted"] == pair["target_points"]
+    assert pair["correct"]["bbox-target"]["0.1"] == [True] * len(pair["target_points"])
+    assert set(pair["thresholds"]) == {"bbox-target"} and pair["seconds"] >= 0
+    for name in ("pck_vs_alpha.png", "categories.png", "qualitative.png", "results.md"):
+        assert (tmp_path / "out" / name).stat().st_size > 0
+    md = (tmp_path / "out" / "results.md").read_text()
+    assert "| cat |" in md and "mean of categories" in md and "![qualitative]" in md
+    assert "mean of categories" in terminal_report(ev)
+
+
+class Recorder:
+    """A stand-in pipeline: records what it is asked and answers target = source + (1, 0)."""
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[str, str, np.ndarray]] = []
+        self.store = None
+        self.matcher = object()
+
+    def match(self, source, target, points):
+        pts = torch.as_tensor(points, dtype=torch.float32)
+        self.calls.append((source.category, target.category, pts.numpy().copy()))
+        return MatchResult(
+            pts + torch.tensor([1.0, 0.0]),
+            torch.ones(len(pts)),
+            torch.ones(len(pts), dtype=torch.bool),
+        )
+
+
+def test_runner_passes_visible_clipped_points_and_the_category(tmp_path):
+    img = tmp_path / "a.png"
+    smooth_texture((40, 30)).save(img)
+    pairs = [
+        Pair(
+            "p1",
+            img,
+            img,
+            "tvmonitor",
+            [[5, 5], [45, 10], [7, 8]],  # the 2nd lies outside the 40x30 image: clipped
+            [[6, 5], [40, 10], [0, 0]],
+            visible=[True, True, False],
+        ),
+        Pair("p2", img, img, "tvmonitor", [[1, 1]], [[1, 1]], visible=[False]),
+    ]
+    rec = Recorder()
+    outcomes, stats = run_pairs(rec, pairs)
+    assert len(rec.calls) == 1  # p2 has nothing to match
+    src_cat, tgt_cat, pts = rec.calls[0]
+    assert (src_cat, tgt_cat) == ("tvmonitor", "tvmonitor")
+    assert pts.tolist() == [[5, 5], [39, 10]]
+    assert stats.clipped_source_points == 1 and stats.pairs_without_points == 1
+    assert stats.computed == 2 and stats.read_from_store == 0  # no store: always computed
+    first = outcomes[0]
+    assert first.predicted[:2].tolist() == [[6, 5], [40, 10]] and np.isnan(first.predicted[2]).all()
+    d = first.distances()
+    assert d[:2].tolist() == [0, 0] and math.isnan(d[2])
+    # sizes missing from the annotation are read from the files: the img threshold works
+    assert pairs[0].target_size == (40, 30)
+
+
+def test_several_thresholds_and_overrides(manager, tmp_path):
+    bench = tmp_path / "bench"
+    make_synthetic(
+        bench, [texture_folder(tmp_path / "photos")], pairs=4, seed=1, kinds=["flip"], ext="png"
+    )
+    pipe = Pipeline.from_dict(COLOR_BLUR, manager=manager)
+    protocol = get_protocol("hyperfeatures").with_changes(alphas=(0.01, 0.1))
+    ev = evaluate(
+        pipe,
+        Synthetic(SPairOptions(root=str(bench))),
+        dataset_name="synthetic",
+        protocol=protocol,
+        limit=3,
+    )
+    assert ev.thresholds == ("img", "bbox-target") and ev.stats.pairs == 3
+    for t in ev.pair_thresholds:
+        assert t["img"] == 64 and 0 < t["bbox-target"] <= 63
+    data = results_dict(ev, pairs=False)
+    assert "pairs" not in data and set(data["summary"]) == {"img", "bbox-target"}
+    assert set(data["summary"]["img"]["by_alpha"]) == {"0.01", "0.1"}
+    assert data["headline"] == {
+        "threshold": "img",
+        "alpha": 0.01,
+        "average": "per-point",
+        "value": 1.0,
+    }
+    assert "## Threshold `bbox-target`" in markdown(ev)
+
+
+# ------------------------------------------------------------------------- the real CLI
+
+
+def pip_install(target: Path, package: Path) -> None:
+    import subprocess
+    import sys
+
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "install",
+            "--quiet",
+            "--no-deps",
+            "--no-build-isolation",
+            "--no-index",
+            "--target",
+            str(target),
+            str(package),
+        ],
+        check=True,
+        capture_output=True,
+        timeout=300,
+    )
+
+
+@pytest.fixture(scope="module")
+def plugin_env(tmp_path_factory):
+    """The example plugin (pixel-patch extractor ``example-patches``, matcher ``example-l2``)
+    pip-installed into a folder, found through its entry point."""
+    import os
+
+    site = tmp_path_factory.mktemp("site")
+    pip_install(site, EXAMPLE)
+    path = os.pathsep.join(filter(None, [str(site), os.environ.get("PYTHONPATH", "")]))
+    return cli_env(PYTHONPATH=path)
+
+
+def in_process_example_pipeline(monkeypatch, store=None):
+    """The same example pipeline in this process (the plugin imported from its source)."""
+    from diffeat.core.plugins import PluginManager
+
+    monkeypatch.syspath_prepend(str(EXAMPLE / "src"))
+    import diffeat_example_plugin
+
+    pm = PluginManager(entry_points=False)
+    pm.add_plugin(diffeat_example_plugin, "example")
+    return Pipeline.from_file(EXAMPLE / "example.toml", manager=pm, store=store)
+
+
+@pytest.mark.slow
+def test_cli_eval_known_pck_and_store_reuse(plugin_env, tmp_path):
+    photos = texture_folder(tmp_path / "photos")
+    bench = tmp_path / "bench"
+    made = run_json(
+        "datasets",
+        "make-synthetic",
+        bench,
+        "--from",
+        photos,
+        "--pairs",
+        6,
+        "--kinds",
+        "translate",
+        "--ext",
+        "png",
+        env=plugin_env,
+    )
+    assert made["pairs"] == 6 and made["kinds"] == {"translate": 6}
+    store, out = tmp_path / "feats.zarr", tmp_path / "out"
+    first = run_json(
+        "eval",
+        EXAMPLE / "example.toml",
+        "--dataset",
+        "synthetic",
+        "--root",
+        bench,
+        "--store",
+        store,
+        "--out",
+        out,
+        env=plugin_env,
+    )
+    # pixel patches match exactly under a pure integer translation: PCK 1 under any average
+    assert first["headline"]["value"] == 1.0
+    s = first["summary"]["bbox-target"]["by_alpha"]["0.1"]
+    assert (s["per_image"], s["per_point"], s["category_mean_per_point"]) == (1.0, 1.0, 1.0)
+    assert first["run"]["features"] == {"computed": 4 + 6, "read_from_store": 2}
+    assert first["store"]["bytes"] > 0 and first["outputs"]["json"] == str(out / "results.json")
+    results = json.loads((out / "results.json").read_text())
+    assert all(d == 0 for p in results["pairs"] for d in p["distances"])
+    assert results["pipeline"]["config"]["extractor"]["plugin"] == "example-patches"
+    assert (out / "qualitative.png").stat().st_size > 0
+    # another matcher on the same store: every feature is read back, none computed
+    second = run_json(
+        "eval",
+        EXAMPLE / "example.toml",
+        "--dataset",
+        "synthetic",
+        "--root",
+        bench,
+        "--store",
+        store,
+        "--set",
+        'matcher.plugin="nearest"',
+        env=plugin_env,
+    )
+    assert second["run"]["features"] == {"computed": 0, "read_from_store": 12}
+    assert second["pipeline"]["config"]["matcher"]["plugin"] == "nearest"
+    assert second["headline"]["value"] == 1.0
+    # the terminal table
+    text = run(
+        "-q",
+        "eval",
+        EXAMPLE / "example.toml",
+        "--dataset",
+        "synthetic",
+        "--root",
+        bench,
+        "--store",
+        store,
+        "--alpha",
+        "0.05,0.1",
+        "--threshold",
+        "img",
+        "--comparison",
+        "<",
+        env=plugin_env,
+    ).stdout
+    assert (
+        "PCK@0.05 (image)" in text
+        and "mean of categories" in text
+        and "0 computed, 12 read" in text
+    )
+
+
+@pytest.mark.slow
+def test_cli_flip_pck_equals_an_independent_computation(plugin_env, tmp_path, monkeypatch):
+    bench = tmp_path / "bench"
+    run(
+        "datasets",
+        "make-synthetic",
+        bench,
+        "--from",
+        texture_folder(tmp_path / "photos"),
+        "--pairs",
+        8,
+        "--kinds",
+        "translate,flip",
+        "--ext",
+        "png",
+        "--seed",
+        3,
+        env=plugin_env,
+    )
+    out = tmp_path / "out"
+    run(
+        "eval",
+        EXAMPLE / "example.toml",
+        "--dataset",
+        "synthetic",
+        "--root",
+        bench,
+        "--out",
+        out,
+        "--protocol",
+        "sd-dino",
+        "--no-plots",
+        env=plugin_env,
+    )
+    results = json.loads((out / "results.json").read_text())
+    assert not (out / "pck_vs_alpha.png").exists()
+    pipe = in_process_example_pipeline(monkeypatch)
+    correct = {0.1: [0, 0], 0.05: [0, 0], 0.01: [0, 0]}  # alpha -> [correct, total]
+    per_kind: dict[str, list[bool]] = {"translate": [], "flip": []}
+    for p in results["pairs"]:
+        from diffeat.core.images import as_input
+
+        src = as_input(p["source"]).with_category(p["category"])
+        tgt = as_input(p["target"]).with_category(p["category"])
+        pred = pipe.match(src, tgt, p["source_points"]).points.numpy()
+        assert np.allclose(pred, p["predicted"], atol=1e-3)
+        gt = np.asarray(p["target_points"])
+        x0, y0, x1, y1 = p["target_bbox"]
+        t = max(x1 - x0, y1 - y0)
+        dist = np.linalg.norm(pred - gt, axis=1)
+        for alpha in correct:
+            ok = dist < alpha * t  # SD-DINO: strict
+            correct[alpha][0] += int(ok.sum())
+            correct[alpha][1] += len(ok)
+            assert p["correct"]["bbox-target"][f"{alpha:g}"] == ok.tolist()
+        per_kind[p["flags"]["transform"]["kind"]] += (dist < 0.1 * t).tolist()
+    assert all(per_kind["translate"])  # exact under translation
+    flip_pck = np.mean(per_kind["flip"])
+    assert flip_pck < 0.9  # pixel patches are not mirror-invariant
+    summary = results["summary"]["bbox-target"]["by_alpha"]
+    for alpha, (c, n) in correct.items():
+        assert summary[f"{alpha:g}"]["per_point"] == pytest.approx(c / n)
+    assert summary["0.1"]["per_point"] < 1.0
+    assert results["protocol"]["comparison"] == "<"
+
+
+@pytest.mark.slow
+def test_cli_datasets_listing_and_errors(tmp_path):
+    listing = run_json("datasets")
+    names = {d["name"]: d for d in listing["datasets"]}
+    assert set(names) >= {"spair", "pfwillow", "cub", "synthetic"}
+    assert (
+        "PairAnnotation" in names["spair"]["layout"]
+        and names["spair"]["default_protocol"] == "dift"
+    )
+    assert "test_pairs_pf.csv" in names["pfwillow"]["layout"]
+    assert any(o["name"] == "pairs_per_class" for o in names["cub"]["options"])
+    text = run("datasets").stdout
+    assert "expects:" in text and "cvlab.postech.ac.kr" in text
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    cfg = ROOT / "examples" / "dift-sd21.toml"  # validated, never loaded: no model is needed
+    proc = run("eval", cfg, "--dataset", "spair", "--root", empty, check=2)
+    assert "is missing JPEGImages/" in proc.stderr and "SPair-71k" in proc.stderr
+    assert "Traceback" not in proc.stderr
+    proc = run("eval", cfg, "--dataset", "spiar", "--root", empty, check=2)
+    assert (
+        "unknown dataset plugin 'spiar'" in proc.stderr
+        and "did you mean 'spair'" in proc.stderr.lower()
+    )
+    proc = run("eval", cfg, "--dataset", "cub", "--root", empty, "-o", "pair_per_class=3", check=2)
+    assert "unknown option 'pair_per_class'" in proc.stderr
+    proc = run("datasets", "make-synthetic", tmp_path / "b", "--from", empty, check=2)
+    assert "no images found" in proc.stderr

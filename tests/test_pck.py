@@ -1,0 +1,261 @@
+"""PCK on hand-computed cases: every threshold, comparison and average, and the presets."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+
+from diffeat.core.errors import DiffeatError
+from diffeat.eval.pck import (
+    ScoredPair,
+    box_side,
+    correct,
+    distances,
+    format_alpha,
+    headline,
+    keypoint_extent,
+    pck_curve,
+    summarize,
+    threshold_of,
+)
+from diffeat.eval.protocols import PROTOCOLS, Protocol, get_protocol
+
+NAN = math.nan
+
+
+# -- reference lengths ----------------------------------------------------------------
+
+
+def test_box_thresholds_and_flipped_boxes_are_normalised():
+    assert box_side((10, 20, 110, 70)) == 100  # w 100, h 50
+    assert box_side((0, 0, 40, 80)) == 80
+    assert box_side((110, 70, 10, 20)) == 100  # x1 < x0 and y1 < y0: same sides
+    assert box_side((110, 20, 10, 70)) == 100
+    kw = {"source_bbox": (0, 0, 40, 80), "target_bbox": (110, 70, 10, 20)}
+    assert threshold_of("bbox-target", **kw) == 100
+    assert threshold_of("bbox-source", **kw) == 80
+
+
+def test_image_and_keypoint_extent_thresholds():
+    assert threshold_of("img", target_size=(640, 480)) == 640
+    assert threshold_of("img", target_size=(300, 500)) == 500
+    tgt = [[10, 10], [40, 20], [25, 90]]  # extent 30 x 80
+    src = [[0, 0], [5, 5], [50, 1]]  # extent 50 x 5
+    assert threshold_of("kps-target", target_points=tgt) == 80
+    assert threshold_of("kps-source", source_points=src) == 50
+    # only scored keypoints define the extent
+    vis = [True, True, False]
+    assert threshold_of("kps-target", target_points=tgt, visible=vis) == 30
+    assert keypoint_extent(src, vis) == 5
+
+
+@pytest.mark.parametrize(
+    "kind, kwargs, fragment",
+    [
+        ("bbox-target", {}, "target bounding box"),
+        ("bbox-source", {"target_bbox": (0, 0, 1, 1)}, "source bounding box"),
+        ("img", {}, "target image size"),
+        ("kps-target", {}, "target keypoints"),
+        ("nope", {}, "unknown PCK threshold 'nope'"),
+    ],
+)
+def test_threshold_errors(kind, kwargs, fragment):
+    with pytest.raises(ValueError, match=fragment):
+        threshold_of(kind, **kwargs)
+
+
+def test_keypoint_extent_of_nothing_is_an_error():
+    with pytest.raises(ValueError, match="at least one keypoint"):
+        keypoint_extent([[1, 2]], [False])
+
+
+# -- correctness at the boundary ------------------------------------------------------------
+
+
+def test_boundary_exactly_at_alpha_counts_with_le_not_with_lt():
+    d = [10.0, 9.999, 10.001, NAN, 0.0]
+    # T = 100, alpha = 0.1: the limit is exactly 10
+    assert correct(d, 100, 0.1, "<=").tolist() == [True, True, False, False, True]
+    assert correct(d, 100, 0.1, "<").tolist() == [False, True, False, False, True]
+    # a 3-4-5 triangle: distance 5 against 0.1 * 50
+    pred, gt = [[3.0, 4.0]], [[0.0, 0.0]]
+    assert correct(distances(pred, gt), 50, 0.1, "<=").tolist() == [True]
+    assert correct(distances(pred, gt), 50, 0.1, "<").tolist() == [False]
+
+
+def test_zero_threshold_counts_exact_hits_only_with_le():
+    assert correct([0.0, 0.5], 0.0, 0.1, "<=").tolist() == [True, False]
+    assert correct([0.0, 0.5], 0.0, 0.1, "<").tolist() == [False, False]
+
+
+@pytest.mark.parametrize(
+    "threshold, alpha, comparison, fragment",
+    [
+        (-1.0, 0.1, "<=", "finite and >= 0"),
+        (NAN, 0.1, "<=", "finite and >= 0"),
+        (10.0, 0.0, "<=", "alpha must be a positive"),
+        (10.0, -0.1, "<=", "alpha must be a positive"),
+        (10.0, 0.1, "=<", "comparison must be"),
+    ],
+)
+def test_bad_arguments(threshold, alpha, comparison, fragment):
+    with pytest.raises(ValueError, match=fragment):
+        correct([1.0], threshold, alpha, comparison)
+
+
+def test_distances_mark_invisible_keypoints_nan():
+    pred = [[0, 0], [3, 4], [100, 100]]
+    gt = [[0, 0], [0, 0], [0, 0]]
+    d = distances(pred, gt, [True, True, False])
+    assert d[:2].tolist() == [0.0, 5.0] and math.isnan(d[2])
+    with pytest.raises(ValueError, match="2 predicted points for 3"):
+        distances(pred[:2], gt)
+    with pytest.raises(ValueError, match="visibility has 2 entries"):
+        distances(pred, gt, [True, False])
+
+
+# -- averages ---------------------------------------------------------------------------
+
+
+def pairs_fixture() -> list[ScoredPair]:
+    return [
+        # cat A: scored distances 1, 2, 30 (the 4th keypoint is not visible), T = 100
+        ScoredPair("A", "cat", [1.0, 2.0, 30.0, NAN], 100.0),
+        # cat B: one keypoint at 5 px, T = 20
+        ScoredPair("B", "cat", [5.0], 20.0),
+        # dog C: two exact hits, T = 50
+        ScoredPair("C", "dog", [0.0, 0.0], 50.0),
+        # dog D: nothing scored: left out of every average, counted
+        ScoredPair("D", "dog", [NAN, NAN], 50.0),
+    ]
+
+
+def test_per_image_per_point_per_category_by_hand():
+    s = summarize(pairs_fixture(), [0.1, 0.3], "<=")
+    assert (s["pairs"], s["points"], s["pairs_without_points"]) == (3, 6, 1)
+    a = s["by_alpha"]["0.1"]  # limits: A 10, B 2, C 5
+    assert a["per_image"] == pytest.approx((2 / 3 + 0 + 1) / 3)  # 5/9
+    assert a["per_point"] == pytest.approx(4 / 6)
+    assert a["correct"] == 4
+    cat, dog = a["categories"]["cat"], a["categories"]["dog"]
+    assert cat["per_image"] == pytest.approx((2 / 3 + 0) / 2)
+    assert cat["per_point"] == pytest.approx(2 / 4)
+    assert (cat["pairs"], cat["points"], cat["correct"]) == (2, 4, 2)
+    assert dog["per_image"] == 1.0 and dog["per_point"] == 1.0 and dog["pairs"] == 1
+    assert a["category_mean_per_image"] == pytest.approx((1 / 3 + 1) / 2)
+    assert a["category_mean_per_point"] == pytest.approx((0.5 + 1) / 2)
+    # several alphas at once: at 0.3 the limits are A 30, B 6, C 15
+    b = s["by_alpha"]["0.3"]
+    assert b["per_image"] == 1.0 and b["per_point"] == 1.0
+
+
+def test_strict_comparison_changes_only_boundary_hits():
+    s = summarize(pairs_fixture(), [0.3], "<")  # A's 30 px hits the limit exactly
+    b = s["by_alpha"]["0.3"]
+    assert b["per_image"] == pytest.approx((2 / 3 + 1 + 1) / 3)
+    assert b["per_point"] == pytest.approx(5 / 6)
+    assert s["comparison"] == "<"
+
+
+def test_headline_and_curve_read_the_summary():
+    s = summarize(pairs_fixture(), [0.1], "<=")
+    assert headline(s, 0.1, "per-image") == pytest.approx(5 / 9)
+    assert headline(s, 0.1, "per-point") == pytest.approx(4 / 6)
+    assert headline(s, 0.1, "category-mean-per-point") == pytest.approx(0.75)
+    with pytest.raises(ValueError, match="unknown average"):
+        headline(s, 0.1, "median")
+    curve = pck_curve(pairs_fixture(), [0.01, 0.1, 0.3], "<=", "per-point")
+    # at 0.01 the limits are A 1, B 0.2, C 0.5: A's 1 px (on the boundary) and C's two hits
+    assert curve == pytest.approx([3 / 6, 4 / 6, 1.0])
+    assert format_alpha(0.1) == "0.1" and format_alpha(0.05) == "0.05"
+
+
+def test_empty_averages_are_none():
+    s = summarize([ScoredPair("D", "dog", [NAN], 1.0)], [0.1])
+    a = s["by_alpha"]["0.1"]
+    assert a["per_image"] is None and a["per_point"] is None and a["categories"] == {}
+
+
+def test_matches_a_written_out_dift_loop():
+    """DIFT's eval_spair.py: per image = mean over all pairs (all categories pooled),
+    per point = all correct / all, per-category tables; threshold = target box, <=."""
+    rng = np.random.default_rng(0)
+    pairs, loop_pairs = [], []
+    for i in range(40):
+        n = int(rng.integers(1, 8))
+        d = rng.uniform(0, 30, size=n)
+        box = rng.uniform(0, 200, size=4)
+        cat = ["cat", "dog", "bus"][i % 3]
+        t = max(abs(box[3] - box[1]), abs(box[2] - box[0]))
+        pairs.append(ScoredPair(str(i), cat, d, threshold_of("bbox-target", target_bbox=box)))
+        loop_pairs.append((cat, d, t))
+    total_pck, all_correct, all_total = [], 0, 0
+    per_cat = {}
+    for cat in ["cat", "dog", "bus"]:
+        cat_pck, cat_correct, cat_total = [], 0, 0
+        for c, d, t in loop_pairs:
+            if c != cat:
+                continue
+            correct_n = int(sum((x / t) <= 0.1 for x in d))
+            cat_pck.append(correct_n / len(d))
+            cat_correct += correct_n
+            cat_total += len(d)
+        total_pck.extend(cat_pck)
+        all_correct += cat_correct
+        all_total += cat_total
+        per_cat[cat] = (np.mean(cat_pck), cat_correct / cat_total)
+    s = summarize(pairs, [0.1], "<=")["by_alpha"]["0.1"]
+    assert s["per_image"] == pytest.approx(np.mean(total_pck))
+    assert s["per_point"] == pytest.approx(all_correct / all_total)
+    for cat, (img, pt) in per_cat.items():
+        assert s["categories"][cat]["per_image"] == pytest.approx(img)
+        assert s["categories"][cat]["per_point"] == pytest.approx(pt)
+
+
+# -- presets ------------------------------------------------------------------------------
+
+
+def test_presets_encode_each_papers_choices():
+    dift = get_protocol("dift")
+    assert (dift.thresholds, dift.comparison, dift.average, dift.alphas) == (
+        ("bbox-target",),
+        "<=",
+        "per-image",
+        (0.1,),
+    )
+    assert "52.9" in dift.reproduces and "59.5" in dift.reproduces
+    hedlin = get_protocol("hedlin")
+    assert hedlin.thresholds_for("spair") == ("bbox-source",)  # the source-box quirk
+    assert hedlin.thresholds_for("synthetic") == ("bbox-source",)  # SPair layout, SPair rules
+    assert hedlin.thresholds_for("pfwillow") == ("kps-target",)
+    assert hedlin.thresholds_for("cub") == ("bbox-target",)
+    assert hedlin.alphas == (0.05, 0.1) and "45.4" in hedlin.reproduces
+    hyper = get_protocol("hyperfeatures")
+    assert hyper.thresholds == ("img", "bbox-target") and hyper.average == "per-point"
+    assert "72.56" in hyper.reproduces and "69.42" in hyper.reproduces
+    sd_dino = get_protocol("sd-dino")
+    assert sd_dino.comparison == "<" and sd_dino.average == "category-mean-per-point"
+    assert get_protocol("pf-willow").thresholds == ("kps-target",)
+    assert set(PROTOCOLS) >= {"dift", "hedlin", "hyperfeatures", "sd-dino", "pf-willow"}
+
+
+def test_overrides_and_errors():
+    p = get_protocol("hedlin").with_changes(
+        alphas=(0.2,), thresholds=("img",), comparison="<", average="per-point"
+    )
+    assert p.alphas == (0.2,) and p.thresholds_for("spair") == ("img",) and p.comparison == "<"
+    assert p.name == "hedlin (modified)"
+    assert get_protocol("dift").with_changes() is get_protocol("dift")
+    with pytest.raises(DiffeatError, match="unknown protocol 'dfit'"):
+        get_protocol("dfit")
+    with pytest.raises(DiffeatError, match="unknown threshold 'box'"):
+        Protocol("x", thresholds=("box",))
+    with pytest.raises(DiffeatError, match="comparison"):
+        Protocol("x", comparison="==")
+    with pytest.raises(DiffeatError, match="alphas"):
+        Protocol("x", alphas=(0.0,))
+    d = get_protocol("hedlin").to_dict()
+    assert d["dataset_thresholds"]["spair"] == ["bbox-source"]
+    assert get_protocol("hedlin").to_dict("spair")["thresholds"] == ["bbox-source"]

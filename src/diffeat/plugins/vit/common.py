@@ -1,0 +1,466 @@
+"""What the ViT extractors (``dino``, ``dinov2``, ``openclip``) share.
+
+Each returns dense patch-token maps, one layer per requested transformer block:
+``[1, C, H/p, W/p]`` (one "timestep", 0) for a model input of ``W x H`` and
+patch size ``p``; the CLS and register tokens are dropped. A layer is named
+``blocks.<i>`` (facet ``token``: the block's output) or ``blocks.<i>.<facet>``
+(``key``, ``query``, ``value``: the outputs of the block's self-attention
+projections, all heads concatenated head after head, so ``C`` is the
+attention width). Block indices in the options may be negative (from the end);
+layer names always carry the resolved, non-negative index.
+
+As in the Stable Diffusion extractor, the model is never re-implemented:
+forward hooks sit on its public submodules and a private exception stops the
+forward once the deepest requested output is in (``stop_early``).
+
+Images are resized with PIL (``size_rule``: ``resize`` squashes to
+``image_size``; ``pad`` scales the image to fit inside ``image_size`` keeping
+its aspect ratio and centres it on black, as SD-DINO does), scaled to [0, 1]
+and normalised with the model's own mean and std.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import numpy as np
+import torch
+from PIL import Image
+from torch import nn
+
+from diffeat.core.components import Extractor
+from diffeat.core.errors import ConfigError
+from diffeat.core.features import FeatureSet, LayerInfo
+from diffeat.core.geometry import ImageTransform, Size
+from diffeat.core.images import ImageInput, resize
+from diffeat.core.options import opt
+
+FACETS = ("token", "key", "query", "value")
+Facet = Literal["token", "key", "query", "value"]
+SizeRule = Literal["resize", "pad"]
+Resample = Literal["bicubic", "bilinear", "lanczos", "nearest"]
+DType = Literal["float32", "float16", "bfloat16"]
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+#: torchvision's ImageNet statistics, which DINO and DINOv2 were trained with.
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+# -- option fields shared by the three Options dataclasses -------------------------------------
+# (each plugin declares its own dataclass so that its table in docs/config.md reads in order)
+
+
+def revision_field() -> Any:
+    return opt("", "hub revision (branch, tag or commit); empty: the default branch")
+
+
+def blocks_field(default: list[int]) -> Any:
+    return opt(
+        default,
+        "transformer blocks to read, 0-based; negative counts from the end (-1: the last "
+        "block); one layer per block, named blocks.<i> or blocks.<i>.<facet>",
+    )
+
+
+def facet_field() -> Any:
+    return opt(
+        "token",
+        "what is read from each block: token (the block's output tokens) or key, query, "
+        "value (the block's self-attention projections, heads concatenated)",
+    )
+
+
+def final_norm_field() -> Any:
+    return opt(
+        False,
+        "apply the model's final LayerNorm to the token features (DINO's "
+        "get_intermediate_layers does); facet token only",
+    )
+
+
+def image_size_field(default: list[int], interpolation: str = "bicubic") -> Any:
+    return opt(
+        default,
+        "model input [width, height], multiples of the patch size; position embeddings are "
+        f"interpolated ({interpolation}) for sizes other than the training size",
+    )
+
+
+def size_rule_field() -> Any:
+    return opt(
+        "resize",
+        "resize: squash the image to image_size; pad: fit it inside image_size keeping its "
+        "aspect ratio, centred on black (SD-DINO)",
+    )
+
+
+def resample_field() -> Any:
+    return opt("bicubic", "PIL resize filter")
+
+
+def dtype_field() -> Any:
+    return opt("float32", "model dtype")
+
+
+def device_field() -> Any:
+    return opt("auto", "torch device; auto: cuda if available, else cpu", cache=False)
+
+
+def batch_size_field() -> Any:
+    return opt(1, "images per forward pass", cache=False)
+
+
+def stop_early_field() -> Any:
+    return opt(True, "stop the forward once the deepest requested block ran", cache=False)
+
+
+def validate_common(options: Any) -> None:
+    """Checks that need no model (the patch-size check comes when the model config is read)."""
+    if not options.blocks:
+        raise ValueError("blocks: give at least one block index, e.g. [-1] for the last block")
+    if len(set(options.blocks)) != len(options.blocks):
+        raise ValueError(f"blocks: {options.blocks} lists a block twice")
+    if len(options.image_size) != 2 or any(v < 1 for v in options.image_size):
+        raise ValueError(
+            f"image_size must be [width, height] with positive values, got {options.image_size}"
+        )
+    if options.final_norm and options.facet != "token":
+        raise ValueError(
+            f"final_norm applies to facet 'token' only (facet is {options.facet!r}); "
+            f"set final_norm = false"
+        )
+    if options.batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {options.batch_size}")
+
+
+# -- model facts ---------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """What an extractor needs to know about a model before loading its weights."""
+
+    patch_size: int
+    num_blocks: int
+    width: int  # channels of the block output tokens
+    attn_width: int  # channels of the key/query/value projections (heads x head dim)
+    prefix_tokens: int  # CLS (+ registers) before the patch tokens
+
+
+def pick_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def resolve_blocks(blocks: Sequence[int], num_blocks: int, where: str) -> list[int]:
+    """Non-negative, sorted block indices; an index out of range names the valid range."""
+    out = []
+    for b in blocks:
+        i = b + num_blocks if b < 0 else b
+        if not 0 <= i < num_blocks:
+            raise ConfigError(
+                f"{where}: block {b} does not exist; the model has {num_blocks} blocks "
+                f"(0..{num_blocks - 1}, or -{num_blocks}..-1 from the end)"
+            )
+        if i in out:
+            raise ConfigError(f"{where}: {list(blocks)} names block {i} twice")
+        out.append(i)
+    return sorted(out)
+
+
+def layer_name(block: int, facet: str) -> str:
+    return f"blocks.{block}" if facet == "token" else f"blocks.{block}.{facet}"
+
+
+def check_patch_multiple(size: Size, patch: int, model: str) -> None:
+    """A :class:`ConfigError` suggesting the nearest valid sizes when ``size`` is not a multiple."""
+    w, h = size
+    if w % patch == 0 and h % patch == 0:
+        return
+
+    def near(v: int) -> str:
+        down, up = max(patch, v // patch * patch), math.ceil(v / patch) * patch
+        return f"{down} or {up}" if down != up else str(up)
+
+    raise ConfigError(
+        f"[extractor] image_size [{w}, {h}] is not a multiple of the patch size {patch} of "
+        f"{model}: every side must be divisible by {patch} (width {near(w)}, height {near(h)})"
+    )
+
+
+# -- images --------------------------------------------------------------------------------------
+
+
+def fit_geometry(image_size: Size, model_size: Size, rule: str) -> tuple[Size, tuple[int, int]]:
+    """Resized image size and its top-left offset inside the model input."""
+    if rule == "resize":
+        return model_size, (0, 0)
+    (w, h), (mw, mh) = image_size, model_size
+    s = min(mw / w, mh / h)
+    nw = min(mw, max(1, round(w * s)))
+    nh = min(mh, max(1, round(h * s)))
+    return (nw, nh), ((mw - nw) // 2, (mh - nh) // 2)
+
+
+def transform_for(image_size: Size, model_size: Size, rule: str) -> ImageTransform:
+    if rule == "resize":
+        return ImageTransform.resize(image_size, model_size)
+    (nw, nh), (ox, oy) = fit_geometry(image_size, model_size, rule)
+    w, h = image_size
+    return ImageTransform(
+        (int(w), int(h)),
+        (int(model_size[0]), int(model_size[1])),
+        (nw / w, nh / h),
+        (float(ox), float(oy)),
+    )
+
+
+def preprocess(
+    image: Image.Image,
+    model_size: Size,
+    rule: str,
+    resample: str,
+    mean: Sequence[float],
+    std: Sequence[float],
+) -> torch.Tensor:
+    """``[3, H, W]`` float32: resized (or fitted and padded with black), scaled to [0, 1], normalised."""
+    size, offset = fit_geometry(image.size, model_size, rule)
+    img = resize(image, size, resample)
+    if rule == "pad":
+        canvas = Image.new("RGB", tuple(model_size), (0, 0, 0))
+        canvas.paste(img, offset)
+        img = canvas
+    x = torch.from_numpy(np.asarray(img, dtype=np.uint8).copy()).permute(2, 0, 1).float() / 255.0
+    m = torch.tensor(mean, dtype=torch.float32).view(3, 1, 1)
+    s = torch.tensor(std, dtype=torch.float32).view(3, 1, 1)
+    return (x - m) / s
+
+
+def tokens_to_map(tokens: torch.Tensor, prefix: int, grid: tuple[int, int]) -> torch.Tensor:
+    """``[B, N, C]`` tokens (prefix tokens first) to a ``[B, C, gh, gw]`` patch map."""
+    gh, gw = grid
+    patches = tokens[:, prefix:]
+    if patches.shape[1] != gh * gw:
+        raise RuntimeError(
+            f"expected {gh}x{gw} = {gh * gw} patch tokens after {prefix} prefix tokens, "
+            f"got {patches.shape[1]}"
+        )
+    return patches.reshape(tokens.shape[0], gh, gw, tokens.shape[-1]).permute(0, 3, 1, 2)
+
+
+# -- hooks ---------------------------------------------------------------------------------------
+
+
+class _StopForward(Exception):
+    """Raised from a hook once every requested output has been captured."""
+
+
+@dataclass
+class HookTarget:
+    """Where one layer comes from.
+
+    ``kind`` ``"output"``: a forward hook, ``read(output)`` gives ``[B, N, C]``;
+    ``"input"``: a forward pre-hook, ``read(args)`` gives ``[B, N, C]``.
+    """
+
+    name: str
+    module: nn.Module
+    kind: Literal["output", "input"]
+    read: Callable[[Any], torch.Tensor]
+
+
+class TokenCapture:
+    """Context manager: hooks the targets; ``run(fn)`` calls ``fn()`` and returns the captures."""
+
+    def __init__(self, targets: list[HookTarget], *, stop_early: bool = True) -> None:
+        self.targets = targets
+        self.stop_early = stop_early
+        self.outputs: dict[str, torch.Tensor] = {}
+        self._handles: list[Any] = []
+
+    def __enter__(self) -> TokenCapture:
+        for t in self.targets:
+            if t.kind == "output":
+                self._handles.append(t.module.register_forward_hook(self._output_hook(t)))
+            else:
+                self._handles.append(t.module.register_forward_pre_hook(self._input_hook(t)))
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+
+    def _store(self, name: str, tensor: torch.Tensor) -> None:
+        self.outputs[name] = tensor
+        if self.stop_early and len(self.outputs) == len(self.targets):
+            raise _StopForward
+
+    def _output_hook(self, t: HookTarget) -> Callable[..., None]:
+        def hook(module: nn.Module, args: Any, output: Any) -> None:
+            self._store(t.name, t.read(output))
+
+        return hook
+
+    def _input_hook(self, t: HookTarget) -> Callable[..., None]:
+        def hook(module: nn.Module, args: Any) -> None:
+            self._store(t.name, t.read(args))
+
+        return hook
+
+    def run(self, forward: Callable[[], Any]) -> dict[str, torch.Tensor]:
+        self.outputs = {}
+        try:
+            forward()
+        except _StopForward:
+            pass
+        missing = [t.name for t in self.targets if t.name not in self.outputs]
+        if missing:
+            raise RuntimeError(f"layers {missing} were not computed during the forward pass")
+        return self.outputs
+
+
+def first_tensor(output: Any) -> torch.Tensor:
+    """The tensor of a module output (transformers 4.x layers return tuples)."""
+    return output[0] if isinstance(output, (tuple, list)) else output
+
+
+# -- the extractor -------------------------------------------------------------------------------
+
+
+class ViTExtractorBase(Extractor):
+    """Patch-token maps from chosen blocks of a ViT; subclasses bind a model family.
+
+    Subclasses implement :meth:`read_spec` (from the model's config, without
+    loading weights), :meth:`load_model`, :meth:`hook_targets`,
+    :meth:`forward`, :meth:`final_norm`, :meth:`normalisation`,
+    :meth:`model_identity` and :attr:`model_label`.
+    """
+
+    Options: Any = None
+
+    def __init__(self, options: Any = None) -> None:
+        self.options = options if options is not None else self.Options()
+        self.options.validate()
+        self.device = pick_device(self.options.device)
+        self.dtype = DTYPES[self.options.dtype]
+        self.batch_size = self.options.batch_size
+        self._model: nn.Module | None = None
+        self._spec: ModelSpec | None = None
+
+    # -- per family ----------------------------------------------------------------------------
+
+    @property
+    def model_label(self) -> str:
+        return self.options.model
+
+    def read_spec(self) -> ModelSpec:
+        raise NotImplementedError
+
+    def load_model(self) -> nn.Module:
+        raise NotImplementedError
+
+    def hook_targets(self, model: nn.Module, blocks: list[int], facet: str) -> list[HookTarget]:
+        raise NotImplementedError
+
+    def forward(self, model: nn.Module, pixels: torch.Tensor) -> Any:
+        raise NotImplementedError
+
+    def final_norm(self, model: nn.Module) -> nn.Module:
+        raise NotImplementedError
+
+    def normalisation(self) -> tuple[Sequence[float], Sequence[float]]:
+        raise NotImplementedError
+
+    # -- shared --------------------------------------------------------------------------------
+
+    @property
+    def spec(self) -> ModelSpec:
+        if self._spec is None:
+            spec = self.read_spec()
+            check_patch_multiple(self.model_size, spec.patch_size, self.model_label)
+            self._spec = spec
+        return self._spec
+
+    @property
+    def model(self) -> nn.Module:
+        if self._model is None:
+            _ = self.spec  # config checks before the (slow) weight loading
+            self._model = self.load_model()
+        return self._model
+
+    @property
+    def model_size(self) -> Size:
+        w, h = self.options.image_size
+        return (int(w), int(h))
+
+    @property
+    def blocks(self) -> list[int]:
+        return resolve_blocks(self.options.blocks, self.spec.num_blocks, "[extractor] blocks")
+
+    @property
+    def grid(self) -> tuple[int, int]:
+        w, h = self.model_size
+        p = self.spec.patch_size
+        return (h // p, w // p)
+
+    def layer_names(self) -> list[str]:
+        return [layer_name(b, self.options.facet) for b in self.blocks]
+
+    def layers(self) -> list[LayerInfo]:
+        spec = self.spec
+        channels = spec.width if self.options.facet == "token" else spec.attn_width
+        return [LayerInfo(n, channels, float(spec.patch_size)) for n in self.layer_names()]
+
+    def timesteps(self) -> tuple[int, ...]:
+        return (0,)
+
+    def transform_for(self, image_size: Size) -> ImageTransform:
+        return transform_for(image_size, self.model_size, self.options.size_rule)
+
+    def preprocess(self, image: ImageInput) -> torch.Tensor:
+        mean, std = self.normalisation()
+        return preprocess(
+            image.image,
+            self.model_size,
+            self.options.size_rule,
+            self.options.resample,
+            mean,
+            std,
+        )
+
+    def extract(self, images: Sequence[ImageInput]) -> list[FeatureSet]:
+        out: list[FeatureSet] = []
+        images = list(images)
+        for start in range(0, len(images), self.batch_size):
+            chunk = images[start : start + self.batch_size]
+            pixels = torch.stack([self.preprocess(im) for im in chunk])
+            maps = self.features_from_pixels(pixels)
+            for i, im in enumerate(chunk):
+                layers = {name: maps[name][i : i + 1] for name in maps}
+                meta = {"transform": self.transform_for(im.size).to_dict()}
+                out.append(FeatureSet(layers, self.timesteps(), meta))
+        return out
+
+    def features_from_pixels(self, pixels: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Per layer ``[B, C, gh, gw]`` float32 maps for normalised pixels ``[B, 3, H, W]``."""
+        model = self.model
+        spec = self.spec
+        facet = self.options.facet
+        targets = self.hook_targets(model, self.blocks, facet)
+        x = pixels.to(self.device, self.dtype)
+        with torch.no_grad():
+            with TokenCapture(targets, stop_early=self.options.stop_early) as cap:
+                outs = cap.run(lambda: self.forward(model, x))
+            norm = self.final_norm(model) if self.options.final_norm else None
+            maps = {}
+            for t in targets:
+                tokens = outs[t.name]
+                if norm is not None:
+                    tokens = norm(tokens)
+                maps[t.name] = tokens_to_map(tokens, spec.prefix_tokens, self.grid).float()
+        return maps

@@ -39,7 +39,16 @@ def library_versions() -> dict[str, str]:
     from importlib import metadata
 
     out = {"python": sys.version.split()[0]}
-    for dist in ("diffeat", "torch", "diffusers", "transformers", "zarr", "numpy", "pillow"):
+    for dist in (
+        "diffeat",
+        "torch",
+        "diffusers",
+        "transformers",
+        "open_clip_torch",
+        "zarr",
+        "numpy",
+        "pillow",
+    ):
         try:
             out[dist] = metadata.version(dist)
         except metadata.PackageNotFoundError:

@@ -35,8 +35,10 @@ _NAME = re.compile(r"^[a-z0-9][a-z0-9_.-]*$")
 
 BUILTIN_MODULES = {
     "stable-diffusion": "diffeat.plugins.stable_diffusion",
+    "vit": "diffeat.plugins.vit",
     "aggregators": "diffeat.plugins.aggregators",
     "matchers": "diffeat.plugins.matchers",
+    "datasets": "diffeat.plugins.datasets",
 }
 
 

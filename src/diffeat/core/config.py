@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,6 +27,7 @@ else:  # pragma: no cover
 STAGES = ("extractor", "aggregator", "matcher")
 DEFAULT_PLUGIN = {"aggregator": "select", "matcher": "nearest"}
 TOP_LEVEL_KEYS = {"name", "description"}
+_PART_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]*$")
 
 
 @dataclass
@@ -36,9 +38,11 @@ class StageConfig:
     plugin: str
     factory: Any
     options: Any
+    name: str = ""  # set for each extractor of a multi-extractor pipeline
 
     def resolved(self) -> dict[str, Any]:
-        return {"plugin": self.plugin, **options_dict(self.options)}
+        head = {"name": self.name} if self.name else {}
+        return {**head, "plugin": self.plugin, **options_dict(self.options)}
 
     def build(self) -> Any:
         """Instantiate the component."""
@@ -47,21 +51,32 @@ class StageConfig:
 
 @dataclass
 class PipelineConfig:
-    """A validated pipeline: extractor -> aggregator -> matcher."""
+    """A validated pipeline: extractor(s) -> aggregator -> matcher.
 
-    extractor: StageConfig
+    Several extractors (``[[extractor]]`` tables, each with a ``name``) feed an
+    aggregator that combines them, such as ``fuse``.
+    """
+
+    extractors: list[StageConfig]
     aggregator: StageConfig
     matcher: StageConfig
     name: str = ""
     source: str = "<memory>"
+
+    @property
+    def extractor(self) -> StageConfig:
+        """The (first) extractor."""
+        return self.extractors[0]
 
     def resolved(self) -> dict[str, Any]:
         """Every option with its default filled in."""
         out: dict[str, Any] = {}
         if self.name:
             out["name"] = self.name
-        for stage in STAGES:
-            out[stage] = getattr(self, stage).resolved()
+        extractors = [e.resolved() for e in self.extractors]
+        out["extractor"] = extractors[0] if len(extractors) == 1 else extractors
+        out["aggregator"] = self.aggregator.resolved()
+        out["matcher"] = self.matcher.resolved()
         return out
 
     def digest(self) -> str:
@@ -84,7 +99,10 @@ def parse_value(text: str) -> Any:
 
 def apply_overrides(data: dict[str, Any], overrides: list[str], where: str) -> dict[str, Any]:
     """Apply ``stage.option=value`` overrides (from ``--set``) to raw config data."""
-    data = {k: dict(v) if isinstance(v, dict) else v for k, v in data.items()}
+    data = {
+        k: dict(v) if isinstance(v, dict) else [dict(t) for t in v] if isinstance(v, list) else v
+        for k, v in data.items()
+    }
     for item in overrides:
         key, sep, value = item.partition("=")
         stage, dot, option = key.strip().partition(".")
@@ -93,7 +111,18 @@ def apply_overrides(data: dict[str, Any], overrides: list[str], where: str) -> d
                 f"{where}: bad override {item!r}; use STAGE.OPTION=VALUE with STAGE one of "
                 f"{', '.join(STAGES)}, e.g. extractor.timesteps=[261]"
             )
-        data.setdefault(stage, {})[option] = parse_value(value.strip())
+        target = data.setdefault(stage, {})
+        if isinstance(target, list):  # several extractors: extractor.NAME.OPTION=VALUE
+            part, _, option = option.partition(".")
+            named = [t for t in target if isinstance(t, dict) and t.get("name") == part]
+            if not named or not option:
+                names = ", ".join(str(t.get("name")) for t in target if isinstance(t, dict))
+                raise ConfigError(
+                    f"{where}: bad override {item!r}; this pipeline has several extractors "
+                    f"({names}): use extractor.NAME.OPTION=VALUE"
+                )
+            target = named[0]
+        target[option] = parse_value(value.strip())
     return data
 
 
@@ -110,23 +139,49 @@ def parse_config(
             )
     if "extractor" not in data:
         raise ConfigError(f'{source}: missing [extractor] table (with plugin = "...")')
-    stages = {}
-    for stage in STAGES:
-        table = data.get(stage, {})
-        if not isinstance(table, dict):
-            raise ConfigError(f"{source}: [{stage}] must be a table")
-        table = dict(table)
-        plugin = table.pop("plugin", DEFAULT_PLUGIN.get(stage))
-        if not isinstance(plugin, str):
-            raise ConfigError(f'{source}: [{stage}] needs plugin = "NAME"')
-        try:
-            reg = manager.get(stage, plugin)
-        except ConfigError as exc:
-            raise ConfigError(f"{source}: [{stage}] {exc}") from None
-        options = build_options(reg.factory, table, f"{source}: [{stage}] ({plugin})")
-        stages[stage] = StageConfig(stage, plugin, reg.factory, options)
-    name = data.get("name", "")
-    return PipelineConfig(name=str(name), source=source, **stages)
+    tables = data["extractor"]
+    if isinstance(tables, dict):
+        extractors = [_stage(manager, "extractor", tables, source, "[extractor]")]
+    elif isinstance(tables, list) and tables and all(isinstance(t, dict) for t in tables):
+        extractors = []
+        for i, table in enumerate(tables):
+            table = dict(table)
+            name = table.pop("name", None)
+            where = f"[[extractor]] #{i + 1}"
+            if not isinstance(name, str) or not _PART_NAME.match(name):
+                raise ConfigError(
+                    f'{source}: {where} needs name = "..." (letters, digits, "_", "-") '
+                    f"when a pipeline has several extractors"
+                )
+            if name in {e.name for e in extractors}:
+                raise ConfigError(f"{source}: {where}: the extractor name {name!r} is used twice")
+            stage = _stage(manager, "extractor", table, source, where)
+            stage.name = name
+            extractors.append(stage)
+    else:
+        raise ConfigError(
+            f"{source}: [extractor] must be a table or a list of [[extractor]] tables"
+        )
+    aggregator = _stage(manager, "aggregator", data.get("aggregator", {}), source, "[aggregator]")
+    matcher = _stage(manager, "matcher", data.get("matcher", {}), source, "[matcher]")
+    return PipelineConfig(
+        extractors, aggregator, matcher, name=str(data.get("name", "")), source=source
+    )
+
+
+def _stage(manager: PluginManager, kind: str, table: Any, source: str, where: str) -> StageConfig:
+    if not isinstance(table, dict):
+        raise ConfigError(f"{source}: {where} must be a table")
+    table = dict(table)
+    plugin = table.pop("plugin", DEFAULT_PLUGIN.get(kind))
+    if not isinstance(plugin, str):
+        raise ConfigError(f'{source}: {where} needs plugin = "NAME"')
+    try:
+        reg = manager.get(kind, plugin)
+    except ConfigError as exc:
+        raise ConfigError(f"{source}: {where} {exc}") from None
+    options = build_options(reg.factory, table, f"{source}: {where} ({plugin})")
+    return StageConfig(kind, plugin, reg.factory, options)
 
 
 def read_toml(path: str | Path) -> dict[str, Any]:
@@ -157,14 +212,20 @@ def load_config(
 def to_toml(data: dict[str, Any]) -> str:
     """Write resolved config data (tables of scalars and lists) as TOML."""
     lines: list[str] = []
-    scalars = {k: v for k, v in data.items() if not isinstance(v, dict)}
-    for key, value in scalars.items():
-        lines.append(f"{key} = {_toml_value(value)}")
-    for key, table in data.items():
-        if isinstance(table, dict):
+
+    def is_tables(v: Any) -> bool:
+        return isinstance(v, dict) or (isinstance(v, list) and bool(v) and isinstance(v[0], dict))
+
+    for key, value in data.items():
+        if not is_tables(value):
+            lines.append(f"{key} = {_toml_value(value)}")
+    for key, value in data.items():
+        if not is_tables(value):
+            continue
+        for table in [value] if isinstance(value, dict) else value:
             if lines:
                 lines.append("")
-            lines.append(f"[{key}]")
+            lines.append(f"[{key}]" if isinstance(value, dict) else f"[[{key}]]")
             for k, v in table.items():
                 lines.append(f"{k} = {_toml_value(v)}")
     return "\n".join(lines) + "\n"

@@ -1,69 +1,34 @@
-"""extractor -> aggregator -> matcher, with the feature store in between."""
+"""extractor(s) -> aggregator -> matcher, with the feature store in between."""
 
 from __future__ import annotations
 
-import hashlib
-import sys
-from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from diffeat.core.components import MatchResult, View
-from diffeat.core.config import PipelineConfig, config_digest, load_config, parse_config
-from diffeat.core.errors import DiffeatError, ImageError
+from diffeat.core.config import PipelineConfig, load_config, parse_config
+from diffeat.core.errors import ConfigError, DiffeatError
 from diffeat.core.features import FeatureSet, LayerInfo
 from diffeat.core.geometry import ImageTransform, check_points
 from diffeat.core.images import ImageInput, ImageLike, as_input
-from diffeat.core.options import options_dict
 from diffeat.core.plugins import PluginManager
+from diffeat.core.sources import (  # re-exported: part of the public API
+    ExtractReport,
+    FeatureSource,
+    extractor_cache_key,
+    library_versions,
+)
 
-STORE_KEY_VERSION = 1
-
-
-def extractor_cache_key(plugin: str, options: Any, model_identity: dict[str, Any]) -> str:
-    """The store key of an extractor: plugin + result-affecting options + model identity."""
-    data = {
-        "v": STORE_KEY_VERSION,
-        "plugin": plugin,
-        "config": options_dict(options, cache_only=True),
-        "model": model_identity,
-    }
-    return f"{plugin}-{config_digest(data)[:20]}"
-
-
-def library_versions() -> dict[str, str]:
-    """Versions of the libraries that shape results, stored with the features."""
-    from importlib import metadata
-
-    out = {"python": sys.version.split()[0]}
-    for dist in (
-        "diffeat",
-        "torch",
-        "diffusers",
-        "transformers",
-        "open_clip_torch",
-        "zarr",
-        "numpy",
-        "pillow",
-    ):
-        try:
-            out[dist] = metadata.version(dist)
-        except metadata.PackageNotFoundError:
-            pass
-    return out
-
-
-@dataclass
-class ExtractReport:
-    """What an extraction run did."""
-
-    total: int = 0
-    computed: int = 0
-    cached: int = 0
-    failed: list[tuple[str, str]] = field(default_factory=list)
+__all__ = [
+    "ExtractReport",
+    "FeatureSource",
+    "Pipeline",
+    "extractor_cache_key",
+    "library_versions",
+]
 
 
 class Pipeline:
@@ -81,11 +46,9 @@ class Pipeline:
 
             store = FeatureStore(store)
         self.store = store
-        self._extractor: Any = None
+        self.sources = [FeatureSource(stage, store) for stage in config.extractors]
         self._aggregator: Any = None
         self._matcher: Any = None
-        self._cache_key: str | None = None
-        self._registered = False
 
     @classmethod
     def from_file(
@@ -108,10 +71,13 @@ class Pipeline:
     # -- components, built on first use ----------------------------------------
 
     @property
+    def source(self) -> FeatureSource:
+        """The (first) extractor with the store in front of it."""
+        return self.sources[0]
+
+    @property
     def extractor(self) -> Any:
-        if self._extractor is None:
-            self._extractor = self.config.extractor.build()
-        return self._extractor
+        return self.source.extractor
 
     @property
     def aggregator(self) -> Any:
@@ -126,136 +92,98 @@ class Pipeline:
         return self._matcher
 
     def layers(self) -> list[LayerInfo]:
-        return list(self.extractor.layers())
+        """Layers of every extractor (named ``NAME:layer`` when there are several)."""
+        if len(self.sources) == 1:
+            return self.source.layers()
+        return [
+            LayerInfo(f"{src.name}:{info.name}", info.channels, info.stride)
+            for src in self.sources
+            for info in src.layers()
+        ]
 
     @property
     def cache_key(self) -> str:
-        if self._cache_key is None:
-            self._cache_key = extractor_cache_key(
-                self.config.extractor.plugin,
-                self.config.extractor.options,
-                self.extractor.model_identity(),
-            )
-        return self._cache_key
+        return self.source.cache_key
 
-    def extractor_info(self) -> dict[str, Any]:
-        """What the store keeps about this extractor."""
-        return {
-            "plugin": self.config.extractor.plugin,
-            "config": self.config.extractor.resolved(),
-            "model": self.extractor.model_identity(),
-            "layers": [info.to_dict() for info in self.layers()],
-            "timesteps": list(self.extractor.timesteps()),
-            "versions": library_versions(),
-        }
+    def image_key(self, inp: ImageInput) -> str:
+        return self.source.image_key(inp)
 
     @property
     def device(self) -> torch.device:
-        return torch.device(getattr(self.extractor, "device", "cpu"))
+        return self.source.device
 
     # -- extraction -------------------------------------------------------------
 
-    def _register(self) -> None:
-        if self.store is not None and not self._registered:
-            self.store.register_extractor(self.cache_key, self.extractor_info())
-            self._registered = True
-
-    def image_key(self, inp: ImageInput) -> str:
-        """The store key of an image: its content hash, plus the extractor's conditioning."""
-        condition = getattr(self.extractor, "conditioning", None)
-        extra = condition(inp) if condition is not None else ""
-        if not extra:
-            return inp.key
-        return f"{inp.key}-{hashlib.sha256(extra.encode()).hexdigest()[:12]}"
-
-    def _store_and_round(self, inp: ImageInput, fs: FeatureSet) -> FeatureSet:
-        """Store ``fs``; return it at the store's precision, so a later run that reads the
-        store sees exactly the features this run used."""
-        cpu = fs.to("cpu")
-        self.store.put(self.cache_key, self.image_key(inp), cpu, source=inp.source)
-        stored_dtype = getattr(torch, str(getattr(self.store, "dtype", "float32")))
-        return cpu.to(dtype=stored_dtype).to(self.device, torch.float32)
-
-    def _iter_features(
-        self, items: Sequence[ImageLike], report: ExtractReport, *, keep: bool, progress: Any = None
-    ) -> Iterator[tuple[int, FeatureSet | None]]:
-        """Yield ``(index, features)`` in input order, reading the store or extracting batches."""
-        batch: list[tuple[int, ImageInput]] = []
-        batch_size = max(1, int(getattr(self.extractor, "batch_size", 1)))
-
-        def flush() -> Iterator[tuple[int, FeatureSet | None]]:
-            feats = self.extractor.extract([inp for _, inp in batch])
-            self._register()  # only now: a run that finds everything stored never loads the model
-            for (index, inp), fs in zip(batch, feats):
-                fs.meta.setdefault("source", inp.source)
-                if self.store is not None:
-                    fs = self._store_and_round(inp, fs)
-                report.computed += 1
-                if progress is not None:
-                    progress.update(1)
-                yield index, (fs if keep else None)
-            batch.clear()
-
-        for index, item in enumerate(items):
-            report.total += 1
-            try:
-                inp = as_input(item)
-            except ImageError as exc:
-                if keep:
-                    raise
-                report.failed.append((str(item), str(exc)))
-                if progress is not None:
-                    progress.update(1)
-                continue
-            if self.store is not None and self.store.has(self.cache_key, self.image_key(inp)):
-                report.cached += 1
-                if progress is not None:
-                    progress.update(1)
-                yield (
-                    index,
-                    (
-                        self.store.get(self.cache_key, self.image_key(inp), device=self.device)
-                        if keep
-                        else None
-                    ),
-                )
-                continue
-            batch.append((index, inp))
-            if len(batch) >= batch_size:
-                yield from flush()
-        if batch:
-            yield from flush()
-
     def features(self, images: Sequence[ImageLike], *, progress: Any = None) -> list[FeatureSet]:
-        """Features of each image, from the store when present, else extracted (and stored)."""
-        report = ExtractReport()
-        out: dict[int, FeatureSet] = {}
-        for index, fs in self._iter_features(images, report, keep=True, progress=progress):
-            assert fs is not None
-            out[index] = fs
-        return [out[i] for i in range(len(images))]
+        """Features of each image from the (first) extractor, stored or extracted."""
+        return self.source.features(images, progress=progress)
+
+    def parts(self, images: Sequence[ImageLike]) -> list[dict[str, FeatureSet]]:
+        """Per image, the features of every extractor by name."""
+        inputs = [as_input(im) for im in images]
+        per_source = {src.name: src.features(inputs) for src in self.sources}
+        return [{name: feats[i] for name, feats in per_source.items()} for i in range(len(inputs))]
 
     def extract(self, images: Sequence[ImageLike], *, progress: Any = None) -> ExtractReport:
-        """Extract and store features of many images; unreadable images are reported, not fatal."""
+        """Extract and store features of many images with every extractor.
+
+        Unreadable images are reported, not fatal. With several extractors the
+        counts add up over extractors.
+        """
         if self.store is None:
             raise DiffeatError("extract needs a feature store: pass store=PATH (--store PATH)")
-        report = ExtractReport()
-        for _ in self._iter_features(images, report, keep=False, progress=progress):
-            pass
-        return report
+        total = ExtractReport()
+        for src in self.sources:
+            report = src.extract(images, progress=progress)
+            total.total += report.total
+            total.computed += report.computed
+            total.cached += report.cached
+            total.failed.extend(f for f in report.failed if f not in total.failed)
+        return total
 
     # -- matching ---------------------------------------------------------------
+
+    def _combines_parts(self) -> bool:
+        """Whether the aggregator takes every extractor's features by name (like ``fuse``)."""
+        if hasattr(self.aggregator, "fuse"):
+            return True
+        if len(self.sources) > 1:
+            raise ConfigError(
+                f"{self.config.source}: the pipeline has {len(self.sources)} extractors, but the "
+                f"aggregator {self.config.aggregator.plugin!r} takes one; use an aggregator that "
+                f'combines extractors, such as plugin = "fuse"'
+            )
+        return False
 
     def view(self, image: ImageLike) -> View:
         """The matcher's view of an image (with descriptors when the matcher needs them)."""
         inp = as_input(image)
         if not getattr(self.matcher, "needs_descriptors", True):
             return View(inp.image, ImageTransform.resize(inp.size, inp.size), source=inp.source)
+        if self._combines_parts():
+            (parts,) = self.parts([inp])
+            descriptors, transform = self.aggregator.fuse(parts)
+            first = parts[self.source.name]
+            return View(inp.image, transform, descriptors, features=first, source=inp.source)
         (fs,) = self.features([inp])
         descriptors = self.aggregator(fs)
         return View(
             inp.image, fs.transform, descriptors=descriptors, features=fs, source=inp.source
         )
+
+    def views(self, source: ImageLike, target: ImageLike) -> tuple[View, View]:
+        """Both views of a pair; an aggregator with ``fuse_pair`` (PCA per pair) sees both."""
+        src, tgt = as_input(source), as_input(target)
+        needs = getattr(self.matcher, "needs_descriptors", True)
+        if needs and self._combines_parts() and hasattr(self.aggregator, "fuse_pair"):
+            src_parts, tgt_parts = self.parts([src, tgt])
+            (sd, st), (td, tt) = self.aggregator.fuse_pair(src_parts, tgt_parts)
+            name = self.source.name
+            return (
+                View(src.image, st, sd, features=src_parts[name], source=src.source),
+                View(tgt.image, tt, td, features=tgt_parts[name], source=tgt.source),
+            )
+        return self.view(src), self.view(tgt)
 
     def match(self, source: ImageLike, target: ImageLike, points: Any) -> MatchResult:
         """Target points for ``points`` (``[(x, y), ...]`` source pixel indices)."""
@@ -263,5 +191,5 @@ class Pipeline:
         src_input = as_input(source)
         check_points(pts, src_input.size, "source point")
         tgt_input = as_input(target)
-        src, tgt = self.view(src_input), self.view(tgt_input)
+        src, tgt = self.views(src_input, tgt_input)
         return self.matcher.match(src, tgt, pts)

@@ -44,6 +44,7 @@ def extract_cmd(
     summary = {
         "store": store_path,
         "cache_key": pipe.cache_key,
+        "cache_keys": {src.name: src.cache_key for src in pipe.sources},
         "images": report.total,
         "computed": report.computed,
         "cached": report.cached,

@@ -14,6 +14,7 @@ from diffeat.core.features import FeatureSet
 from diffeat.core.geometry import Size, grid_size_of, resize_map
 from diffeat.core.hookspecs import Register, hookimpl
 from diffeat.core.options import opt
+from diffeat.plugins.fuse import Fuse
 
 
 def _layer(features: FeatureSet, name: str) -> torch.Tensor:
@@ -117,3 +118,4 @@ def register_aggregators(register: Register) -> None:
     register("select", Select)
     register("mean", Mean)
     register("concat", Concat)
+    register("fuse", Fuse)

@@ -1,0 +1,151 @@
+"""The ``fuse`` aggregator: several extractors' features combined into one descriptor map.
+
+Per part (extractor): each layer is averaged over timesteps, optionally reduced
+by PCA (fitted on both images of a pair, as SD-DINO does, or per image),
+resampled into a common frame, concatenated, L2-normalised over channels and
+weighted; the parts are then concatenated. The common frame is the grid of a
+reference part; resampling goes through image coordinates, so parts with
+different preprocessing (squash-resize, padding, other sizes) stay aligned.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+
+from diffeat.core.components import Aggregator
+from diffeat.core.errors import ConfigError
+from diffeat.core.features import FeatureSet
+from diffeat.core.geometry import ImageTransform, Size, grid_size_of, pixel_centres, sample_rows
+from diffeat.core.options import opt
+
+Parts = dict[str, FeatureSet]
+
+
+@dataclass
+class FuseOptions:
+    parts: list[str] = opt(
+        [], "extractor names to combine, in order; empty: all, in pipeline order"
+    )
+    weights: list[float] = opt([], "one weight per part, applied after normalisation; empty: 1")
+    normalize: bool = opt(True, "L2-normalise each part over its channels before weighting")
+    pca_dim: int = opt(0, "reduce each layer of the PCA parts to this many channels; 0: no PCA")
+    pca_parts: list[str] = opt([], "parts whose layers are PCA-reduced; empty: every part")
+    pca: Literal["pair", "image"] = opt(
+        "pair", "fit PCA on both images of a pair (SD-DINO) or on each image alone"
+    )
+    reference: str = opt("", "part whose grid and transform are the common frame; empty: the first")
+    size: list[int] = opt(
+        [], "common grid [width, height]; empty: the reference part's finest grid"
+    )
+
+    def validate(self) -> None:
+        if self.weights and self.parts and len(self.weights) != len(self.parts):
+            raise ValueError(f"weights has {len(self.weights)} values for {len(self.parts)} parts")
+        if self.pca_dim < 0:
+            raise ValueError(f"pca_dim must be >= 0, got {self.pca_dim}")
+
+
+def pca_project(maps: list[torch.Tensor], dim: int) -> list[torch.Tensor]:
+    """Project ``[C, h_i, w_i]`` maps onto the top ``dim`` principal components of all their cells.
+
+    Exact (SVD of the centred cells), so deterministic; maps with ``C <= dim`` are returned as is.
+    """
+    c = maps[0].shape[0]
+    if dim <= 0 or c <= dim:
+        return maps
+    cells = torch.cat([m.reshape(c, -1).T for m in maps]).double()
+    centred = cells - cells.mean(dim=0, keepdim=True)
+    _, _, vh = torch.linalg.svd(centred, full_matrices=False)
+    basis = vh[:dim].T  # [C, dim]
+    out, start = [], 0
+    for m in maps:
+        n = m.shape[-1] * m.shape[-2]
+        proj = (centred[start : start + n] @ basis).float()
+        out.append(proj.T.reshape(dim, *m.shape[-2:]))
+        start += n
+    return out
+
+
+def resample(
+    fmap: torch.Tensor, transform: ImageTransform, ref: ImageTransform, ref_grid: Size
+) -> torch.Tensor:
+    """Sample ``fmap`` (a grid over ``transform``'s model input) at the reference grid's cells."""
+    cells = pixel_centres(ref_grid).to(fmap.device)
+    image_pts = ref.grid_to_image(cells.reshape(-1, 2), ref_grid)
+    own = transform.image_to_grid(image_pts, grid_size_of(fmap))
+    return sample_rows(fmap.float(), own.reshape(ref_grid[1], ref_grid[0], 2))
+
+
+class Fuse(Aggregator):
+    """Combine several extractors (SD + DINOv2 as in SD-DINO, or any others)."""
+
+    Options = FuseOptions
+
+    def __init__(self, options: FuseOptions | None = None) -> None:
+        self.options = options or FuseOptions()
+
+    def __call__(self, features: FeatureSet) -> torch.Tensor:
+        return self.fuse({"features": features})[0]
+
+    def _names(self, parts: Parts) -> list[str]:
+        names = self.options.parts or list(parts)
+        missing = [n for n in names + [self.options.reference] if n and n not in parts]
+        if missing:
+            raise ConfigError(
+                f"fuse aggregator: no extractor named {missing[0]!r}; the pipeline has "
+                f"{', '.join(parts)}"
+            )
+        return names
+
+    def _layers(self, name: str, images: list[Parts]) -> list[list[torch.Tensor]]:
+        """Per image, the part's layers averaged over timesteps, PCA-reduced if asked."""
+        per_image = [[m.mean(dim=0).float() for m in p[name].layers.values()] for p in images]
+        o = self.options
+        if not o.pca_dim or (o.pca_parts and name not in o.pca_parts):
+            return per_image
+        for li in range(len(per_image[0])):
+            maps = [layers[li] for layers in per_image]
+            groups = [maps] if o.pca == "pair" else [[m] for m in maps]
+            reduced = [r for group in groups for r in pca_project(group, o.pca_dim)]
+            for layers, r in zip(per_image, reduced):
+                layers[li] = r
+        return per_image
+
+    def _combine(self, images: list[Parts]) -> list[tuple[torch.Tensor, ImageTransform]]:
+        names = self._names(images[0])
+        ref_name = self.options.reference or names[0]
+        weights = self.options.weights or [1.0] * len(names)
+        layers = {name: self._layers(name, images) for name in names}
+        out = []
+        for i, parts in enumerate(images):
+            ref = parts[ref_name].transform
+            if self.options.size:
+                grid = (int(self.options.size[0]), int(self.options.size[1]))
+            else:
+                grid = max(
+                    (grid_size_of(m) for m in layers[ref_name][i]), key=lambda s: s[0] * s[1]
+                )
+            chunks = []
+            for name, weight in zip(names, weights):
+                own = parts[name].transform
+                part = torch.cat([resample(m, own, ref, grid) for m in layers[name][i]])
+                if self.options.normalize:
+                    part = F.normalize(part, dim=0)
+                chunks.append(part * weight)
+            out.append((torch.cat(chunks), ref))
+        return out
+
+    def fuse(self, parts: Parts) -> tuple[torch.Tensor, ImageTransform]:
+        """One image's descriptor map and the transform of its frame (PCA per image if asked)."""
+        return self._combine([parts])[0]
+
+    def fuse_pair(
+        self, source: Parts, target: Parts
+    ) -> tuple[tuple[torch.Tensor, ImageTransform], tuple[torch.Tensor, ImageTransform]]:
+        """Both images of a pair; with ``pca = "pair"`` the PCA is fitted on both together."""
+        src, tgt = self._combine([source, target])
+        return src, tgt

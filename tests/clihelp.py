@@ -38,3 +38,25 @@ def run(
 
 def run_json(*args: Any, **kwargs: Any) -> Any:
     return json.loads(run(*args, "--json", **kwargs).stdout)
+
+
+def pip_install(target: Path, package: Path) -> None:
+    """``pip install`` a local package into the folder ``target`` (offline, no dependencies)."""
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "install",
+            "--quiet",
+            "--no-deps",
+            "--no-build-isolation",
+            "--no-index",
+            "--target",
+            str(target),
+            str(package),
+        ],
+        check=True,
+        capture_output=True,
+        timeout=300,
+    )

@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from clihelp import cli_env, run, run_json
+from clihelp import cli_env, pip_install, run, run_json
 
 from diffeat.core.components import MatchResult
 from diffeat.core.pipeline import Pipeline
@@ -168,30 +168,6 @@ def test_several_thresholds_and_overrides(manager, tmp_path):
 
 
 # ------------------------------------------------------------------------- the real CLI
-
-
-def pip_install(target: Path, package: Path) -> None:
-    import subprocess
-    import sys
-
-    subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "pip",
-            "install",
-            "--quiet",
-            "--no-deps",
-            "--no-build-isolation",
-            "--no-index",
-            "--target",
-            str(target),
-            str(package),
-        ],
-        check=True,
-        capture_output=True,
-        timeout=300,
-    )
 
 
 @pytest.fixture(scope="module")

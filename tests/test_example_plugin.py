@@ -3,38 +3,15 @@
 from __future__ import annotations
 
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
-from clihelp import cli_env, run, run_json
+from clihelp import cli_env, pip_install, run, run_json
 
 from diffeat.testing import smooth_texture
 
 pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def pip_install(target: Path, package: Path) -> None:
-    subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "pip",
-            "install",
-            "--quiet",
-            "--no-deps",
-            "--no-build-isolation",
-            "--no-index",
-            "--target",
-            str(target),
-            str(package),
-        ],
-        check=True,
-        capture_output=True,
-        timeout=300,
-    )
 
 
 @pytest.fixture(scope="module")

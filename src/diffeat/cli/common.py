@@ -27,6 +27,15 @@ def parse_point(text: str) -> tuple[float, float]:
     return x, y
 
 
+store_option = click.option(
+    "--store",
+    "store_path",
+    default=None,
+    type=click.Path(),
+    help="Reuse and keep features in this store.",
+)
+
+
 def config_options(fn: Callable[..., Any]) -> Callable[..., Any]:
     """``--set``, ``--model`` and ``--device`` overrides shared by pipeline commands."""
     fn = click.option(

@@ -8,7 +8,7 @@ from typing import Any
 
 import click
 
-from diffeat.cli.common import collect_overrides, config_options, emit_json
+from diffeat.cli.common import collect_overrides, config_options, emit_json, store_option
 from diffeat.core.errors import DiffeatError
 
 THRESHOLD_CHOICES = ("bbox-target", "bbox-source", "img", "kps-target", "kps-source")
@@ -70,13 +70,7 @@ def build_dataset(name: str, values: dict[str, Any]) -> Any:
     metavar="KEY=VALUE",
     help="A dataset option, e.g. -o pairs_per_class=20 (repeatable; see `diffeat datasets`).",
 )
-@click.option(
-    "--store",
-    "store_path",
-    default=None,
-    type=click.Path(),
-    help="Reuse and keep features in this store.",
-)
+@store_option
 @click.option(
     "--out",
     "out_dir",

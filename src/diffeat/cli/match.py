@@ -4,7 +4,13 @@ from __future__ import annotations
 
 import click
 
-from diffeat.cli.common import collect_overrides, config_options, emit_json, parse_point
+from diffeat.cli.common import (
+    collect_overrides,
+    config_options,
+    emit_json,
+    parse_point,
+    store_option,
+)
 from diffeat.core.config import load_config
 from diffeat.core.errors import DiffeatError
 
@@ -22,13 +28,7 @@ from diffeat.core.errors import DiffeatError
     metavar="X,Y",
     help="Source point in pixels (repeatable).",
 )
-@click.option(
-    "--store",
-    "store_path",
-    default=None,
-    type=click.Path(),
-    help="Reuse and keep features in this store.",
-)
+@store_option
 @click.option(
     "--plot",
     "plot_path",

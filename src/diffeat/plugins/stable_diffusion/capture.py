@@ -1,24 +1,13 @@
-"""Capture module outputs with forward hooks and stop the forward once all are in.
-
-The diffusers model is never modified or re-implemented: hooks sit on its
-public submodules, and a private exception ends the forward early when no
-deeper module is needed.
-"""
+"""Which UNet modules to capture: names and glob patterns, resolved on the model."""
 
 from __future__ import annotations
 
 import fnmatch
-from collections.abc import Callable
-from typing import Any
 
-import torch
 from torch import nn
 
 from diffeat.core.errors import ConfigError
-
-
-class _StopForward(Exception):
-    """Raised from a hook once every requested output has been captured."""
+from diffeat.plugins.capture import HookTarget, ModuleCapture, first_tensor
 
 
 def resolve_modules(model: nn.Module, patterns: list[str], where: str = "layers") -> list[str]:
@@ -44,44 +33,8 @@ def resolve_modules(model: nn.Module, patterns: list[str], where: str = "layers"
     return sorted(chosen, key=order.__getitem__)
 
 
-class OutputCapture:
-    """Context manager: hooks ``names`` of ``model``; ``run(fn)`` returns their outputs."""
-
-    def __init__(self, model: nn.Module, names: list[str], *, stop_early: bool = True) -> None:
-        self.model = model
-        self.names = list(names)
-        self.stop_early = stop_early
-        self.outputs: dict[str, torch.Tensor] = {}
-        self._handles: list[Any] = []
-
-    def __enter__(self) -> OutputCapture:
-        modules = dict(self.model.named_modules())
-        for name in self.names:
-            self._handles.append(modules[name].register_forward_hook(self._hook(name)))
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        for handle in self._handles:
-            handle.remove()
-        self._handles.clear()
-
-    def _hook(self, name: str) -> Callable[..., None]:
-        def hook(module: nn.Module, args: Any, output: Any) -> None:
-            tensor = output[0] if isinstance(output, (tuple, list)) else output
-            self.outputs[name] = tensor
-            if self.stop_early and len(self.outputs) == len(self.names):
-                raise _StopForward
-
-        return hook
-
-    def run(self, forward: Callable[[], Any]) -> dict[str, torch.Tensor]:
-        """Call ``forward()`` and return the captured outputs (all of them, or an error)."""
-        self.outputs = {}
-        try:
-            forward()
-        except _StopForward:
-            pass
-        missing = [n for n in self.names if n not in self.outputs]
-        if missing:
-            raise RuntimeError(f"modules {missing} did not run during the forward pass")
-        return self.outputs
+def OutputCapture(model: nn.Module, names: list[str], *, stop_early: bool = True) -> ModuleCapture:
+    """Capture the outputs of the named submodules of ``model`` (see :class:`ModuleCapture`)."""
+    modules = dict(model.named_modules())
+    targets = [HookTarget(name, modules[name], "output", first_tensor) for name in names]
+    return ModuleCapture(targets, stop_early=stop_early)

@@ -22,7 +22,7 @@ and normalised with the model's own mean and std.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -37,6 +37,7 @@ from diffeat.core.features import FeatureSet, LayerInfo
 from diffeat.core.geometry import ImageTransform, Size
 from diffeat.core.images import ImageInput, resize
 from diffeat.core.options import opt
+from diffeat.plugins.capture import HookTarget, ModuleCapture
 
 FACETS = ("token", "key", "query", "value")
 Facet = Literal["token", "key", "query", "value"]
@@ -255,83 +256,6 @@ def tokens_to_map(tokens: torch.Tensor, prefix: int, grid: tuple[int, int]) -> t
 # -- hooks ---------------------------------------------------------------------------------------
 
 
-class _StopForward(Exception):
-    """Raised from a hook once every requested output has been captured."""
-
-
-@dataclass
-class HookTarget:
-    """Where one layer comes from.
-
-    ``kind`` ``"output"``: a forward hook, ``read(output)`` gives ``[B, N, C]``;
-    ``"input"``: a forward pre-hook, ``read(args)`` gives ``[B, N, C]``.
-    """
-
-    name: str
-    module: nn.Module
-    kind: Literal["output", "input"]
-    read: Callable[[Any], torch.Tensor]
-
-
-class TokenCapture:
-    """Context manager: hooks the targets; ``run(fn)`` calls ``fn()`` and returns the captures."""
-
-    def __init__(self, targets: list[HookTarget], *, stop_early: bool = True) -> None:
-        self.targets = targets
-        self.stop_early = stop_early
-        self.outputs: dict[str, torch.Tensor] = {}
-        self._handles: list[Any] = []
-
-    def __enter__(self) -> TokenCapture:
-        for t in self.targets:
-            if t.kind == "output":
-                self._handles.append(t.module.register_forward_hook(self._output_hook(t)))
-            else:
-                self._handles.append(t.module.register_forward_pre_hook(self._input_hook(t)))
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        for handle in self._handles:
-            handle.remove()
-        self._handles.clear()
-
-    def _store(self, name: str, tensor: torch.Tensor) -> None:
-        self.outputs[name] = tensor
-        if self.stop_early and len(self.outputs) == len(self.targets):
-            raise _StopForward
-
-    def _output_hook(self, t: HookTarget) -> Callable[..., None]:
-        def hook(module: nn.Module, args: Any, output: Any) -> None:
-            self._store(t.name, t.read(output))
-
-        return hook
-
-    def _input_hook(self, t: HookTarget) -> Callable[..., None]:
-        def hook(module: nn.Module, args: Any) -> None:
-            self._store(t.name, t.read(args))
-
-        return hook
-
-    def run(self, forward: Callable[[], Any]) -> dict[str, torch.Tensor]:
-        self.outputs = {}
-        try:
-            forward()
-        except _StopForward:
-            pass
-        missing = [t.name for t in self.targets if t.name not in self.outputs]
-        if missing:
-            raise RuntimeError(f"layers {missing} were not computed during the forward pass")
-        return self.outputs
-
-
-def first_tensor(output: Any) -> torch.Tensor:
-    """The tensor of a module output (transformers 4.x layers return tuples)."""
-    return output[0] if isinstance(output, (tuple, list)) else output
-
-
-# -- the extractor -------------------------------------------------------------------------------
-
-
 class ViTExtractorBase(Extractor):
     """Patch-token maps from chosen blocks of a ViT; subclasses bind a model family.
 
@@ -454,7 +378,7 @@ class ViTExtractorBase(Extractor):
         targets = self.hook_targets(model, self.blocks, facet)
         x = pixels.to(self.device, self.dtype)
         with torch.no_grad():
-            with TokenCapture(targets, stop_early=self.options.stop_early) as cap:
+            with ModuleCapture(targets, stop_early=self.options.stop_early) as cap:
                 outs = cap.run(lambda: self.forward(model, x))
             norm = self.final_norm(model) if self.options.final_norm else None
             maps = {}

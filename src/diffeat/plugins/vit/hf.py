@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from diffeat.core.errors import ModelLoadError
+from diffeat.plugins.capture import HookTarget, first_tensor
 from diffeat.plugins.modelfiles import (
     files_fingerprint,
     hub_snapshot,
@@ -27,10 +28,8 @@ from diffeat.plugins.modelfiles import (
 from diffeat.plugins.vit.common import (
     IMAGENET_MEAN,
     IMAGENET_STD,
-    HookTarget,
     ModelSpec,
     ViTExtractorBase,
-    first_tensor,
     layer_name,
 )
 

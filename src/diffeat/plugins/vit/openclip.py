@@ -39,11 +39,11 @@ from torch import nn
 
 from diffeat.core.errors import ConfigError, ModelLoadError
 from diffeat.core.options import opt
+from diffeat.plugins.capture import HookTarget, first_tensor
 from diffeat.plugins.modelfiles import files_fingerprint, hub_snapshot, is_hub_id
 from diffeat.plugins.vit.common import (
     DType,
     Facet,
-    HookTarget,
     ModelSpec,
     Resample,
     SizeRule,
@@ -53,7 +53,6 @@ from diffeat.plugins.vit.common import (
     device_field,
     dtype_field,
     facet_field,
-    first_tensor,
     image_size_field,
     layer_name,
     resample_field,

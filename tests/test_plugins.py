@@ -39,7 +39,7 @@ def test_builtins_are_registered_through_hooks():
     pm = PluginManager(entry_points=False)
     assert {"stable-diffusion", "dino", "dinov2", "openclip"} <= set(pm.names("extractor"))
     assert {"spair", "pfwillow", "cub"} <= set(pm.names("dataset"))
-    assert pm.names("aggregator") == ["concat", "fuse", "mean", "select"]
+    assert pm.names("aggregator") == ["concat", "fuse", "hyperfeatures", "mean", "select"]
     assert pm.names("matcher") == ["mutual", "nearest", "soft-argmax"]
     assert pm.get("matcher", "nearest").plugin == "matchers"
 
@@ -81,4 +81,4 @@ def test_disable_env(monkeypatch):
     monkeypatch.setenv("DIFFEAT_DISABLE_PLUGINS", "matchers")
     pm = PluginManager(entry_points=False)
     assert pm.names("matcher") == []
-    assert pm.names("aggregator") == ["concat", "fuse", "mean", "select"]
+    assert pm.names("aggregator") == ["concat", "fuse", "hyperfeatures", "mean", "select"]

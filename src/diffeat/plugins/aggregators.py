@@ -15,6 +15,7 @@ from diffeat.core.geometry import Size, grid_size_of, resize_map
 from diffeat.core.hookspecs import Register, hookimpl
 from diffeat.core.options import opt
 from diffeat.plugins.fuse import Fuse
+from diffeat.plugins.hyperfeatures import Hyperfeatures
 
 
 def _layer(features: FeatureSet, name: str) -> torch.Tensor:
@@ -119,3 +120,4 @@ def register_aggregators(register: Register) -> None:
     register("mean", Mean)
     register("concat", Concat)
     register("fuse", Fuse)
+    register("hyperfeatures", Hyperfeatures)

@@ -16,17 +16,28 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Sequence
 from dataclasses import dataclass
+from functools import partial
 from typing import Any, Literal
 
 import torch
 
 from diffeat.core.components import Extractor
+from diffeat.core.devices import pick_device
 from diffeat.core.errors import DiffeatError
 from diffeat.core.features import FeatureSet, LayerInfo
 from diffeat.core.geometry import ImageTransform, Size
 from diffeat.core.images import ImageInput, resize, to_tensor
 from diffeat.core.options import opt
 from diffeat.plugins.stable_diffusion.capture import OutputCapture, resolve_modules
+from diffeat.plugins.stable_diffusion.ddim import (
+    DdimStep,
+    alpha_at,
+    check_kept,
+    ddim_update,
+    epsilon_from,
+    generation_steps,
+    inversion_steps,
+)
 from diffeat.plugins.stable_diffusion.loading import (
     load_parts,
     model_fingerprint,
@@ -49,7 +60,32 @@ class StableDiffusionOptions:
         "UNet module names or glob patterns whose outputs are captured, e.g. up_blocks.1 "
         "(DIFT up_ft_index 1) or up_blocks.*.resnets.*.conv2 (decoder ResNet residual branches)",
     )
-    timesteps: list[int] = opt([261], "noise timesteps; one UNet pass each")
+    mode: Literal["add-noise", "inversion", "generation"] = opt(
+        "add-noise",
+        "add-noise: noise the latent to each timestep and run the UNet once per timestep (DIFT); "
+        "inversion: deterministic DDIM inversion of the clean latent, capturing at the kept "
+        "timesteps on the way (Diffusion Hyperfeatures); generation: sample an image from the "
+        "prompt and capture while denoising (`diffeat generate`)",
+    )
+    timesteps: list[int] = opt(
+        [261],
+        "add-noise: noise timesteps, one UNet pass each; inversion/generation: the UNet "
+        "timesteps whose maps are kept (-1 is the clean latent, e.g. [-1, 60, 160, ..., 960])",
+    )
+    inversion_steps: int = opt(
+        50, "DDIM steps of the inversion or generation (eta 0); 1 with timesteps [-1]: one-step"
+    )
+    steps_offset: int = opt(
+        0,
+        "added to the DDIM timesteps of inversion/generation; 0 as the hyperfeatures code "
+        "(SD 1.5's own scheduler config says 1)",
+    )
+    guidance_scale: float = opt(
+        -1.0,
+        "generation: classifier-free guidance scale with negative_prompt (<= 1: none); maps "
+        "come from the conditional pass",
+    )
+    negative_prompt: str = opt("", "generation: the unconditional prompt of guidance")
     ensemble_size: int = opt(8, "noisy copies per image; their feature maps are averaged")
     image_size: list[int] = opt(
         [768, 768], "model input [width, height]; images are squash-resized"
@@ -81,6 +117,11 @@ class StableDiffusionOptions:
             raise ValueError("layers: give at least one UNet module name")
         if not self.timesteps:
             raise ValueError("timesteps: give at least one timestep")
+        if self.mode != "add-noise" and self.ensemble_size != 1 and self.latent == "mean":
+            raise ValueError(
+                "ensemble_size > 1 with latent = mean repeats one deterministic inversion; "
+                "use ensemble_size = 1"
+            )
         if self.ensemble_size < 1:
             raise ValueError(f"ensemble_size must be >= 1, got {self.ensemble_size}")
         if self.batch_size < 1:
@@ -94,12 +135,6 @@ class StableDiffusionOptions:
 def image_seed(seed: int, key: str) -> int:
     """The noise seed of one image: depends on the config seed and the image content only."""
     return int(hashlib.sha256(f"{seed}:{key}".encode()).hexdigest()[:15], 16)
-
-
-def pick_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
 
 
 class StableDiffusionExtractor(Extractor):
@@ -189,7 +224,7 @@ class StableDiffusionExtractor(Extractor):
         return (int(self.parts.vae.config.latent_channels), h // vae_factor, w // vae_factor)
 
     def make_noise(self, key: str) -> dict[str, torch.Tensor]:
-        """The noise one image gets: ``posterior`` ``[E, c, h, w]`` and ``noise`` ``[T, E, c, h, w]``.
+        """The noise one image gets: ``posterior`` ``[E, c, h, w]`` and (add-noise) ``noise`` ``[T, E, c, h, w]``.
 
         Drawn on the CPU from :func:`image_seed`, so results do not depend on
         the device, the batch composition or the order of images.
@@ -198,6 +233,8 @@ class StableDiffusionExtractor(Extractor):
         gen = torch.Generator().manual_seed(image_seed(self.options.seed, key))
         shape = self.latent_shape()
         posterior = torch.randn((e, *shape), generator=gen)
+        if self.options.mode != "add-noise":  # the inversion is deterministic
+            return {"posterior": posterior}
         noise = torch.randn((t, e, *shape), generator=gen)
         return {"posterior": posterior, "noise": noise}
 
@@ -265,36 +302,117 @@ class StableDiffusionExtractor(Extractor):
         prompts: Sequence[str],
     ) -> dict[str, torch.Tensor]:
         """Per layer ``[B, T, C, h, w]`` (float32, ensemble-averaged) for pixels ``[B, 3, H, W]``."""
-        p = self.parts
-        o = self.options
-        b, e = pixels.shape[0], o.ensemble_size
-        x = pixels.to(self.device, self.dtype)
+        if self.options.mode == "generation":
+            raise DiffeatError(
+                "this extractor is in generation mode: it makes its own images from the prompt "
+                "(`diffeat generate CONFIG --prompt ...`); to extract features of existing "
+                'images use mode = "inversion" or "add-noise"'
+            )
+        b, e = pixels.shape[0], self.options.ensemble_size
         with torch.no_grad():
-            if o.encode_per_copy:
-                dist = p.vae.encode(x.repeat_interleave(e, dim=0)).latent_dist
-                mean, std = dist.mean, dist.std
-            else:
-                dist = p.vae.encode(x).latent_dist
-                mean = dist.mean.repeat_interleave(e, dim=0)
-                std = dist.std.repeat_interleave(e, dim=0)
-            if o.latent == "sample":
-                eps = torch.cat([n["posterior"] for n in noise]).to(self.device, mean.dtype)
-                latents = mean + std * eps
-            else:
-                latents = mean
-            latents = latents * p.vae.config.scaling_factor
+            latents = self.encode(pixels, noise)
             context = torch.cat([self.prompt_embeddings(pr) for pr in prompts])
             context = context.repeat_interleave(e, dim=0)
-            per_t: dict[str, list[torch.Tensor]] = {name: [] for name in self.module_names}
-            for ti, t in enumerate(o.timesteps):
-                step = torch.tensor(t, dtype=torch.long, device=self.device)
-                n = torch.cat([item["noise"][ti] for item in noise]).to(self.device, latents.dtype)
-                noisy = p.scheduler.add_noise(latents, n, step)
-                with OutputCapture(p.unet, self.module_names, stop_early=o.stop_early) as cap:
-                    outs = cap.run(
-                        lambda z=noisy, s=step: p.unet(z, s, encoder_hidden_states=context)
-                    )
-                for name in self.module_names:
-                    ft = outs[name].float()
-                    per_t[name].append(ft.view(b, e, *ft.shape[1:]).mean(dim=1))
+            if self.options.mode == "inversion":
+                maps = self.invert(latents, context)
+            else:
+                maps = self.noised_passes(latents, context, noise)
+        return {name: m.view(b, e, *m.shape[1:]).mean(dim=1) for name, m in maps.items()}
+
+    def encode(
+        self, pixels: torch.Tensor, noise: Sequence[dict[str, torch.Tensor]]
+    ) -> torch.Tensor:
+        """Scaled VAE latents ``[B*E, c, h, w]``: posterior samples (or the mean) per copy."""
+        p, o, e = self.parts, self.options, self.options.ensemble_size
+        x = pixels.to(self.device, self.dtype)
+        if o.encode_per_copy:
+            dist = p.vae.encode(x.repeat_interleave(e, dim=0)).latent_dist
+            mean, std = dist.mean, dist.std
+        else:
+            dist = p.vae.encode(x).latent_dist
+            mean = dist.mean.repeat_interleave(e, dim=0)
+            std = dist.std.repeat_interleave(e, dim=0)
+        if o.latent == "sample":
+            eps = torch.cat([n["posterior"] for n in noise]).to(self.device, mean.dtype)
+            latents = mean + std * eps
+        else:
+            latents = mean
+        return latents * p.vae.config.scaling_factor
+
+    def noised_passes(
+        self,
+        latents: torch.Tensor,
+        context: torch.Tensor,
+        noise: Sequence[dict[str, torch.Tensor]],
+    ) -> dict[str, torch.Tensor]:
+        """DIFT: per timestep, ``add_noise`` and one UNet pass; ``[B*E, T, C, h, w]`` per layer."""
+        p, o = self.parts, self.options
+        per_t: dict[str, list[torch.Tensor]] = {name: [] for name in self.module_names}
+        for ti, t in enumerate(o.timesteps):
+            step = torch.tensor(t, dtype=torch.long, device=self.device)
+            n = torch.cat([item["noise"][ti] for item in noise]).to(self.device, latents.dtype)
+            noisy = p.scheduler.add_noise(latents, n, step)
+            with OutputCapture(p.unet, self.module_names, stop_early=o.stop_early) as cap:
+                outs = cap.run(lambda z=noisy, s=step: p.unet(z, s, encoder_hidden_states=context))
+            for name in self.module_names:
+                per_t[name].append(outs[name].float())
         return {name: torch.stack(maps, dim=1) for name, maps in per_t.items()}
+
+    # -- DDIM inversion and generation (Diffusion Hyperfeatures) ----------------------------
+
+    def schedule(self) -> list[DdimStep]:
+        """The UNet passes of the inversion (or, in generation mode, of the sampler)."""
+        n = int(self.parts.scheduler.config.num_train_timesteps)
+        make = generation_steps if self.options.mode == "generation" else inversion_steps
+        return make(self.options.inversion_steps, n, self.options.steps_offset)
+
+    def _unet_timestep(self, t: int, batch: int) -> torch.Tensor:
+        # float, as the official code passes it; -1 (the clean latent) is embedded as is
+        return torch.full((batch,), float(t), device=self.device)
+
+    def invert(
+        self,
+        latents: torch.Tensor,
+        context: torch.Tensor,
+        trajectory: list[torch.Tensor] | None = None,
+    ) -> dict[str, torch.Tensor]:
+        """DDIM inversion of ``latents`` capturing at the kept timesteps; ``[N, T, C, h, w]``.
+
+        The latent is carried in float32 between steps (as the official code's
+        autocast does); only the UNet runs in the model dtype. The inversion
+        stops after the last kept step, and that last pass stops after the
+        deepest captured module. ``trajectory``, when given, receives the
+        latent after every completed step.
+        """
+        p, o = self.parts, self.options
+        steps = self.schedule()
+        kept = check_kept(list(o.timesteps), steps, "inversion")
+        last = max(kept.values())
+        alphas = p.scheduler.alphas_cumprod.float()
+        prediction = p.scheduler.config.prediction_type
+        x = latents.float()
+        captured: dict[int, dict[str, torch.Tensor]] = {}
+        for step in steps[: last + 1]:
+            z, t_in = x.to(self.dtype), self._unet_timestep(step.t, x.shape[0])
+            if step.t not in kept:
+                out = p.unet(z, t_in, encoder_hidden_states=context).sample
+            elif step.index == last:  # nothing after this pass is needed
+                with OutputCapture(p.unet, self.module_names, stop_early=o.stop_early) as cap:
+                    captured[step.t] = cap.run(
+                        partial(p.unet, z, t_in, encoder_hidden_states=context)
+                    )
+                break
+            else:
+                with OutputCapture(p.unet, self.module_names, stop_early=False) as cap:
+                    out = p.unet(z, t_in, encoder_hidden_states=context).sample
+                captured[step.t] = {k: v.float() for k, v in cap.outputs.items()}
+            a, a_next = alpha_at(alphas, step.t), alpha_at(alphas, step.t_next)
+            a, a_next = a.to(self.device), a_next.to(self.device)
+            eps = epsilon_from(out.float(), x, a, prediction)
+            x = ddim_update(x, eps, a, a_next)
+            if trajectory is not None:
+                trajectory.append(x)
+        return {
+            name: torch.stack([captured[t][name].float() for t in o.timesteps], dim=1)
+            for name in self.module_names
+        }

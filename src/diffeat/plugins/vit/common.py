@@ -32,6 +32,7 @@ from PIL import Image
 from torch import nn
 
 from diffeat.core.components import Extractor
+from diffeat.core.devices import pick_device
 from diffeat.core.errors import ConfigError
 from diffeat.core.features import FeatureSet, LayerInfo
 from diffeat.core.geometry import ImageTransform, Size
@@ -149,12 +150,6 @@ class ModelSpec:
     width: int  # channels of the block output tokens
     attn_width: int  # channels of the key/query/value projections (heads x head dim)
     prefix_tokens: int  # CLS (+ registers) before the patch tokens
-
-
-def pick_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
 
 
 def resolve_blocks(blocks: Sequence[int], num_blocks: int, where: str) -> list[int]:

@@ -221,3 +221,71 @@ def test_generation_mode_refuses_existing_images(tiny_sd, image):
     ex = make(tiny_sd, mode="generation", timesteps=[980])
     with pytest.raises(Exception, match="diffeat generate"):
         ex.extract([as_input(image)])
+
+
+def written_out_generation(
+    folder, seed: int, steps: int, guidance: float, prompt: str, negative: str
+):
+    """The official generalized_steps in generation mode with classifier-free guidance."""
+    unet = UNet2DConditionModel.from_pretrained(folder, subfolder="unet").eval()
+    vae = AutoencoderKL.from_pretrained(folder, subfolder="vae").eval()
+    tok = CLIPTokenizer.from_pretrained(folder, subfolder="tokenizer")
+    enc = CLIPTextModel.from_pretrained(folder, subfolder="text_encoder").eval()
+    sched = official_scheduler()
+    sched.set_timesteps(steps)
+    seq = torch.flip(sched.timesteps, dims=(0,))
+    seq_next = [-1, *seq[:-1].tolist()]
+    alphas = (1 - sched.betas).cumprod(dim=0)
+
+    def embed(text):
+        ids = tok(
+            [text], padding="max_length", max_length=tok.model_max_length, return_tensors="pt"
+        )
+        return enc(ids.input_ids).last_hidden_state
+
+    captured: dict[int, torch.Tensor] = {}
+    current = {"t": None}
+    hook = (
+        unet.up_blocks[1]
+        .resnets[2]
+        .conv2.register_forward_hook(lambda m, a, out: captured.__setitem__(current["t"], out))
+    )
+    with torch.no_grad():
+        cond, uncond = embed(prompt), embed(negative)
+        shape = (1, unet.config.in_channels, SIZE // 8, SIZE // 8)
+        xt = torch.randn(shape, generator=torch.Generator().manual_seed(seed))
+        for t, next_t in zip(reversed(seq.tolist()), reversed(seq_next)):
+            at = alphas[t].reshape(1)
+            at_next = torch.ones(1) if next_t == -1 else alphas[next_t].reshape(1)
+            tt = torch.ones(1) * t
+            current["t"] = None
+            et_u = unet(xt, tt, encoder_hidden_states=uncond).sample
+            current["t"] = t  # the maps kept are the conditional pass's (the last call)
+            et_c = unet(xt, tt, encoder_hidden_states=cond).sample
+            et = et_u + guidance * (et_c - et_u)
+            x0_t = (xt - et * (1 - at).sqrt()) / at.sqrt()
+            xt = at_next.sqrt() * x0_t + (1 - at_next).sqrt() * et
+        image = vae.decode(xt / vae.config.scaling_factor).sample
+    hook.remove()
+    image = (image / 2 + 0.5).clamp(0, 1)[0].permute(1, 2, 0).numpy()
+    return captured, (image * 255).round().astype("uint8")
+
+
+def test_generation_matches_written_out_sampler(tiny_sd):
+    ex = make(
+        tiny_sd,
+        mode="generation",
+        timesteps=[900, 400, 0],
+        layers=["up_blocks.1.resnets.2.conv2"],
+        prompt="a photo",
+        negative_prompt="blurry",
+        guidance_scale=7.5,
+    )
+    image, fs = ex.generate(seed=7)
+    ref_maps, ref_image = written_out_generation(tiny_sd, 7, STEPS, 7.5, "a photo", "blurry")
+    got = fs.layers["up_blocks.1.resnets.2.conv2"]
+    assert fs.timesteps == (900, 400, 0)
+    for k, t in enumerate([900, 400, 0]):
+        torch.testing.assert_close(got[k], ref_maps[t][0], atol=1e-4, rtol=1e-4)
+    assert image.size == (SIZE, SIZE)
+    assert np.abs(np.asarray(image).astype(int) - ref_image.astype(int)).max() <= 1

@@ -126,6 +126,13 @@ class FeatureSource:
             return inp.key
         return f"{inp.key}-{hashlib.sha256(extra.encode()).hexdigest()[:12]}"
 
+    def put(self, image: ImageLike, fs: FeatureSet) -> None:
+        """Store features computed outside :meth:`features`, e.g. while generating ``image``."""
+        if self.store is None:
+            raise DiffeatError("storing features needs a feature store (--store PATH)")
+        self._register()
+        self._store_and_round(as_input(image), fs)
+
     def _store_and_round(self, inp: ImageInput, fs: FeatureSet) -> FeatureSet:
         """Store ``fs``; return it at the store's precision, so a later run that reads the
         store sees exactly the features this run used."""

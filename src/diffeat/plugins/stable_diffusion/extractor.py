@@ -19,7 +19,9 @@ from dataclasses import dataclass
 from functools import partial
 from typing import Any, Literal
 
+import numpy as np
 import torch
+from PIL import Image
 
 from diffeat.core.components import Extractor
 from diffeat.core.devices import pick_device
@@ -165,7 +167,8 @@ class StableDiffusionExtractor(Extractor):
     @property
     def parts(self) -> Any:
         if self._parts is None:
-            self._parts = load_parts(self.folder, self.dtype, self.device)
+            decoder = self.options.mode == "generation"
+            self._parts = load_parts(self.folder, self.dtype, self.device, decoder=decoder)
         return self._parts
 
     def model_identity(self) -> dict[str, Any]:
@@ -416,3 +419,64 @@ class StableDiffusionExtractor(Extractor):
             name: torch.stack([captured[t][name].float() for t in o.timesteps], dim=1)
             for name in self.module_names
         }
+
+    def generate(self, seed: int) -> tuple[Image.Image, FeatureSet]:
+        """Sample one image from the prompt, capturing the maps while denoising.
+
+        The initial noise is drawn on the CPU from ``seed``; with
+        ``guidance_scale > 0`` every step runs the UNet on ``negative_prompt``
+        and then on the prompt (classifier-free guidance) and the maps come
+        from the prompt's pass, as the official code keeps the last call's.
+        Returns the decoded image (at the model size) and its features, whose
+        transform is the identity.
+        """
+        p, o = self.parts, self.options
+        if o.mode != "generation":
+            raise DiffeatError(
+                f'generate needs [extractor] mode = "generation" (this one is {o.mode!r})'
+            )
+        if CATEGORY in o.prompt:
+            raise DiffeatError("a generation prompt cannot use {category}: give the prompt itself")
+        steps = self.schedule()
+        kept = check_kept(list(o.timesteps), steps, "generation")
+        alphas = p.scheduler.alphas_cumprod.float()
+        prediction = p.scheduler.config.prediction_type
+        gen = torch.Generator().manual_seed(int(seed))
+        x = torch.randn((1, *self.latent_shape()), generator=gen).to(self.device)
+        guided = o.guidance_scale > 0
+        captured: dict[int, dict[str, torch.Tensor]] = {}
+        with torch.no_grad():
+            cond = self.prompt_embeddings(o.prompt)
+            uncond = self.prompt_embeddings(o.negative_prompt) if guided else None
+            for step in steps:
+                z, t_in = x.to(self.dtype), self._unet_timestep(step.t, 1)
+                if uncond is not None:
+                    out_u = p.unet(z, t_in, encoder_hidden_states=uncond).sample.float()
+                if step.t in kept:
+                    with OutputCapture(p.unet, self.module_names, stop_early=False) as cap:
+                        out = p.unet(z, t_in, encoder_hidden_states=cond).sample.float()
+                    captured[step.t] = {k: v.float() for k, v in cap.outputs.items()}
+                else:
+                    out = p.unet(z, t_in, encoder_hidden_states=cond).sample.float()
+                if uncond is not None:
+                    out = out_u + o.guidance_scale * (out - out_u)
+                a, a_next = alpha_at(alphas, step.t), alpha_at(alphas, step.t_next)
+                a, a_next = a.to(self.device), a_next.to(self.device)
+                x = ddim_update(x, epsilon_from(out, x, a, prediction), a, a_next)
+            image = self.decode(x)
+        layers = {
+            name: torch.cat([captured[t][name] for t in o.timesteps]) for name in self.module_names
+        }
+        meta = {
+            "transform": self.transform_for(image.size).to_dict(),
+            "prompt": o.prompt,
+            "generation_seed": int(seed),
+        }
+        return image, FeatureSet(layers, self.timesteps(), meta)
+
+    def decode(self, latents: torch.Tensor) -> Image.Image:
+        """The image of one scaled latent ``[1, c, h, w]``, rounded to 8 bits."""
+        vae = self.parts.vae
+        pixels = vae.decode((latents / vae.config.scaling_factor).to(self.dtype)).sample
+        pixels = (pixels.float() / 2 + 0.5).clamp(0, 1)[0].permute(1, 2, 0).cpu().numpy()
+        return Image.fromarray((pixels * 255).round().astype(np.uint8))

@@ -101,7 +101,7 @@ def model_fingerprint(folder: Path, components: tuple[str, ...] = COMPONENTS) ->
 
 @dataclass
 class StableDiffusionParts:
-    """The loaded components (the VAE decoder is dropped: only the encoder is used)."""
+    """The loaded components (the VAE decoder is dropped unless generating images)."""
 
     unet: Any
     vae: Any
@@ -131,8 +131,13 @@ def _quiet_libraries() -> None:
     transformers.utils.logging.set_verbosity_error()
 
 
-def load_parts(folder: Path, dtype: torch.dtype, device: torch.device) -> StableDiffusionParts:
-    """Load UNet, VAE, text encoder, tokenizer and DDIM scheduler from a local folder."""
+def load_parts(
+    folder: Path, dtype: torch.dtype, device: torch.device, *, decoder: bool = False
+) -> StableDiffusionParts:
+    """Load UNet, VAE, text encoder, tokenizer and DDIM scheduler from a local folder.
+
+    The VAE decoder is kept only when ``decoder`` is true (generation decodes its image).
+    """
     from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
     from transformers import CLIPTextModel, CLIPTokenizer
 
@@ -140,7 +145,8 @@ def load_parts(folder: Path, dtype: torch.dtype, device: torch.device) -> Stable
     _quiet_libraries()
     unet = _load(UNet2DConditionModel, folder, "unet", torch_dtype=dtype)
     vae = _load(AutoencoderKL, folder, "vae", torch_dtype=dtype)
-    vae.decoder = None  # never used; frees about a third of the VAE
+    if not decoder:
+        vae.decoder = None  # not needed to encode; frees about a third of the VAE
     text_encoder = _load(CLIPTextModel, folder, "text_encoder", torch_dtype=dtype)
     tokenizer = _load(CLIPTokenizer, folder, "tokenizer")
     scheduler = _load(DDIMScheduler, folder, "scheduler")

@@ -11,10 +11,23 @@ from pathlib import Path
 
 from diffeat.core.options import describe_options
 from diffeat.core.plugins import PluginManager
+from diffeat.train.options import TrainTable
 
 DOC = Path(__file__).resolve().parents[1] / "docs" / "config.md"
 MARKER = "## Options of the built-in plugins"
 KINDS = ("extractor", "aggregator", "matcher", "dataset")
+
+
+def option_rows(factory: object) -> list[str]:
+    rows = describe_options(factory)
+    if not rows:
+        return ["No options.\n"]
+    out = ["| option | type | default | meaning |\n|---|---|---|---|"]
+    for r in rows:
+        help_text = r["help"].replace("|", "\\|")
+        out.append(f"| `{r['name']}` | {r['type']} | `{json.dumps(r['default'])}` | {help_text} |")
+    out.append("")
+    return out
 
 
 def tables() -> str:
@@ -23,17 +36,13 @@ def tables() -> str:
     for kind in KINDS:
         for name in pm.names(kind):
             out.append(f"### {kind} `{name}`\n")
-            rows = describe_options(pm.get(kind, name).factory)
-            if not rows:
-                out.append("No options.\n")
-                continue
-            out.append("| option | type | default | meaning |\n|---|---|---|---|")
-            for r in rows:
-                help_text = r["help"].replace("|", "\\|")
-                out.append(
-                    f"| `{r['name']}` | {r['type']} | `{json.dumps(r['default'])}` | {help_text} |"
-                )
-            out.append("")
+            out.extend(option_rows(pm.get(kind, name).factory))
+    out.append("### `[train]` table (`diffeat train`)\n")
+    out.append(
+        "Options of `diffeat train` (see `docs/cli.md`), in a pipeline's optional `[train]` "
+        "table or as `--set train.OPTION=VALUE`.\n"
+    )
+    out.extend(option_rows(TrainTable))
     return "\n".join(out)
 
 

@@ -5,7 +5,9 @@
   the real ``from_pretrained``; nothing is downloaded.
 - :class:`ColorBlurExtractor` is a deterministic local-descriptor extractor
   (colour blurred at several scales: invariant to shifts and flips) for
-  known-transform tests of a whole pipeline.
+  known-transform tests of a whole pipeline; :class:`MultiColorBlurExtractor`
+  (``color-blur-multi``) gives it several layers and timesteps, the shape of
+  the features a trainable aggregator learns from.
 - :class:`ExtractorConformance` is a pytest mixin checking that an extractor
   honours the contract.
 """
@@ -33,6 +35,7 @@ from diffeat.testing_models import build_tiny_stable_diffusion, write_clip_token
 __all__ = [
     "ColorBlurExtractor",
     "ExtractorConformance",
+    "MultiColorBlurExtractor",
     "TestPlugin",
     "build_tiny_stable_diffusion",
     "smooth_texture",
@@ -70,25 +73,53 @@ class ColorBlurOptions:
     stride: int = opt(1, "feature cells per model pixel side (average pooling)")
 
 
+@dataclass
+class MultiColorBlurOptions(ColorBlurOptions):
+    layers: int = opt(2, "number of layers: color, color1, ...; layer k is pooled to stride * 2**k")
+    timesteps: list[int] = opt(
+        [0, 100], "one map per timestep t: the image blurred by t / 100 model pixels first"
+    )
+
+    def validate(self) -> None:
+        if self.layers < 1:
+            raise ValueError(f"layers must be at least 1, got {self.layers}")
+        if not self.timesteps or any(t < 0 for t in self.timesteps):
+            raise ValueError(
+                f"timesteps must be a non-empty list of ints >= 0, got {self.timesteps}"
+            )
+
+
 class ColorBlurExtractor(Extractor):
-    """Colour blurred at several scales, one layer ``color`` ``[1, 3*S, H/stride, W/stride]``."""
+    """Colour blurred at several scales, one layer ``color`` ``[1, 3*S, H/stride, W/stride]``.
+
+    With :class:`MultiColorBlurOptions` (``layers``, ``timesteps``), layer ``k``
+    (``color``, ``color1``, ...) is pooled to stride ``stride * 2**k`` and
+    timestep ``t`` blurs the image by ``t / 100`` model pixels first; one layer
+    at timestep 0 is exactly the plain extractor.
+    """
 
     Options = ColorBlurOptions
     calls = 0  # counts images extracted across instances, so tests can assert store hits
 
     def __init__(self, options: ColorBlurOptions | None = None) -> None:
-        self.options = options or ColorBlurOptions()
+        self.options = options or self.Options()
 
     @property
     def model_size(self) -> Size:
         w, h = self.options.image_size
         return (int(w), int(h))
 
+    def _layer_strides(self) -> list[tuple[str, int]]:
+        count = int(getattr(self.options, "layers", 1))
+        stride = int(self.options.stride)
+        return [("color" if k == 0 else f"color{k}", stride * 2**k) for k in range(count)]
+
     def layers(self) -> list[LayerInfo]:
-        return [LayerInfo("color", 3 * len(self.options.sigmas), float(self.options.stride))]
+        channels = 3 * len(self.options.sigmas)
+        return [LayerInfo(name, channels, float(s)) for name, s in self._layer_strides()]
 
     def timesteps(self) -> tuple[int, ...]:
-        return (0,)
+        return tuple(int(t) for t in getattr(self.options, "timesteps", [0]))
 
     def model_identity(self) -> dict[str, Any]:
         return {"model": "color-blur", "version": 1}
@@ -101,16 +132,29 @@ class ColorBlurExtractor(Extractor):
         for im in images:
             type(self).calls += 1
             x = to_tensor(resize(im.image, self.model_size, "bilinear")).unsqueeze(0)
-            maps = torch.cat([_gaussian_blur(x, s) for s in self.options.sigmas], dim=1)
-            if self.options.stride > 1:
-                maps = F.avg_pool2d(maps, self.options.stride)
+            per_step = []
+            for t in self.timesteps():
+                xt = _gaussian_blur(x, t / 100.0)  # t = 0: the image itself
+                per_step.append(torch.cat([_gaussian_blur(xt, s) for s in self.options.sigmas], 1))
+            maps = torch.cat(per_step, dim=0)  # [T, 3*S, H, W]
+            layers = {
+                name: (F.avg_pool2d(maps, stride) if stride > 1 else maps)
+                for name, stride in self._layer_strides()
+            }
             meta = {"transform": self.transform_for(im.size).to_dict()}
-            out.append(FeatureSet({"color": maps}, (0,), meta))
+            out.append(FeatureSet(layers, self.timesteps(), meta))
         return out
 
 
+class MultiColorBlurExtractor(ColorBlurExtractor):
+    """:class:`ColorBlurExtractor` with several layers and timesteps (``color-blur-multi``)."""
+
+    Options = MultiColorBlurOptions
+
+
 class TestPlugin:
-    """A plugin object registering :class:`ColorBlurExtractor` as ``color-blur``.
+    """A plugin object registering :class:`ColorBlurExtractor` as ``color-blur`` and
+    :class:`MultiColorBlurExtractor` as ``color-blur-multi``.
 
     ``PluginManager().add_plugin(TestPlugin(), "testing")`` makes it available
     to pipelines in tests.
@@ -121,6 +165,7 @@ class TestPlugin:
     @hookimpl
     def register_extractors(self, register: Register) -> None:
         register("color-blur", ColorBlurExtractor)
+        register("color-blur-multi", MultiColorBlurExtractor)
 
 
 class ExtractorConformance:

@@ -4,11 +4,15 @@ from __future__ import annotations
 
 import itertools
 import sys
-from typing import Any
 
 import click
 
 from diffeat.cli.common import collect_overrides, config_options, emit_json, store_option
+from diffeat.cli.datasets_common import (  # noqa: F401  (build_dataset: imported from here before)
+    build_dataset,
+    dataset_from_cli,
+    parse_dataset_options,
+)
 from diffeat.core.errors import DiffeatError
 
 THRESHOLD_CHOICES = ("bbox-target", "bbox-source", "img", "kps-target", "kps-source")
@@ -29,30 +33,6 @@ def parse_alphas(values: tuple[str, ...]) -> tuple[float, ...]:
                 raise DiffeatError(f"bad --alpha {part!r}: alpha must be positive")
             out.append(alpha)
     return tuple(out)
-
-
-def parse_dataset_options(items: tuple[str, ...]) -> dict[str, Any]:
-    from diffeat.core.config import parse_value
-
-    out: dict[str, Any] = {}
-    for item in items:
-        key, sep, value = item.partition("=")
-        if not sep or not key.strip():
-            raise DiffeatError(
-                f"bad --option {item!r}: use KEY=VALUE, e.g. --option pairs_per_class=20"
-            )
-        out[key.strip()] = parse_value(value.strip())
-    return out
-
-
-def build_dataset(name: str, values: dict[str, Any]) -> Any:
-    """The dataset plugin ``name`` with validated options."""
-    from diffeat.core.options import build_options
-    from diffeat.core.plugins import get_plugin_manager
-
-    reg = get_plugin_manager().get("dataset", name)
-    options = build_options(reg.factory, values, f"dataset {name}")
-    return reg.factory(options) if options is not None else reg.factory()
 
 
 @click.command("eval")
@@ -140,10 +120,7 @@ def eval_cmd(
     from diffeat.eval.report import results_dict, terminal_report, write_outputs
     from diffeat.eval.runner import evaluate
 
-    values = {"root": root, **parse_dataset_options(dataset_options)}
-    if split is not None:
-        values["split"] = split
-    dataset = build_dataset(dataset_name, values)
+    dataset = dataset_from_cli(dataset_name, root, split, dataset_options)
     protocol = get_protocol(protocol_name or getattr(dataset, "default_protocol", "dift"))
     protocol = protocol.with_changes(
         alphas=parse_alphas(alphas), thresholds=thresholds, comparison=comparison

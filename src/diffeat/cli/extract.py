@@ -1,23 +1,54 @@
-"""``diffeat extract``: features of many images into a store."""
+"""``diffeat extract``: features of many images (or of a dataset's pairs) into a store."""
 
 from __future__ import annotations
+
+from typing import Any
 
 import click
 
 from diffeat.cli.common import collect_overrides, config_options, emit_json, progress_bar
 from diffeat.core.config import load_config
+from diffeat.core.errors import DiffeatError
 from diffeat.core.images import list_images
+
+
+def dataset_images(name: str, root: str, split: str | None, options: tuple[str, ...]) -> Any:
+    """Every image of a dataset split's pairs, each once with its category (loaded lazily)."""
+    from diffeat.cli.datasets_common import dataset_from_cli
+    from diffeat.train.images import LazyImages, pair_images
+
+    dataset = dataset_from_cli(name, root, split, options)
+    refs = pair_images(dataset.pairs())
+    if not refs:
+        raise DiffeatError(f"the {name} dataset yielded no pairs (check --split and -o options)")
+    return LazyImages(refs)
 
 
 @click.command("extract")
 @click.argument("config", type=click.Path(dir_okay=False))
-@click.argument("inputs", nargs=-1, required=True, type=click.Path())
+@click.argument("inputs", nargs=-1, type=click.Path())
 @click.option(
     "--store",
     "store_path",
     required=True,
     type=click.Path(),
     help="Feature store folder (created if missing).",
+)
+@click.option(
+    "--dataset",
+    "dataset_name",
+    default=None,
+    help="Extract every image of this dataset's pairs instead of INPUTS (see `diffeat datasets`).",
+)
+@click.option("--root", default=None, type=click.Path(), help="The dataset's folder.")
+@click.option("--split", default=None, help="Dataset split (default: the dataset's).")
+@click.option(
+    "--option",
+    "-o",
+    "dataset_options",
+    multiple=True,
+    metavar="KEY=VALUE",
+    help="A dataset option (repeatable; see `diffeat datasets`).",
 )
 @config_options
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON report.")
@@ -27,17 +58,35 @@ def extract_cmd(
     config: str,
     inputs: tuple[str, ...],
     store_path: str,
+    dataset_name: str | None,
+    root: str | None,
+    split: str | None,
+    dataset_options: tuple[str, ...],
     overrides: tuple[str, ...],
     model: str | None,
     device: str | None,
     as_json: bool,
 ) -> None:
-    """Extract features of INPUTS (images or folders) into the store; finished images are skipped."""
+    """Extract features of INPUTS (images or folders), or of every image of a dataset's pairs
+    (--dataset NAME --root DIR), into the store; finished images are skipped."""
     from diffeat.core.pipeline import Pipeline
     from diffeat.store import FeatureStore
 
+    if bool(inputs) == bool(dataset_name):
+        raise DiffeatError(
+            "give either INPUTS (images or folders) or --dataset NAME --root DIR, not "
+            + ("both" if inputs else "neither")
+        )
+    if dataset_name is None and (root or split or dataset_options):
+        raise DiffeatError("--root, --split and -o describe a dataset: add --dataset NAME")
+    if dataset_name is not None and not root:
+        raise DiffeatError(f"--dataset {dataset_name} needs --root DIR, the dataset's folder")
     cfg = load_config(config, collect_overrides(overrides, model, device))
-    images = list_images(list(inputs))
+    if dataset_name is not None:
+        assert root is not None
+        images = dataset_images(dataset_name, root, split, dataset_options)
+    else:
+        images = list_images(list(inputs))
     pipe = Pipeline(cfg, store=FeatureStore(store_path))
     with progress_bar(len(images), "extract", ctx.obj["quiet"]) as bar:
         report = pipe.extract(images, progress=bar)

@@ -22,10 +22,10 @@ def cli(ctx: click.Context, quiet: bool) -> None:
 
 
 def _add_commands() -> None:
-    from diffeat.cli import evaluate, extract, generate, info, match, plot, store
+    from diffeat.cli import evaluate, extract, generate, info, match, plot, store, train
     from diffeat.core.plugins import get_plugin_manager
 
-    for module in (info, extract, generate, match, store, evaluate, plot):
+    for module in (info, extract, generate, match, store, evaluate, plot, train):
         module.add_to(cli)
     get_plugin_manager().add_commands(cli)
 

@@ -1,8 +1,10 @@
 """TOML pipeline files: parse, validate per plugin, resolve every default, hash.
 
 A pipeline file has ``[extractor]``, ``[aggregator]`` and ``[matcher]`` tables;
-each names its ``plugin`` and gives that plugin's options. Config files are
-data: nothing in them is executed.
+each names its ``plugin`` and gives that plugin's options. An optional
+``[train]`` table holds the options of ``diffeat train``; it is kept raw here
+and validated by :mod:`diffeat.train.options`. Config files are data: nothing
+in them is executed.
 """
 
 from __future__ import annotations
@@ -27,6 +29,8 @@ else:  # pragma: no cover
 STAGES = ("extractor", "aggregator", "matcher")
 DEFAULT_PLUGIN = {"aggregator": "select", "matcher": "nearest"}
 TOP_LEVEL_KEYS = {"name", "description"}
+TRAIN_TABLE = "train"  # options of `diffeat train`, validated by diffeat.train.options
+OVERRIDE_TABLES = (*STAGES, TRAIN_TABLE)
 _PART_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]*$")
 
 
@@ -62,6 +66,7 @@ class PipelineConfig:
     matcher: StageConfig
     name: str = ""
     source: str = "<memory>"
+    train: dict[str, Any] | None = None  # the raw [train] table, when the file has one
 
     @property
     def extractor(self) -> StageConfig:
@@ -77,6 +82,8 @@ class PipelineConfig:
         out["extractor"] = extractors[0] if len(extractors) == 1 else extractors
         out["aggregator"] = self.aggregator.resolved()
         out["matcher"] = self.matcher.resolved()
+        if self.train is not None:
+            out[TRAIN_TABLE] = dict(self.train)
         return out
 
     def digest(self) -> str:
@@ -98,7 +105,10 @@ def parse_value(text: str) -> Any:
 
 
 def apply_overrides(data: dict[str, Any], overrides: list[str], where: str) -> dict[str, Any]:
-    """Apply ``stage.option=value`` overrides (from ``--set``) to raw config data."""
+    """Apply ``stage.option=value`` overrides (from ``--set``) to raw config data.
+
+    ``train.option=value`` sets an option of the ``[train]`` table.
+    """
     data = {
         k: dict(v) if isinstance(v, dict) else [dict(t) for t in v] if isinstance(v, list) else v
         for k, v in data.items()
@@ -106,10 +116,10 @@ def apply_overrides(data: dict[str, Any], overrides: list[str], where: str) -> d
     for item in overrides:
         key, sep, value = item.partition("=")
         stage, dot, option = key.strip().partition(".")
-        if not sep or not dot or stage not in STAGES or not option:
+        if not sep or not dot or stage not in OVERRIDE_TABLES or not option:
             raise ConfigError(
                 f"{where}: bad override {item!r}; use STAGE.OPTION=VALUE with STAGE one of "
-                f"{', '.join(STAGES)}, e.g. extractor.timesteps=[261]"
+                f"{', '.join(OVERRIDE_TABLES)}, e.g. extractor.timesteps=[261]"
             )
         target = data.setdefault(stage, {})
         if isinstance(target, list):  # several extractors: extractor.NAME.OPTION=VALUE
@@ -132,11 +142,18 @@ def parse_config(
     """Validate raw config data (as read from TOML) into a :class:`PipelineConfig`."""
     manager = manager or get_plugin_manager()
     for key in data:
-        if key not in STAGES and key not in TOP_LEVEL_KEYS:
+        if key not in STAGES and key not in TOP_LEVEL_KEYS and key != TRAIN_TABLE:
             raise ConfigError(
                 f"{source}: unknown top-level key {key!r}; expected tables "
-                f"{', '.join(f'[{s}]' for s in STAGES)} (and optional name, description)"
+                f"{', '.join(f'[{s}]' for s in STAGES)} (and optional [{TRAIN_TABLE}], name, "
+                "description)"
             )
+    train = data.get(TRAIN_TABLE)
+    if train is not None and not isinstance(train, dict):
+        raise ConfigError(
+            f"{source}: [{TRAIN_TABLE}] must be a table of `diffeat train` options, "
+            f"e.g. [{TRAIN_TABLE}] steps = 5000"
+        )
     if "extractor" not in data:
         raise ConfigError(f'{source}: missing [extractor] table (with plugin = "...")')
     tables = data["extractor"]
@@ -165,7 +182,12 @@ def parse_config(
     aggregator = _stage(manager, "aggregator", data.get("aggregator", {}), source, "[aggregator]")
     matcher = _stage(manager, "matcher", data.get("matcher", {}), source, "[matcher]")
     return PipelineConfig(
-        extractors, aggregator, matcher, name=str(data.get("name", "")), source=source
+        extractors,
+        aggregator,
+        matcher,
+        name=str(data.get("name", "")),
+        source=source,
+        train=dict(train) if train is not None else None,
     )
 
 

@@ -263,6 +263,7 @@ def run_baseline(name: str, model: str, args: argparse.Namespace) -> dict[str, A
     }
     if cuda:
         result["cuda_max_allocated_mib"] = torch.cuda.max_memory_allocated() / 2**20
+        result["cuda_max_reserved_mib"] = torch.cuda.max_memory_reserved() / 2**20
         result["gpu"] = torch.cuda.get_device_name(ex.device)
     del ex
     gc.collect()
@@ -316,9 +317,11 @@ def main(argv: list[str] | None = None) -> int:
         model = build_model(name, args.model_dir / name)
         results[name] = run_baseline(name, model, args)
 
+    cuda = any("cuda_max_allocated_mib" in r for r in results.values())
     print(
         f"{'baseline':<17}{'input':>10}{'grid':>9}{'channels':>9}{'images':>7}{'s/image':>9}"
         f"{'images/s':>10}{'load s':>8}{'peak RSS':>11}{'CPU busy':>9}"
+        + (f"{'CUDA peak':>12}" if cuda else "")
     )
     for name, r in results.items():
         w, h = r["options"]["image_size"]
@@ -326,8 +329,9 @@ def main(argv: list[str] | None = None) -> int:
         peak = r["peak_rss_timed_mib"]
         print(
             f"{name:<17}{f'{w}x{h}':>10}{f'{gw}x{gh}':>9}{c:>9}{r['images']:>7}"
-            f"{r['seconds_per_image']:>9.2f}{r['images_per_s']:>10.3f}{r['load_s']:>8.1f}"
+            f"{r['seconds_per_image']:>9.{4 if cuda else 2}f}{r['images_per_s']:>10.3f}{r['load_s']:>8.1f}"
             f"{'-' if peak is None else f'{peak:.0f} MiB':>11}{r['cpu_busy']:>9.2f}"
+            + (f"{r.get('cuda_max_allocated_mib', 0):>8.0f} MiB" if cuda else "")
         )
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)

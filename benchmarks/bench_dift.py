@@ -380,6 +380,7 @@ def run_variant(args: argparse.Namespace) -> dict[str, Any]:
         torch.cuda.reset_peak_memory_stats()
     per_image: list[float] = []
     feature_files: list[str] = []
+    all_finite = True
     cpu0, load0 = cpu_seconds(), os.getloadavg()[0]
     for i, im in enumerate(images[1:]):
         sync()
@@ -391,9 +392,11 @@ def run_variant(args: argparse.Namespace) -> dict[str, Any]:
         path = Path(args.features_dir) / f"{name}_{i}.pt"
         torch.save(maps.detach().to("cpu", torch.float32).clone(), path)
         feature_files.append(str(path))
+        finite = bool(torch.isfinite(maps).all())
+        all_finite = all_finite and finite
         log(
-            f"image {i + 1}/{args.images}: {per_image[-1]:.1f} s, {LAYER} {tuple(maps.shape)}, "
-            f"finite={bool(torch.isfinite(maps).all())}"
+            f"image {i + 1}/{args.images}: {per_image[-1]:.3g} s, {LAYER} {tuple(maps.shape)}, "
+            f"finite={finite}"
         )
     total = sum(per_image)
     cpu_busy = (cpu_seconds() - cpu0) / total
@@ -416,6 +419,7 @@ def run_variant(args: argparse.Namespace) -> dict[str, Any]:
         "cpu_s_per_image": cpu_busy * total / len(per_image),
         "loadavg_1min": [load0, os.getloadavg()[0]],
         "feature_files": feature_files,
+        "all_finite": all_finite,
     }
     if cuda:
         result["cuda_max_allocated_mib"] = torch.cuda.max_memory_allocated() / 2**20
@@ -555,7 +559,7 @@ def print_report(results: dict[str, dict[str, Any]], summary: dict[str, Any]) ->
     print(head)
     for name, r in results.items():
         line = (
-            f"{name:<8}{r['images']:>7}{1 / r['images_per_s']:>10.2f}{r['images_per_s']:>10.4f}"
+            f"{name:<8}{r['images']:>7}{1 / r['images_per_s']:>10.{4 if cuda else 2}f}{r['images_per_s']:>10.4f}"
             f"{fmt(r['peak_rss_timed_mib'], '.0f'):>7} MiB{fmt(r['rss_after_warmup_mib'], '.0f'):>7} MiB"
             f"{r['peak_rss_process_mib']:>7.0f} MiB{r['warmup_s']:>11.1f}{r['cpu_busy']:>10.2f}"
         )

@@ -51,12 +51,18 @@ def official_scheduler() -> DDIMScheduler:
     )
 
 
-def written_out_inversion(folder, image: Image.Image, steps: int = STEPS, prediction="epsilon"):
-    """Latents after each step and every decoder conv2 output at each step, the official way."""
+def plain_components(folder):
+    """UNet, VAE, tokenizer and text encoder loaded with plain diffusers/transformers calls."""
     unet = UNet2DConditionModel.from_pretrained(folder, subfolder="unet").eval()
     vae = AutoencoderKL.from_pretrained(folder, subfolder="vae").eval()
     tok = CLIPTokenizer.from_pretrained(folder, subfolder="tokenizer")
     enc = CLIPTextModel.from_pretrained(folder, subfolder="text_encoder").eval()
+    return unet, vae, tok, enc
+
+
+def written_out_inversion(folder, image: Image.Image, steps: int = STEPS, prediction="epsilon"):
+    """Latents after each step and every decoder conv2 output at each step, the official way."""
+    unet, vae, tok, enc = plain_components(folder)
     sched = official_scheduler()
     sched.set_timesteps(steps)
     img = image.resize((SIZE, SIZE), Image.BILINEAR)
@@ -227,10 +233,7 @@ def written_out_generation(
     folder, seed: int, steps: int, guidance: float, prompt: str, negative: str
 ):
     """The official generalized_steps in generation mode with classifier-free guidance."""
-    unet = UNet2DConditionModel.from_pretrained(folder, subfolder="unet").eval()
-    vae = AutoencoderKL.from_pretrained(folder, subfolder="vae").eval()
-    tok = CLIPTokenizer.from_pretrained(folder, subfolder="tokenizer")
-    enc = CLIPTextModel.from_pretrained(folder, subfolder="text_encoder").eval()
+    unet, vae, tok, enc = plain_components(folder)
     sched = official_scheduler()
     sched.set_timesteps(steps)
     seq = torch.flip(sched.timesteps, dims=(0,))

@@ -6,7 +6,16 @@ import shlex
 from collections.abc import Sequence
 from typing import Any
 
+import click
+
 from diffeat.core.errors import DiffeatError
+
+
+def dataset_option(help_text: str) -> Any:
+    """The repeatable ``--option/-o KEY=VALUE`` of a dataset, with this command's help."""
+    return click.option(
+        "--option", "-o", "dataset_options", multiple=True, metavar="KEY=VALUE", help=help_text
+    )
 
 
 def parse_dataset_options(items: tuple[str, ...]) -> dict[str, Any]:

@@ -11,6 +11,7 @@ from diffeat.cli.common import collect_overrides, config_options, emit_json, sto
 from diffeat.cli.datasets_common import (  # noqa: F401  (build_dataset: imported from here before)
     build_dataset,
     dataset_from_cli,
+    dataset_option,
     parse_dataset_options,
 )
 from diffeat.core.errors import DiffeatError
@@ -42,13 +43,8 @@ def parse_alphas(values: tuple[str, ...]) -> tuple[float, ...]:
 )
 @click.option("--root", required=True, type=click.Path(), help="The benchmark's folder.")
 @click.option("--split", default=None, help="Split (default: the dataset's, usually test).")
-@click.option(
-    "--option",
-    "-o",
-    "dataset_options",
-    multiple=True,
-    metavar="KEY=VALUE",
-    help="A dataset option, e.g. -o pairs_per_class=20 (repeatable; see `diffeat datasets`).",
+@dataset_option(
+    "A dataset option, e.g. -o pairs_per_class=20 (repeatable; see `diffeat datasets`)."
 )
 @store_option
 @click.option(

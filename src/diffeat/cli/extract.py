@@ -7,6 +7,7 @@ from typing import Any
 import click
 
 from diffeat.cli.common import collect_overrides, config_options, emit_json, progress_bar
+from diffeat.cli.datasets_common import dataset_option
 from diffeat.core.config import load_config
 from diffeat.core.errors import DiffeatError
 from diffeat.core.images import list_images
@@ -42,14 +43,7 @@ def dataset_images(name: str, root: str, split: str | None, options: tuple[str, 
 )
 @click.option("--root", default=None, type=click.Path(), help="The dataset's folder.")
 @click.option("--split", default=None, help="Dataset split (default: the dataset's).")
-@click.option(
-    "--option",
-    "-o",
-    "dataset_options",
-    multiple=True,
-    metavar="KEY=VALUE",
-    help="A dataset option (repeatable; see `diffeat datasets`).",
-)
+@dataset_option("A dataset option (repeatable; see `diffeat datasets`).")
 @config_options
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON report.")
 @click.pass_context

@@ -11,6 +11,7 @@ from typing import Any
 import click
 
 from diffeat.cli.common import collect_overrides, config_options, emit_json
+from diffeat.cli.datasets_common import dataset_option
 from diffeat.core.errors import ConfigError
 
 NO_VALIDATION = ("none", "")
@@ -65,14 +66,7 @@ def _summary(report: Any) -> str:
     show_default=True,
     help="Split of the validation pairs ('none': no validation; the last step is kept).",
 )
-@click.option(
-    "--option",
-    "-o",
-    "dataset_options",
-    multiple=True,
-    metavar="KEY=VALUE",
-    help="A dataset option for both splits, e.g. -o categories=[cat] (repeatable).",
-)
+@dataset_option("A dataset option for both splits, e.g. -o categories=[cat] (repeatable).")
 @click.option(
     "--store",
     "store_path",

@@ -241,3 +241,18 @@ def test_category_prompt_template(tiny_sd, image, tmp_path):
         pipe.features([as_input(image)])
     plain = Pipeline.from_dict({"extractor": {**data["extractor"], "prompt": "x"}})
     assert plain.image_key(cat) == cat.key
+
+
+def test_pad_size_rule_keeps_the_aspect_and_records_the_offset(tiny_sd, image):
+    ex = make(tiny_sd, size_rule="pad", ensemble_size=1)
+    inp = as_input(image)  # 90 x 70 into 64 x 64: scaled by 64/90 to 64 x 50, 7 rows above
+    t = ex.transform_for(inp.size)
+    assert t.offset == (0.0, 7.0) and t.scale == (64 / 90, 50 / 70)
+    x = ex.preprocess(inp)
+    assert torch.all(x[:, :7] == -1) and torch.all(x[:, 57:] == -1)  # black borders
+    assert not torch.all(x[:, 7:57] == -1)
+    # the image centre lands on the model-input centre
+    centre = t.image_to_model(torch.tensor([[44.5, 34.5]]))
+    torch.testing.assert_close(centre, torch.tensor([[31.5, 31.5]]))
+    (fs,) = ex.extract([inp])
+    assert fs.meta["transform"]["offset"] == [0.0, 7.0]

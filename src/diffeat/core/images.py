@@ -19,6 +19,7 @@ import torch
 from PIL import Image, UnidentifiedImageError
 
 from diffeat.core.errors import ImageError
+from diffeat.core.geometry import ImageTransform, Size
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".gif", ".ppm"}
 
@@ -136,6 +137,47 @@ def resize(image: Image.Image, size: tuple[int, int], resample: str = "bicubic")
     if image.size == tuple(size):
         return image
     return image.resize(tuple(size), filters[resample])
+
+
+def fit_geometry(image_size: Size, model_size: Size, rule: str) -> tuple[Size, tuple[int, int]]:
+    """Resized image size and its top-left offset inside the model input.
+
+    ``resize`` squashes the image to ``model_size``; ``pad`` scales it to fit
+    inside keeping its aspect ratio (sides rounded) and centres it, as
+    SD-DINO's ``resize(..., edge=False)``.
+    """
+    if rule == "resize":
+        return model_size, (0, 0)
+    (w, h), (mw, mh) = image_size, model_size
+    s = min(mw / w, mh / h)
+    nw = min(mw, max(1, round(w * s)))
+    nh = min(mh, max(1, round(h * s)))
+    return (nw, nh), ((mw - nw) // 2, (mh - nh) // 2)
+
+
+def fit_transform(image_size: Size, model_size: Size, rule: str) -> ImageTransform:
+    """The image -> model-input transform of :func:`fit_geometry`."""
+    if rule == "resize":
+        return ImageTransform.resize(image_size, model_size)
+    (nw, nh), (ox, oy) = fit_geometry(image_size, model_size, rule)
+    w, h = image_size
+    return ImageTransform(
+        (int(w), int(h)),
+        (int(model_size[0]), int(model_size[1])),
+        (nw / w, nh / h),
+        (float(ox), float(oy)),
+    )
+
+
+def fit_image(image: Image.Image, model_size: Size, rule: str, resample: str) -> Image.Image:
+    """The model-input image: squash-resized, or fitted and padded with black."""
+    size, offset = fit_geometry(image.size, model_size, rule)
+    img = resize(image, size, resample)
+    if rule == "pad":
+        canvas = Image.new("RGB", tuple(model_size), (0, 0, 0))
+        canvas.paste(img, offset)
+        img = canvas
+    return img
 
 
 def to_tensor(image: Image.Image) -> torch.Tensor:

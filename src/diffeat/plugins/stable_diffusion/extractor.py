@@ -28,7 +28,7 @@ from diffeat.core.devices import pick_device
 from diffeat.core.errors import DiffeatError
 from diffeat.core.features import FeatureSet, LayerInfo
 from diffeat.core.geometry import ImageTransform, Size
-from diffeat.core.images import ImageInput, resize, to_tensor
+from diffeat.core.images import ImageInput, fit_image, fit_transform, to_tensor
 from diffeat.core.options import opt
 from diffeat.plugins.stable_diffusion.capture import OutputCapture, resolve_modules
 from diffeat.plugins.stable_diffusion.ddim import (
@@ -89,8 +89,11 @@ class StableDiffusionOptions:
     )
     negative_prompt: str = opt("", "generation: the unconditional prompt of guidance")
     ensemble_size: int = opt(8, "noisy copies per image; their feature maps are averaged")
-    image_size: list[int] = opt(
-        [768, 768], "model input [width, height]; images are squash-resized"
+    image_size: list[int] = opt([768, 768], "model input [width, height]")
+    size_rule: Literal["resize", "pad"] = opt(
+        "resize",
+        "resize: squash the image to image_size (DIFT, hyperfeatures); pad: fit it inside "
+        "image_size keeping its aspect ratio, centred on black (SD-DINO)",
     )
     resample: Literal["bicubic", "bilinear", "lanczos", "nearest"] = opt(
         "bicubic", "PIL resize filter (DIFT uses PIL's default, bicubic)"
@@ -198,7 +201,7 @@ class StableDiffusionExtractor(Extractor):
         return (int(w), int(h))
 
     def transform_for(self, image_size: Size) -> ImageTransform:
-        return ImageTransform.resize(image_size, self.model_size)
+        return fit_transform(image_size, self.model_size, self.options.size_rule)
 
     def layers(self) -> list[LayerInfo]:
         """Channels and stride of each layer, from a small dry run of the UNet."""
@@ -275,7 +278,8 @@ class StableDiffusionExtractor(Extractor):
 
     def preprocess(self, image: ImageInput) -> torch.Tensor:
         """``[3, H, W]`` in [-1, 1] at the model size."""
-        return to_tensor(resize(image.image, self.model_size, self.options.resample))
+        img = fit_image(image.image, self.model_size, self.options.size_rule, self.options.resample)
+        return to_tensor(img)
 
     def extract(
         self, images: Sequence[ImageInput], noise: Sequence[dict[str, torch.Tensor]] | None = None

@@ -36,7 +36,7 @@ from diffeat.core.devices import pick_device
 from diffeat.core.errors import ConfigError
 from diffeat.core.features import FeatureSet, LayerInfo
 from diffeat.core.geometry import ImageTransform, Size
-from diffeat.core.images import ImageInput, resize
+from diffeat.core.images import ImageInput, fit_image, fit_transform
 from diffeat.core.options import opt
 from diffeat.plugins.capture import HookTarget, ModuleCapture
 
@@ -191,30 +191,6 @@ def check_patch_multiple(size: Size, patch: int, model: str) -> None:
 # -- images --------------------------------------------------------------------------------------
 
 
-def fit_geometry(image_size: Size, model_size: Size, rule: str) -> tuple[Size, tuple[int, int]]:
-    """Resized image size and its top-left offset inside the model input."""
-    if rule == "resize":
-        return model_size, (0, 0)
-    (w, h), (mw, mh) = image_size, model_size
-    s = min(mw / w, mh / h)
-    nw = min(mw, max(1, round(w * s)))
-    nh = min(mh, max(1, round(h * s)))
-    return (nw, nh), ((mw - nw) // 2, (mh - nh) // 2)
-
-
-def transform_for(image_size: Size, model_size: Size, rule: str) -> ImageTransform:
-    if rule == "resize":
-        return ImageTransform.resize(image_size, model_size)
-    (nw, nh), (ox, oy) = fit_geometry(image_size, model_size, rule)
-    w, h = image_size
-    return ImageTransform(
-        (int(w), int(h)),
-        (int(model_size[0]), int(model_size[1])),
-        (nw / w, nh / h),
-        (float(ox), float(oy)),
-    )
-
-
 def preprocess(
     image: Image.Image,
     model_size: Size,
@@ -224,12 +200,7 @@ def preprocess(
     std: Sequence[float],
 ) -> torch.Tensor:
     """``[3, H, W]`` float32: resized (or fitted and padded with black), scaled to [0, 1], normalised."""
-    size, offset = fit_geometry(image.size, model_size, rule)
-    img = resize(image, size, resample)
-    if rule == "pad":
-        canvas = Image.new("RGB", tuple(model_size), (0, 0, 0))
-        canvas.paste(img, offset)
-        img = canvas
+    img = fit_image(image, model_size, rule, resample)
     x = torch.from_numpy(np.asarray(img, dtype=np.uint8).copy()).permute(2, 0, 1).float() / 255.0
     m = torch.tensor(mean, dtype=torch.float32).view(3, 1, 1)
     s = torch.tensor(std, dtype=torch.float32).view(3, 1, 1)
@@ -339,7 +310,7 @@ class ViTExtractorBase(Extractor):
         return (0,)
 
     def transform_for(self, image_size: Size) -> ImageTransform:
-        return transform_for(image_size, self.model_size, self.options.size_rule)
+        return fit_transform(image_size, self.model_size, self.options.size_rule)
 
     def preprocess(self, image: ImageInput) -> torch.Tensor:
         mean, std = self.normalisation()

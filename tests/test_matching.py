@@ -167,3 +167,40 @@ def test_mutual_flags_one_sided_matches(manager):
     res = pipe.match(src, tgt, _grid_points(64, 64, margin=4, step=15))
     assert res.valid.float().mean() < 0.5
     assert Mutual.needs_descriptors is not False
+
+
+def test_input_resolution_with_scaled_points_equals_the_hyperfeatures_code():
+    """find_nn_source_correspondences of Diffusion Hyperfeatures, written out in numpy/torch."""
+    import numpy as np
+
+    torch.manual_seed(3)
+    src_desc, tgt_desc = torch.randn(16, 8, 8), torch.randn(16, 8, 8)
+    src_size, tgt_size, load = (100, 75), (90, 120), (64, 64)
+    points = torch.tensor([[0.0, 0.0], [10.0, 20.0], [99.0, 74.0], [51.0, 37.0], [55.0, 5.0]])
+    # official: points (y, x) rescaled to the load size, np.round, clip, flat index
+    yx = points.numpy()[:, ::-1] * np.array([load[1] / src_size[1], load[0] / src_size[0]])
+    py = np.clip(yx[:, 0], 0, load[1] - 1)
+    px = np.clip(yx[:, 1], 0, load[0] - 1)
+    idx = torch.from_numpy(load[1] * np.round(py) + np.round(px)).long()
+    up1 = F.interpolate(src_desc[None], size=load, mode="bilinear")[0].flatten(1).T
+    up2 = F.interpolate(tgt_desc[None], size=load, mode="bilinear")[0].flatten(1).T
+    sims = F.normalize(up1[idx], dim=1) @ F.normalize(up2, dim=1).T
+    best = sims.argmax(dim=1)
+    pred_yx = torch.stack([best // load[0], best % load[0]], dim=1).float().numpy()
+    pred_yx = pred_yx * np.array([tgt_size[1] / load[1], tgt_size[0] / load[0]])
+    expected = torch.from_numpy(pred_yx[:, ::-1].copy()).float()
+
+    nearest = Nearest(Nearest.Options(resolution="input", points="scale"))
+    result = nearest.match(_view(src_desc, src_size, load), _view(tgt_desc, tgt_size, load), points)
+    torch.testing.assert_close(result.points, expected)
+    torch.testing.assert_close(result.scores, sims.max(dim=1).values)
+    # the library convention gives the same argmax pixels mapped through pixel centres
+    centred = Nearest(Nearest.Options(resolution="input")).match(
+        _view(src_desc, src_size, load), _view(tgt_desc, tgt_size, load), points
+    )
+    assert centred.points.shape == expected.shape
+
+
+def test_scaled_points_need_input_resolution():
+    with pytest.raises(ValueError, match="resolution"):
+        Nearest.Options(resolution="image", points="scale").validate()

@@ -8,6 +8,7 @@ evaluates.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Literal
 
@@ -15,7 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from diffeat.core.components import Matcher, MatchResult, View
-from diffeat.core.geometry import pixel_centres, sample_at, sample_rows
+from diffeat.core.geometry import Size, pixel_centres, rescale_points, sample_at, sample_rows
 from diffeat.core.hookspecs import Register, hookimpl
 from diffeat.core.options import opt
 
@@ -42,26 +43,31 @@ def grid_similarity(queries: torch.Tensor, view: View) -> torch.Tensor:
     return (queries @ desc.reshape(c, h * w)).reshape(-1, h, w)
 
 
-def image_argmax(
-    queries: torch.Tensor, view: View, chunk_elements: int = _CHUNK_ELEMENTS
+def raster_argmax(
+    queries: torch.Tensor,
+    view: View,
+    size: Size,
+    to_grid: Callable[[torch.Tensor], torch.Tensor],
+    chunk_elements: int = _CHUNK_ELEMENTS,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Best target pixel per query over the descriptor map upsampled to the image size.
+    """Best pixel per query over the descriptor map upsampled to a raster of ``size``.
 
-    Equal to upsampling the whole map (bilinear, align_corners=False) and taking
-    the hard argmax of cosine similarity, but computed a block of rows at a time
-    so memory stays bounded whatever the image size. Returns points ``[N, 2]``
+    ``to_grid`` maps the raster's pixel centres to grid cells. Equal to
+    upsampling the whole map (bilinear, align_corners=False) and taking the
+    hard argmax of cosine similarity, but computed a block of rows at a time
+    so memory stays bounded whatever the size. Returns raster pixels ``[N, 2]``
     and scores ``[N]``.
     """
     desc = _descriptors(view)
     c = desc.shape[0]
-    width, height = view.image_size
+    width, height = size
     rows = max(1, chunk_elements // max(1, c * width))
     best = torch.full((queries.shape[0],), -torch.inf, device=desc.device)
     best_idx = torch.zeros(queries.shape[0], dtype=torch.long, device=desc.device)
     for start in range(0, height, rows):
         pix = pixel_centres((width, height), slice(start, start + rows)).to(desc.device)
         r = pix.shape[0]
-        cells = view.image_to_grid(pix.reshape(-1, 2)).reshape(r, width, 2)
+        cells = to_grid(pix.reshape(-1, 2)).reshape(r, width, 2)
         block = F.normalize(sample_rows(desc, cells), dim=0).reshape(c, -1)
         sims = queries @ block
         value, idx = sims.max(dim=1)
@@ -73,6 +79,41 @@ def image_argmax(
     return torch.stack([xs, ys], dim=1), best
 
 
+def image_argmax(
+    queries: torch.Tensor, view: View, chunk_elements: int = _CHUNK_ELEMENTS
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Best target image pixel per query over the map upsampled to the image size (DIFT)."""
+    return raster_argmax(queries, view, view.image_size, view.image_to_grid, chunk_elements)
+
+
+def input_argmax(
+    queries: torch.Tensor, view: View, chunk_elements: int = _CHUNK_ELEMENTS
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Best model-input pixel per query over the map upsampled to the model-input size."""
+    size = view.transform.model_size
+    return raster_argmax(
+        queries, view, size, lambda p: rescale_points(p, size, view.grid_size), chunk_elements
+    )
+
+
+def scaled_model_pixels(view: View, points: torch.Tensor) -> torch.Tensor:
+    """Image points to model-input pixels the Diffusion Hyperfeatures way.
+
+    ``x * model_w / image_w`` (no half-pixel shift, plus any padding offset),
+    rounded half to even as ``np.round``, clipped to the raster.
+    """
+    t = view.transform
+    scaled = points * points.new_tensor(t.scale) + points.new_tensor(t.offset)
+    limit = points.new_tensor([t.model_size[0] - 1, t.model_size[1] - 1])
+    return torch.minimum(torch.clamp(torch.round(scaled), min=0), limit)
+
+
+def scaled_image_points(view: View, pixels: torch.Tensor) -> torch.Tensor:
+    """Model-input pixels back to image points the Diffusion Hyperfeatures way (``x * W / w``)."""
+    t = view.transform
+    return (pixels - pixels.new_tensor(t.offset)) / pixels.new_tensor(t.scale)
+
+
 def _cell_points(flat_idx: torch.Tensor, w: int) -> torch.Tensor:
     return torch.stack(
         [(flat_idx % w).float(), torch.div(flat_idx, w, rounding_mode="floor").float()], 1
@@ -81,10 +122,21 @@ def _cell_points(flat_idx: torch.Tensor, w: int) -> torch.Tensor:
 
 @dataclass
 class NearestOptions:
-    resolution: Literal["image", "grid"] = opt(
+    resolution: Literal["image", "grid", "input"] = opt(
         "image",
-        "argmax over the target map upsampled to the image size (DIFT), or over grid cells",
+        "argmax over the target map upsampled to the image size (DIFT), over grid cells, or "
+        "over the map upsampled to the model-input size (Diffusion Hyperfeatures)",
     )
+    points: Literal["centres", "scale"] = opt(
+        "centres",
+        "with resolution = input: centres maps points through pixel centres (the library "
+        "convention); scale does as the Diffusion Hyperfeatures code: source x * w / W rounded "
+        "to a model-input pixel, the match scaled back by W / w",
+    )
+
+    def validate(self) -> None:
+        if self.points == "scale" and self.resolution != "input":
+            raise ValueError('points = "scale" needs resolution = "input"')
 
 
 class Nearest(Matcher):
@@ -96,6 +148,8 @@ class Nearest(Matcher):
         self.options = options or NearestOptions()
 
     def match(self, source: View, target: View, points: torch.Tensor) -> MatchResult:
+        if self.options.resolution == "input":
+            return self._match_input(source, target, points)
         q = query_vectors(source, points)
         if self.options.resolution == "image":
             pts, scores = image_argmax(q, target)
@@ -103,6 +157,21 @@ class Nearest(Matcher):
             sims = grid_similarity(q, target)
             scores, idx = sims.flatten(1).max(dim=1)
             pts = target.grid_to_image(_cell_points(idx, sims.shape[-1]))
+        return MatchResult(pts.cpu(), scores.cpu(), torch.ones(len(pts), dtype=torch.bool))
+
+    def _match_input(self, source: View, target: View, points: torch.Tensor) -> MatchResult:
+        if self.options.points == "scale":
+            desc = _descriptors(source)
+            pixels = scaled_model_pixels(source, points.to(desc.device, torch.float32))
+            cells = rescale_points(pixels, source.transform.model_size, source.grid_size)
+            q = F.normalize(sample_at(desc, cells), dim=1)
+        else:
+            q = query_vectors(source, points)
+        pixels, scores = input_argmax(q, target)
+        if self.options.points == "scale":
+            pts = scaled_image_points(target, pixels)
+        else:
+            pts = target.transform.model_to_image(pixels)
         return MatchResult(pts.cpu(), scores.cpu(), torch.ones(len(pts), dtype=torch.bool))
 
 

@@ -117,6 +117,8 @@ def test_sd_dino_preset_runs_on_tiny_models(tiny_sd, tmp_path):
     overrides = [
         f"extractor.sd.model={tiny_sd}",
         "extractor.sd.image_size=[128, 128]",
+        "extractor.sd.tile_size=[64, 64]",
+        "extractor.sd.tile_stride=[64, 64]",
         f"extractor.dino.model={dino}",
         "extractor.dino.image_size=[56, 56]",
         "extractor.dino.blocks=[-1]",

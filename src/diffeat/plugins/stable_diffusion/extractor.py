@@ -46,6 +46,7 @@ from diffeat.plugins.stable_diffusion.loading import (
     model_info,
     resolve_model_dir,
 )
+from diffeat.plugins.stable_diffusion.tiles import paste_tiles, tile_origins
 
 CATEGORY = "{category}"
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -107,6 +108,17 @@ class StableDiffusionOptions:
         "sample", "VAE latent: a posterior sample (DIFT) or the posterior mean (Hedlin et al.)"
     )
     seed: int = opt(0, "seed of the posterior and timestep noise (per image, from its content)")
+    noise: Literal["per-image", "shared"] = opt(
+        "per-image",
+        "per-image: noise drawn from seed and the image content; shared: one draw from seed "
+        "(timestep noise first) used for every image and tile, as ODISE / SD-DINO (seed 42)",
+    )
+    tile_size: list[int] = opt(
+        [],
+        "add-noise: run the UNet on tiles [width, height] of the model input and average the "
+        "overlapping maps (ODISE's slide_forward: [512, 512] on a 960 input); empty: no tiles",
+    )
+    tile_stride: list[int] = opt([], "tile step [x, y]; empty: the tile size")
     dtype: Literal["float32", "float16", "bfloat16"] = opt("float32", "model dtype")
     device: str = opt("auto", "torch device; auto: cuda if available, else cpu", cache=False)
     batch_size: int = opt(1, "images per UNet pass (each with ensemble_size copies)", cache=False)
@@ -135,6 +147,19 @@ class StableDiffusionOptions:
             raise ValueError(
                 f"image_size must be [width, height], multiples of 8, got {self.image_size}"
             )
+        if self.tile_size:
+            if self.mode != "add-noise":
+                raise ValueError("tile_size works with mode = add-noise only")
+            if len(self.tile_size) != 2 or any(v < 8 or v % 8 for v in self.tile_size):
+                raise ValueError("tile_size must be [width, height], multiples of 8")
+            if any(t > s for t, s in zip(self.tile_size, self.image_size)):
+                raise ValueError(f"tile_size {self.tile_size} exceeds image_size {self.image_size}")
+            if self.tile_stride and (
+                len(self.tile_stride) != 2 or any(v < 1 for v in self.tile_stride)
+            ):
+                raise ValueError(f"tile_stride must be [x, y] > 0, got {self.tile_stride}")
+        elif self.tile_stride:
+            raise ValueError("tile_stride needs tile_size")
 
 
 def image_seed(seed: int, key: str) -> int:
@@ -224,9 +249,23 @@ class StableDiffusionExtractor(Extractor):
 
     # -- noise ---------------------------------------------------------------------
 
+    @property
+    def tile(self) -> Size:
+        """The size of one UNet input in pixels: the tile, or the whole model input."""
+        o = self.options
+        return (int(o.tile_size[0]), int(o.tile_size[1])) if o.tile_size else self.model_size
+
+    def tile_origins(self) -> list[tuple[int, int]]:
+        o = self.options
+        if not o.tile_size:
+            return [(0, 0)]
+        stride = o.tile_stride or o.tile_size
+        return tile_origins(self.model_size, self.tile, (int(stride[0]), int(stride[1])))
+
     def latent_shape(self) -> tuple[int, int, int]:
+        """``(c, h, w)`` of the latent of one UNet input (a tile when tiling)."""
         vae_factor = 2 ** (len(self.parts.vae.config.block_out_channels) - 1)
-        w, h = self.model_size
+        w, h = self.tile
         return (int(self.parts.vae.config.latent_channels), h // vae_factor, w // vae_factor)
 
     def make_noise(self, key: str) -> dict[str, torch.Tensor]:
@@ -236,8 +275,16 @@ class StableDiffusionExtractor(Extractor):
         the device, the batch composition or the order of images.
         """
         e, t = self.options.ensemble_size, len(self.options.timesteps)
-        gen = torch.Generator().manual_seed(image_seed(self.options.seed, key))
         shape = self.latent_shape()
+        if self.options.noise == "shared":  # noise first: ODISE's one randn from seed 42
+            gen = torch.Generator().manual_seed(self.options.seed)
+            shared = (
+                {}
+                if self.options.mode != "add-noise"
+                else {"noise": torch.randn((t, e, *shape), generator=gen)}
+            )
+            return {"posterior": torch.randn((e, *shape), generator=gen), **shared}
+        gen = torch.Generator().manual_seed(image_seed(self.options.seed, key))
         posterior = torch.randn((e, *shape), generator=gen)
         if self.options.mode != "add-noise":  # the inversion is deterministic
             return {"posterior": posterior}
@@ -288,10 +335,13 @@ class StableDiffusionExtractor(Extractor):
         replaces the seeded noise, for exact comparisons."""
         if not images:
             return []
-        noise = list(noise) if noise is not None else [self.make_noise(im.key) for im in images]
         pixels = torch.stack([self.preprocess(im) for im in images])
         prompts = [self.prompt_for(im) for im in images]
-        maps = self.features_from_pixels(pixels, noise, prompts)
+        if self.options.tile_size:
+            maps = self.tiled_features(pixels, [im.key for im in images], prompts, noise)
+        else:
+            noise = list(noise) if noise is not None else [self.make_noise(im.key) for im in images]
+            maps = self.features_from_pixels(pixels, noise, prompts)
         out = []
         for i, im in enumerate(images):
             layers = {name: maps[name][i] for name in self.module_names}
@@ -300,6 +350,34 @@ class StableDiffusionExtractor(Extractor):
                 "prompt": prompts[i],
             }
             out.append(FeatureSet(layers, self.timesteps(), meta))
+        return out
+
+    def tiled_features(
+        self,
+        pixels: torch.Tensor,
+        keys: Sequence[str],
+        prompts: Sequence[str],
+        noise: Sequence[dict[str, torch.Tensor]] | None = None,
+    ) -> dict[str, torch.Tensor]:
+        """Per layer ``[B, T, C, h, w]`` from UNet passes over tiles, overlaps averaged.
+
+        Tile ``p`` of an image gets the noise of key ``"<key>#tile<p>"`` (or the
+        shared noise); ``noise``, when given, holds one dict per image and tile.
+        """
+        origins = self.tile_origins()
+        (tw, th), n = self.tile, len(origins)
+        crops = torch.stack(
+            [pixels[b, :, y : y + th, x : x + tw] for b in range(len(keys)) for x, y in origins]
+        )
+        if noise is None:
+            noise = [self.make_noise(f"{k}#tile{p}") for k in keys for p in range(n)]
+        per_tile = self.features_from_pixels(crops, noise, [pr for pr in prompts for _ in origins])
+        out = {}
+        for name, maps in per_tile.items():
+            grouped = maps.view(len(keys), n, *maps.shape[1:])
+            out[name] = torch.stack(
+                [paste_tiles(g, origins, self.model_size, self.tile, name) for g in grouped]
+            )
         return out
 
     def features_from_pixels(

@@ -140,3 +140,41 @@ def test_config_reference_is_up_to_date():
     root = Path(__file__).resolve().parents[1]
     proc = subprocess.run([sys.executable, str(root / "tools" / "gen_config_docs.py"), "--check"])
     assert proc.returncode == 0, "docs/config.md is stale: run python tools/gen_config_docs.py"
+
+
+def test_if_set_options_enter_the_cache_key_only_when_set():
+    from dataclasses import dataclass
+
+    from diffeat.core.options import opt, options_dict
+
+    @dataclass
+    class Options:
+        size: int = opt(8, "an original option")
+        added: str = opt("old", "added later; the default is the old behaviour", cache="if-set")
+        device: str = opt("cpu", "not result-affecting", cache=False)
+
+    assert options_dict(Options(), cache_only=True) == {"size": 8}
+    assert options_dict(Options(added="new"), cache_only=True) == {"size": 8, "added": "new"}
+    assert options_dict(Options(), cache_only=False) == {"size": 8, "added": "old", "device": "cpu"}
+
+
+def test_stable_diffusion_cache_fields_at_defaults_are_the_original_ones(manager):
+    """Options added after the first release (mode, tiles, ...) keep earlier stores' keys."""
+    from diffeat.core.options import options_dict
+
+    cfg = load_config(EXAMPLES / "dift-sd21.toml", manager=manager)
+    assert sorted(options_dict(cfg.extractor.options, cache_only=True)) == [
+        "dtype",
+        "ensemble_size",
+        "image_size",
+        "latent",
+        "layers",
+        "model",
+        "prompt",
+        "resample",
+        "revision",
+        "seed",
+        "timesteps",
+    ]
+    inv = load_config(EXAMPLES / "hyperfeatures-sd15.toml", manager=manager)
+    assert options_dict(inv.extractor.options, cache_only=True)["mode"] == "inversion"

@@ -97,11 +97,20 @@ def options_dict(options: Any, *, cache_only: bool = False) -> dict[str, Any]:
         return {}
     out = {}
     for f in dataclasses.fields(options):
-        if cache_only and not f.metadata.get("cache", True):
+        rule = f.metadata.get("cache", True)
+        if cache_only and not rule:
             continue
         value = getattr(options, f.name)
+        if cache_only and rule == "if-set" and value == _default_of(f):
+            continue
         out[f.name] = list(value) if isinstance(value, tuple) else value
     return out
+
+
+def _default_of(f: dataclasses.Field) -> Any:
+    if f.default_factory is not dataclasses.MISSING:
+        return f.default_factory()
+    return f.default
 
 
 def describe_options(factory: Any) -> list[dict[str, Any]]:
@@ -112,7 +121,7 @@ def describe_options(factory: Any) -> list[dict[str, Any]]:
     hints = typing.get_type_hints(cls)
     rows = []
     for f in dataclasses.fields(cls):
-        default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+        default = _default_of(f)
         rows.append(
             {
                 "name": f.name,
@@ -124,8 +133,19 @@ def describe_options(factory: Any) -> list[dict[str, Any]]:
     return rows
 
 
-def opt(default: Any, help: str, *, cache: bool = True) -> Any:
-    """Shorthand for a documented option field."""
+CacheRule = bool | Literal["if-set"]
+
+
+def opt(default: Any, help: str, *, cache: CacheRule = True) -> Any:
+    """Shorthand for a documented option field.
+
+    ``cache``: ``True`` (the value is part of the store's cache key), ``False``
+    (it does not change results: device, batch size), or ``"if-set"``: part of
+    the key only when it differs from the default. Use ``"if-set"`` for an
+    option added to a released plugin whose default reproduces the earlier
+    behaviour exactly, so stores written before keep their keys; such a
+    default must never change.
+    """
     if isinstance(default, list):
         return dataclasses.field(
             default_factory=lambda d=default: list(d), metadata={"help": help, "cache": cache}

@@ -69,6 +69,7 @@ class StableDiffusionOptions:
         "inversion: deterministic DDIM inversion of the clean latent, capturing at the kept "
         "timesteps on the way (Diffusion Hyperfeatures); generation: sample an image from the "
         "prompt and capture while denoising (`diffeat generate`)",
+        cache="if-set",
     )
     timesteps: list[int] = opt(
         [261],
@@ -76,25 +77,32 @@ class StableDiffusionOptions:
         "timesteps whose maps are kept (-1 is the clean latent, e.g. [-1, 60, 160, ..., 960])",
     )
     inversion_steps: int = opt(
-        50, "DDIM steps of the inversion or generation (eta 0); 1 with timesteps [-1]: one-step"
+        50,
+        "DDIM steps of the inversion or generation (eta 0); 1 with timesteps [-1]: one-step",
+        cache="if-set",
     )
     steps_offset: int = opt(
         0,
         "added to the DDIM timesteps of inversion/generation; 0 as the hyperfeatures code "
         "(SD 1.5's own scheduler config says 1)",
+        cache="if-set",
     )
     guidance_scale: float = opt(
         -1.0,
         "generation: classifier-free guidance scale with negative_prompt (<= 1: none); maps "
         "come from the conditional pass",
+        cache="if-set",
     )
-    negative_prompt: str = opt("", "generation: the unconditional prompt of guidance")
+    negative_prompt: str = opt(
+        "", "generation: the unconditional prompt of guidance", cache="if-set"
+    )
     ensemble_size: int = opt(8, "noisy copies per image; their feature maps are averaged")
     image_size: list[int] = opt([768, 768], "model input [width, height]")
     size_rule: Literal["resize", "pad"] = opt(
         "resize",
         "resize: squash the image to image_size (DIFT, hyperfeatures); pad: fit it inside "
         "image_size keeping its aspect ratio, centred on black (SD-DINO)",
+        cache="if-set",
     )
     resample: Literal["bicubic", "bilinear", "lanczos", "nearest"] = opt(
         "bicubic", "PIL resize filter (DIFT uses PIL's default, bicubic)"
@@ -112,13 +120,15 @@ class StableDiffusionOptions:
         "per-image",
         "per-image: noise drawn from seed and the image content; shared: one draw from seed "
         "(timestep noise first) used for every image and tile, as ODISE / SD-DINO (seed 42)",
+        cache="if-set",
     )
     tile_size: list[int] = opt(
         [],
         "add-noise: run the UNet on tiles [width, height] of the model input and average the "
         "overlapping maps (ODISE's slide_forward: [512, 512] on a 960 input); empty: no tiles",
+        cache="if-set",
     )
-    tile_stride: list[int] = opt([], "tile step [x, y]; empty: the tile size")
+    tile_stride: list[int] = opt([], "tile step [x, y]; empty: the tile size", cache="if-set")
     dtype: Literal["float32", "float16", "bfloat16"] = opt("float32", "model dtype")
     device: str = opt("auto", "torch device; auto: cuda if available, else cpu", cache=False)
     batch_size: int = opt(1, "images per UNet pass (each with ensemble_size copies)", cache=False)

@@ -374,3 +374,32 @@ def test_cli_datasets_listing_and_errors(tmp_path):
     assert "unknown option 'pair_per_class'" in proc.stderr
     proc = run("datasets", "make-synthetic", tmp_path / "b", "--from", empty, check=2)
     assert "no images found" in proc.stderr
+
+
+def test_config_protocol_is_the_eval_default(plugin_env, tmp_path):
+    photos = texture_folder(tmp_path / "photos")
+    bench = tmp_path / "bench"
+    run(
+        "datasets",
+        "make-synthetic",
+        bench,
+        "--from",
+        photos,
+        "--pairs",
+        2,
+        "--kinds",
+        "translate",
+        "--ext",
+        "png",
+        env=plugin_env,
+    )
+    cfg = tmp_path / "p.toml"
+    text = (EXAMPLE / "example.toml").read_text()
+    cfg.write_text('protocol = "hyperfeatures"\n' + text)
+    args = ("eval", cfg, "--dataset", "synthetic", "--root", bench, "--limit", 1)
+    res = run_json(*args, env=plugin_env)
+    assert res["protocol"]["name"] == "hyperfeatures"
+    assert run_json(*args, "--protocol", "dift", env=plugin_env)["protocol"]["name"] == "dift"
+    cfg.write_text('protocol = "nope"\n' + text)
+    proc = run(*args, env=plugin_env, check=2)
+    assert "nope" in proc.stderr and "Traceback" not in proc.stderr

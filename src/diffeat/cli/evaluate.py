@@ -58,7 +58,7 @@ def parse_alphas(values: tuple[str, ...]) -> tuple[float, ...]:
     "--protocol",
     "protocol_name",
     default=None,
-    help="PCK protocol preset (default: the dataset's).",
+    help="PCK protocol preset (default: the config's `protocol`, else the dataset's).",
 )
 @click.option(
     "--alpha",
@@ -117,11 +117,12 @@ def eval_cmd(
     from diffeat.eval.runner import evaluate
 
     dataset = dataset_from_cli(dataset_name, root, split, dataset_options)
-    protocol = get_protocol(protocol_name or getattr(dataset, "default_protocol", "dift"))
+    cfg = load_config(config, collect_overrides(overrides, model, device))
+    default = cfg.protocol or getattr(dataset, "default_protocol", "dift")
+    protocol = get_protocol(protocol_name or default)
     protocol = protocol.with_changes(
         alphas=parse_alphas(alphas), thresholds=thresholds, comparison=comparison
     )
-    cfg = load_config(config, collect_overrides(overrides, model, device))
     pipe = Pipeline(cfg, store=store_path)
     pairs = list(itertools.islice(dataset.pairs(), limit))
     quiet = ctx.obj.get("quiet", False) if ctx.obj else False

@@ -28,7 +28,7 @@ else:  # pragma: no cover
 
 STAGES = ("extractor", "aggregator", "matcher")
 DEFAULT_PLUGIN = {"aggregator": "select", "matcher": "nearest"}
-TOP_LEVEL_KEYS = {"name", "description"}
+TOP_LEVEL_KEYS = {"name", "description", "protocol"}
 TRAIN_TABLE = "train"  # options of `diffeat train`, validated by diffeat.train.options
 OVERRIDE_TABLES = (*STAGES, TRAIN_TABLE)
 _PART_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]*$")
@@ -67,6 +67,7 @@ class PipelineConfig:
     name: str = ""
     source: str = "<memory>"
     train: dict[str, Any] | None = None  # the raw [train] table, when the file has one
+    protocol: str = ""  # the PCK protocol `diffeat eval` uses by default (else the dataset's)
 
     @property
     def extractor(self) -> StageConfig:
@@ -78,6 +79,8 @@ class PipelineConfig:
         out: dict[str, Any] = {}
         if self.name:
             out["name"] = self.name
+        if self.protocol:
+            out["protocol"] = self.protocol
         extractors = [e.resolved() for e in self.extractors]
         out["extractor"] = extractors[0] if len(extractors) == 1 else extractors
         out["aggregator"] = self.aggregator.resolved()
@@ -146,13 +149,19 @@ def parse_config(
             raise ConfigError(
                 f"{source}: unknown top-level key {key!r}; expected tables "
                 f"{', '.join(f'[{s}]' for s in STAGES)} (and optional [{TRAIN_TABLE}], name, "
-                "description)"
+                "description, protocol)"
             )
     train = data.get(TRAIN_TABLE)
     if train is not None and not isinstance(train, dict):
         raise ConfigError(
             f"{source}: [{TRAIN_TABLE}] must be a table of `diffeat train` options, "
             f"e.g. [{TRAIN_TABLE}] steps = 5000"
+        )
+    protocol = data.get("protocol", "")
+    if not isinstance(protocol, str):
+        raise ConfigError(
+            f'{source}: protocol must be the name of a PCK protocol, e.g. protocol = "dift" '
+            "(see docs/evaluation.md)"
         )
     if "extractor" not in data:
         raise ConfigError(f'{source}: missing [extractor] table (with plugin = "...")')
@@ -188,6 +197,7 @@ def parse_config(
         name=str(data.get("name", "")),
         source=source,
         train=dict(train) if train is not None else None,
+        protocol=protocol,
     )
 
 

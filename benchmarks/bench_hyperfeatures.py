@@ -8,8 +8,8 @@ per image, and training speed reading features from the store against reading fr
    - ``bare``: VAE encode + the same DDIM inversion passes with no hooks, nothing kept;
    - ``collect``: ``extractor.extract`` (hooks on 12 modules, 132 maps copied out as float32);
    - ``store``: ``collect`` plus writing the entry into a zarr feature store (float16);
-   - ``pipeline``: ``diffeat extract``'s path (``Pipeline.extract``) over all timed images,
-     where each entry is written on a background thread while the next image is inverted.
+   - ``pipeline``: ``diffeat extract``'s path (``Pipeline.extract``) over all timed images
+     (content keys, store lookups, extraction and the write of each entry).
 
    Each is timed on the same ``--images`` images after one warm-up image; the target is
    ``collect / bare < 1.10``. The stored entry's size on disk is the "bytes per image".
@@ -155,8 +155,7 @@ def time_inversion(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
             fn(im)
             sync(args.device)
             times[name].append(time.perf_counter() - start)
-    # diffeat extract's path over all timed images at once: store writes run on a
-    # background thread while the next image is inverted
+    # diffeat extract's path over all timed images at once
     pipe.extract(images[:1])  # warm-up (and the store's first write)
     sync(args.device)
     start = time.perf_counter()

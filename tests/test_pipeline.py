@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
-import pytest
 import torch
 
 from diffeat.core.pipeline import Pipeline
-from diffeat.store import FeatureStore
 from diffeat.testing import ColorBlurExtractor, smooth_texture
 
 
@@ -58,42 +56,3 @@ def test_stored_extractor_info(manager, tmp_path, texture_files):
     assert info["config"]["sigmas"] == [0.0, 1.0]
     assert info["layers"] == [{"name": "color", "channels": 6, "stride": 1.0}]
     assert "torch" in info["versions"]
-
-
-class RecordingStore(FeatureStore):
-    """A feature store that records the thread of every write and can fail one."""
-
-    def __init__(self, *args, fail_on: int | None = None, **kwargs) -> None:
-        super().__init__(*args, **kwargs)
-        self.threads: list[str] = []
-        self.fail_on = fail_on
-
-    def put(self, *args, **kwargs) -> None:
-        import threading
-
-        self.threads.append(threading.current_thread().name)
-        if self.fail_on is not None and len(self.threads) == self.fail_on:
-            raise OSError("disk full")
-        super().put(*args, **kwargs)
-
-
-def test_store_writes_run_in_the_background_and_all_finish(manager, tmp_path, texture_files):
-    store = RecordingStore(tmp_path / "f.zarr")
-    data = {"extractor": {"plugin": "color-blur", "image_size": [32, 32]}}
-    pipe = Pipeline.from_dict(data, store=store, manager=manager)
-    report = pipe.extract(texture_files)
-    assert report.computed == 3
-    assert store.threads and all(t.startswith("diffeat-store") for t in store.threads)
-    # extract returned only after every entry was complete
-    assert len(store.entries(pipe.cache_key)) == 3
-
-
-def test_a_failed_background_write_is_raised_and_the_others_are_kept(
-    manager, tmp_path, texture_files
-):
-    store = RecordingStore(tmp_path / "f.zarr", fail_on=2)
-    data = {"extractor": {"plugin": "color-blur", "image_size": [32, 32]}}
-    pipe = Pipeline.from_dict(data, store=store, manager=manager)
-    with pytest.raises(OSError, match="disk full"):
-        pipe.extract(texture_files)
-    assert len(store.entries(pipe.cache_key)) == 2  # the first and third images

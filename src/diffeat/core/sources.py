@@ -4,9 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import sys
-from collections import deque
-from collections.abc import Callable, Iterator, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -53,36 +51,6 @@ def library_versions() -> dict[str, str]:
         except metadata.PackageNotFoundError:
             pass
     return out
-
-
-class BackgroundWriter:
-    """Runs store writes on one background thread, so the next batch is extracted while
-    the last one is compressed and written; at most ``depth`` writes wait at a time.
-
-    A write's error is raised by the next :meth:`submit` or by :meth:`close`.
-    """
-
-    def __init__(self, depth: int = 2) -> None:
-        self.depth = depth
-        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="diffeat-store")
-        self._pending: deque[Future[Any]] = deque()
-
-    def submit(self, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> None:
-        while len(self._pending) >= self.depth:
-            self._pending.popleft().result()
-        self._pending.append(self._pool.submit(fn, *args, **kwargs))
-
-    def close(self) -> None:
-        """Wait for every pending write, then raise the first error, if any."""
-        first: BaseException | None = None
-        while self._pending:
-            try:
-                self._pending.popleft().result()
-            except BaseException as exc:
-                first = first or exc
-        self._pool.shutdown(wait=True)
-        if first is not None:
-            raise first
 
 
 @dataclass
@@ -163,20 +131,15 @@ class FeatureSource:
         if self.store is None:
             raise DiffeatError("storing features needs a feature store (--store PATH)")
         self._register()
-        self._store_and_round(as_input(image), fs)
+        self._store_and_round(as_input(image), fs, keep=False)
 
-    def _store_and_round(
-        self, inp: ImageInput, fs: FeatureSet, writer: BackgroundWriter | None = None
-    ) -> FeatureSet:
-        """Store ``fs`` (on ``writer``'s thread when given); return it at the store's
-        precision, so a later run that reads the store sees exactly the features this
-        run used."""
+    def _store_and_round(self, inp: ImageInput, fs: FeatureSet, *, keep: bool) -> FeatureSet | None:
+        """Store ``fs``; with ``keep``, return it at the store's precision, so a later run
+        that reads the store sees exactly the features this run used."""
         cpu = fs.to("cpu")
-        key = self.image_key(inp)
-        if writer is None:
-            self.store.put(self.cache_key, key, cpu, source=inp.source)
-        else:
-            writer.submit(self.store.put, self.cache_key, key, cpu, source=inp.source)
+        self.store.put(self.cache_key, self.image_key(inp), cpu, source=inp.source)
+        if not keep:  # extract only: no copy back to the device
+            return None
         stored_dtype = getattr(torch, str(getattr(self.store, "dtype", "float32")))
         return cpu.to(dtype=stored_dtype).to(self.device, torch.float32)
 
@@ -186,7 +149,6 @@ class FeatureSource:
         """Yield ``(index, features)`` in input order, reading the store or extracting batches."""
         batch: list[tuple[int, ImageInput]] = []
         batch_size = max(1, int(getattr(self.extractor, "batch_size", 1)))
-        writer = BackgroundWriter() if self.store is not None else None
 
         def flush() -> Iterator[tuple[int, FeatureSet | None]]:
             feats = self.extractor.extract([inp for _, inp in batch])
@@ -194,46 +156,42 @@ class FeatureSource:
             for (index, inp), fs in zip(batch, feats):
                 fs.meta.setdefault("source", inp.source)
                 if self.store is not None:
-                    fs = self._store_and_round(inp, fs, writer)
+                    fs = self._store_and_round(inp, fs, keep=keep)
                 report.computed += 1
                 if progress is not None:
                     progress.update(1)
                 yield index, (fs if keep else None)
             batch.clear()
 
-        try:
-            for index, item in enumerate(items):
-                report.total += 1
-                try:
-                    inp = as_input(item)
-                except ImageError as exc:
-                    if keep:
-                        raise
-                    report.failed.append((str(item), str(exc)))
-                    if progress is not None:
-                        progress.update(1)
-                    continue
-                if self.store is not None and self.store.has(self.cache_key, self.image_key(inp)):
-                    report.cached += 1
-                    if progress is not None:
-                        progress.update(1)
-                    yield (
-                        index,
-                        (
-                            self.store.get(self.cache_key, self.image_key(inp), device=self.device)
-                            if keep
-                            else None
-                        ),
-                    )
-                    continue
-                batch.append((index, inp))
-                if len(batch) >= batch_size:
-                    yield from flush()
-            if batch:
+        for index, item in enumerate(items):
+            report.total += 1
+            try:
+                inp = as_input(item)
+            except ImageError as exc:
+                if keep:
+                    raise
+                report.failed.append((str(item), str(exc)))
+                if progress is not None:
+                    progress.update(1)
+                continue
+            if self.store is not None and self.store.has(self.cache_key, self.image_key(inp)):
+                report.cached += 1
+                if progress is not None:
+                    progress.update(1)
+                yield (
+                    index,
+                    (
+                        self.store.get(self.cache_key, self.image_key(inp), device=self.device)
+                        if keep
+                        else None
+                    ),
+                )
+                continue
+            batch.append((index, inp))
+            if len(batch) >= batch_size:
                 yield from flush()
-        finally:
-            if writer is not None:
-                writer.close()  # every entry written (or the first write error raised)
+        if batch:
+            yield from flush()
 
     def features(self, images: Sequence[ImageLike], *, progress: Any = None) -> list[FeatureSet]:
         """Features of each image, from the store when present, else extracted (and stored)."""

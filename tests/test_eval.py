@@ -195,23 +195,27 @@ def in_process_example_pipeline(monkeypatch, store=None):
 
 
 @pytest.mark.slow
-def test_cli_eval_known_pck_and_store_reuse(plugin_env, tmp_path):
-    photos = texture_folder(tmp_path / "photos")
-    bench = tmp_path / "bench"
-    made = run_json(
+def make_translate_bench(bench: Path, photos: Path, pairs: int, env: dict) -> dict:
+    """``diffeat datasets make-synthetic`` with integer translations, lossless PNG."""
+    return run_json(
         "datasets",
         "make-synthetic",
         bench,
         "--from",
         photos,
         "--pairs",
-        6,
+        pairs,
         "--kinds",
         "translate",
         "--ext",
         "png",
-        env=plugin_env,
+        env=env,
     )
+
+
+def test_cli_eval_known_pck_and_store_reuse(plugin_env, tmp_path):
+    bench = tmp_path / "bench"
+    made = make_translate_bench(bench, texture_folder(tmp_path / "photos"), 6, plugin_env)
     assert made["pairs"] == 6 and made["kinds"] == {"translate": 6}
     store, out = tmp_path / "feats.zarr", tmp_path / "out"
     first = run_json(
@@ -377,22 +381,8 @@ def test_cli_datasets_listing_and_errors(tmp_path):
 
 
 def test_config_protocol_is_the_eval_default(plugin_env, tmp_path):
-    photos = texture_folder(tmp_path / "photos")
     bench = tmp_path / "bench"
-    run(
-        "datasets",
-        "make-synthetic",
-        bench,
-        "--from",
-        photos,
-        "--pairs",
-        2,
-        "--kinds",
-        "translate",
-        "--ext",
-        "png",
-        env=plugin_env,
-    )
+    make_translate_bench(bench, texture_folder(tmp_path / "photos"), 2, plugin_env)
     cfg = tmp_path / "p.toml"
     text = (EXAMPLE / "example.toml").read_text()
     cfg.write_text('protocol = "hyperfeatures"\n' + text)

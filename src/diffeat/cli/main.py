@@ -22,10 +22,20 @@ def cli(ctx: click.Context, quiet: bool) -> None:
 
 
 def _add_commands() -> None:
-    from diffeat.cli import evaluate, extract, generate, info, match, plot, store, train
+    from diffeat.cli import (
+        checkpoint,
+        evaluate,
+        extract,
+        generate,
+        info,
+        match,
+        plot,
+        store,
+        train,
+    )
     from diffeat.core.plugins import get_plugin_manager
 
-    for module in (info, extract, generate, match, store, evaluate, plot, train):
+    for module in (info, extract, generate, match, store, evaluate, train, plot, checkpoint):
         module.add_to(cli)
     get_plugin_manager().add_commands(cli)
 

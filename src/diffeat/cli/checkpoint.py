@@ -1,0 +1,77 @@
+"""``diffeat checkpoint``: inspect aggregator checkpoints and import the official weights."""
+
+from __future__ import annotations
+
+import click
+
+from diffeat.cli.common import emit_json
+
+
+@click.group("checkpoint")
+def checkpoint_group() -> None:
+    """Trained aggregator checkpoints (safetensors)."""
+
+
+@checkpoint_group.command("info")
+@click.argument("path", type=click.Path(dir_okay=False))
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+def info_cmd(path: str, as_json: bool) -> None:
+    """Layers, timesteps, architecture and training record of a checkpoint."""
+    from diffeat.plugins.hyperfeatures.checkpoint import load_checkpoint
+
+    ckpt = load_checkpoint(path)
+    data = {"path": str(ckpt.path), "network": ckpt.network, **ckpt.extra}
+    data.pop("train", None)  # the resume state's per-step record: long, not for reading
+    if as_json:
+        emit_json(data)
+        return
+    net = ckpt.network
+    click.echo(f"{ckpt.path}: {net['format']}")
+    click.echo(f"  timesteps: {net['timesteps']}")
+    click.echo(
+        f"  output: {net['projection_dim']} x {net['size'][1]} x {net['size'][0]}, "
+        f"GroupNorm groups {net['norm_groups']}"
+    )
+    click.echo("  layers:")
+    for layer in net["layers"]:
+        click.echo(f"    {layer['name']:<32} {layer['channels']:>5} ch")
+    for key in ("source", "imported_from", "step", "best"):
+        if key in ckpt.extra:
+            click.echo(f"  {key}: {ckpt.extra[key]}")
+
+
+@checkpoint_group.command("import-official")
+@click.argument("state", type=click.Path(dir_okay=False))
+@click.option(
+    "--config",
+    "config",
+    required=True,
+    type=click.Path(dir_okay=False),
+    help="The pipeline the weights are for (its extractor's layers and timesteps).",
+)
+@click.option(
+    "--out", "out_path", required=True, type=click.Path(dir_okay=False), help="Checkpoint to write."
+)
+@click.option("--set", "overrides", multiple=True, metavar="STAGE.OPTION=VALUE")
+def import_cmd(state: str, config: str, out_path: str, overrides: tuple[str, ...]) -> None:
+    """Turn the official Diffusion Hyperfeatures weights (their state dict, exported to
+    safetensors once: see docs/hyperfeatures.md) into a checkpoint for CONFIG."""
+    from diffeat.core.config import load_config
+    from diffeat.plugins.hyperfeatures.official import config_layers, import_official
+
+    cfg = load_config(config, list(overrides))
+    ext, agg = cfg.extractor.options, cfg.aggregator.options
+    size = getattr(agg, "size", [64, 64])
+    written = import_official(
+        state,
+        out_path,
+        layers=config_layers(list(getattr(ext, "layers", []))),
+        timesteps=list(getattr(ext, "timesteps", [])),
+        size=(int(size[0]), int(size[1])),
+        norm_groups=int(getattr(agg, "norm_groups", 32)),
+    )
+    click.echo(f"wrote {written}")
+
+
+def add_to(cli: click.Group) -> None:
+    cli.add_command(checkpoint_group)

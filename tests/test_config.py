@@ -49,7 +49,12 @@ def test_defaults_filled_and_stable_digest(tmp_path, manager):
             "stride": 1,
         },
         "aggregator": {"plugin": "select", "layer": "", "timestep_index": 0},
-        "matcher": {"plugin": "nearest", "resolution": "image", "points": "centres"},
+        "matcher": {
+            "plugin": "nearest",
+            "resolution": "image",
+            "points": "centres",
+            "input_size": [],
+        },
     }
     b = load_config(
         write(tmp_path, '[extractor]\nplugin = "color-blur"\nstride = 1\n'), manager=manager

@@ -292,3 +292,18 @@ def test_generation_matches_written_out_sampler(tiny_sd):
         torch.testing.assert_close(got[k], ref_maps[t][0], atol=1e-4, rtol=1e-4)
     assert image.size == (SIZE, SIZE)
     assert np.abs(np.asarray(image).astype(int) - ref_image.astype(int)).max() <= 1
+
+
+def test_load_size_resizes_in_two_stages_as_use_paper_size(tiny_sd, image):
+    """PIL bilinear to load_size, [-1, 1], then F.interpolate to the model input (process_image
+    followed by DiffusionExtractor.forward's interpolate in the official code)."""
+    import torch.nn.functional as F
+
+    ex = make(tiny_sd, load_size=[24, 24])
+    small = np.asarray(image.resize((24, 24), Image.BILINEAR), dtype=np.float32) / 255.0
+    x = torch.from_numpy(small).permute(2, 0, 1) * 2 - 1
+    expected = F.interpolate(x[None], size=(SIZE, SIZE), mode="bilinear", align_corners=False)[0]
+    torch.testing.assert_close(ex.preprocess(as_input(image)), expected, atol=1e-6, rtol=1e-6)
+    assert ex.transform_for(image.size).scale == (SIZE / 90, SIZE / 70)  # still a squash resize
+    with pytest.raises(ConfigError, match="size_rule"):
+        make(tiny_sd, load_size=[24, 24], size_rule="pad")

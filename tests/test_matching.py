@@ -169,13 +169,15 @@ def test_mutual_flags_one_sided_matches(manager):
     assert Mutual.needs_descriptors is not False
 
 
-def test_input_resolution_with_scaled_points_equals_the_hyperfeatures_code():
-    """find_nn_source_correspondences of Diffusion Hyperfeatures, written out in numpy/torch."""
+@pytest.mark.parametrize("load", [(64, 64), (40, 40)])
+def test_input_resolution_with_scaled_points_equals_the_hyperfeatures_code(load):
+    """find_nn_source_correspondences of Diffusion Hyperfeatures, written out in numpy/torch,
+    at the model input size (64) and at another load size (the paper's 224-for-512 setting)."""
     import numpy as np
 
     torch.manual_seed(3)
     src_desc, tgt_desc = torch.randn(16, 8, 8), torch.randn(16, 8, 8)
-    src_size, tgt_size, load = (100, 75), (90, 120), (64, 64)
+    src_size, tgt_size, model = (100, 75), (90, 120), (64, 64)
     points = torch.tensor([[0.0, 0.0], [10.0, 20.0], [99.0, 74.0], [51.0, 37.0], [55.0, 5.0]])
     # official: points (y, x) rescaled to the load size, np.round, clip, flat index
     yx = points.numpy()[:, ::-1] * np.array([load[1] / src_size[1], load[0] / src_size[0]])
@@ -190,13 +192,16 @@ def test_input_resolution_with_scaled_points_equals_the_hyperfeatures_code():
     pred_yx = pred_yx * np.array([tgt_size[1] / load[1], tgt_size[0] / load[0]])
     expected = torch.from_numpy(pred_yx[:, ::-1].copy()).float()
 
-    nearest = Nearest(Nearest.Options(resolution="input", points="scale"))
-    result = nearest.match(_view(src_desc, src_size, load), _view(tgt_desc, tgt_size, load), points)
+    size = [] if load == model else list(load)
+    nearest = Nearest(Nearest.Options(resolution="input", points="scale", input_size=size))
+    result = nearest.match(
+        _view(src_desc, src_size, model), _view(tgt_desc, tgt_size, model), points
+    )
     torch.testing.assert_close(result.points, expected)
     torch.testing.assert_close(result.scores, sims.max(dim=1).values)
     # the library convention gives the same argmax pixels mapped through pixel centres
-    centred = Nearest(Nearest.Options(resolution="input")).match(
-        _view(src_desc, src_size, load), _view(tgt_desc, tgt_size, load), points
+    centred = Nearest(Nearest.Options(resolution="input", input_size=size)).match(
+        _view(src_desc, src_size, model), _view(tgt_desc, tgt_size, model), points
     )
     assert centred.points.shape == expected.shape
 

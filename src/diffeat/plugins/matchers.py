@@ -8,7 +8,7 @@ evaluates.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Literal
 
@@ -86,32 +86,45 @@ def image_argmax(
     return raster_argmax(queries, view, view.image_size, view.image_to_grid, chunk_elements)
 
 
+def input_raster(view: View, size: Sequence[int] = ()) -> Size:
+    """The raster of ``resolution = "input"``: ``size`` when given, else the model input."""
+    return (int(size[0]), int(size[1])) if size else view.transform.model_size
+
+
 def input_argmax(
-    queries: torch.Tensor, view: View, chunk_elements: int = _CHUNK_ELEMENTS
+    queries: torch.Tensor, view: View, size: Size, chunk_elements: int = _CHUNK_ELEMENTS
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Best model-input pixel per query over the map upsampled to the model-input size."""
-    size = view.transform.model_size
+    """Best pixel per query over the map upsampled to a raster ``size`` covering the model input."""
     return raster_argmax(
         queries, view, size, lambda p: rescale_points(p, size, view.grid_size), chunk_elements
     )
 
 
-def scaled_model_pixels(view: View, points: torch.Tensor) -> torch.Tensor:
-    """Image points to model-input pixels the Diffusion Hyperfeatures way.
+def _raster_scale(view: View, size: Size) -> tuple[list[float], list[float]]:
+    t = view.transform
+    ratio = [size[0] / t.model_size[0], size[1] / t.model_size[1]]
+    return [t.scale[0] * ratio[0], t.scale[1] * ratio[1]], [
+        t.offset[0] * ratio[0],
+        t.offset[1] * ratio[1],
+    ]
 
-    ``x * model_w / image_w`` (no half-pixel shift, plus any padding offset),
+
+def scaled_raster_pixels(view: View, points: torch.Tensor, size: Size) -> torch.Tensor:
+    """Image points to raster pixels the Diffusion Hyperfeatures way.
+
+    ``x * raster_w / image_w`` (no half-pixel shift, plus any padding offset),
     rounded half to even as ``np.round``, clipped to the raster.
     """
-    t = view.transform
-    scaled = points * points.new_tensor(t.scale) + points.new_tensor(t.offset)
-    limit = points.new_tensor([t.model_size[0] - 1, t.model_size[1] - 1])
+    scale, offset = _raster_scale(view, size)
+    scaled = points * points.new_tensor(scale) + points.new_tensor(offset)
+    limit = points.new_tensor([size[0] - 1, size[1] - 1])
     return torch.minimum(torch.clamp(torch.round(scaled), min=0), limit)
 
 
-def scaled_image_points(view: View, pixels: torch.Tensor) -> torch.Tensor:
-    """Model-input pixels back to image points the Diffusion Hyperfeatures way (``x * W / w``)."""
-    t = view.transform
-    return (pixels - pixels.new_tensor(t.offset)) / pixels.new_tensor(t.scale)
+def scaled_image_points(view: View, pixels: torch.Tensor, size: Size) -> torch.Tensor:
+    """Raster pixels back to image points the Diffusion Hyperfeatures way (``x * W / w``)."""
+    scale, offset = _raster_scale(view, size)
+    return (pixels - pixels.new_tensor(offset)) / pixels.new_tensor(scale)
 
 
 def _cell_points(flat_idx: torch.Tensor, w: int) -> torch.Tensor:
@@ -134,9 +147,21 @@ class NearestOptions:
         "to a model-input pixel, the match scaled back by W / w",
     )
 
+    input_size: list[int] = opt(
+        [],
+        "with resolution = input: the raster [width, height] (empty: the model input size); "
+        "[224, 224] is the hyperfeatures paper's test setting (use_paper_size)",
+    )
+
     def validate(self) -> None:
         if self.points == "scale" and self.resolution != "input":
             raise ValueError('points = "scale" needs resolution = "input"')
+        if self.input_size and (
+            self.resolution != "input"
+            or len(self.input_size) != 2
+            or any(v < 1 for v in self.input_size)
+        ):
+            raise ValueError('input_size is [width, height] > 0 and needs resolution = "input"')
 
 
 class Nearest(Matcher):
@@ -160,18 +185,22 @@ class Nearest(Matcher):
         return MatchResult(pts.cpu(), scores.cpu(), torch.ones(len(pts), dtype=torch.bool))
 
     def _match_input(self, source: View, target: View, points: torch.Tensor) -> MatchResult:
+        size = self.options.input_size
         if self.options.points == "scale":
             desc = _descriptors(source)
-            pixels = scaled_model_pixels(source, points.to(desc.device, torch.float32))
-            cells = rescale_points(pixels, source.transform.model_size, source.grid_size)
+            raster = input_raster(source, size)
+            pixels = scaled_raster_pixels(source, points.to(desc.device, torch.float32), raster)
+            cells = rescale_points(pixels, raster, source.grid_size)
             q = F.normalize(sample_at(desc, cells), dim=1)
         else:
             q = query_vectors(source, points)
-        pixels, scores = input_argmax(q, target)
+        raster = input_raster(target, size)
+        pixels, scores = input_argmax(q, target, raster)
         if self.options.points == "scale":
-            pts = scaled_image_points(target, pixels)
+            pts = scaled_image_points(target, pixels, raster)
         else:
-            pts = target.transform.model_to_image(pixels)
+            model = rescale_points(pixels, raster, target.transform.model_size)
+            pts = target.transform.model_to_image(model)
         return MatchResult(pts.cpu(), scores.cpu(), torch.ones(len(pts), dtype=torch.bool))
 
 

@@ -21,6 +21,7 @@ from typing import Any, Literal
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from PIL import Image
 
 from diffeat.core.components import Extractor
@@ -28,7 +29,7 @@ from diffeat.core.devices import pick_device
 from diffeat.core.errors import DiffeatError
 from diffeat.core.features import FeatureSet, LayerInfo
 from diffeat.core.geometry import ImageTransform, Size
-from diffeat.core.images import ImageInput, fit_image, fit_transform, to_tensor
+from diffeat.core.images import ImageInput, fit_image, fit_transform, resize, to_tensor
 from diffeat.core.options import opt
 from diffeat.plugins.stable_diffusion.capture import OutputCapture, resolve_modules
 from diffeat.plugins.stable_diffusion.ddim import (
@@ -104,6 +105,13 @@ class StableDiffusionOptions:
         "image_size keeping its aspect ratio, centred on black (SD-DINO)",
         cache="if-set",
     )
+    load_size: list[int] = opt(
+        [],
+        "resize the image to this [width, height] first (PIL bilinear), then to image_size by "
+        "bilinear interpolation of the tensor: the hyperfeatures paper's use_paper_size ([64, "
+        "64] for training, [224, 224] for testing); empty: straight to image_size",
+        cache="if-set",
+    )
     resample: Literal["bicubic", "bilinear", "lanczos", "nearest"] = opt(
         "bicubic", "PIL resize filter (DIFT uses PIL's default, bicubic)"
     )
@@ -157,6 +165,10 @@ class StableDiffusionOptions:
             raise ValueError(
                 f"image_size must be [width, height], multiples of 8, got {self.image_size}"
             )
+        if self.load_size and (len(self.load_size) != 2 or any(v < 1 for v in self.load_size)):
+            raise ValueError(f"load_size must be [width, height] > 0, got {self.load_size}")
+        if self.load_size and self.size_rule != "resize":
+            raise ValueError('load_size works with size_rule = "resize" only')
         if self.tile_size:
             if self.mode != "add-noise":
                 raise ValueError("tile_size works with mode = add-noise only")
@@ -335,8 +347,12 @@ class StableDiffusionExtractor(Extractor):
 
     def preprocess(self, image: ImageInput) -> torch.Tensor:
         """``[3, H, W]`` in [-1, 1] at the model size."""
-        img = fit_image(image.image, self.model_size, self.options.size_rule, self.options.resample)
-        return to_tensor(img)
+        o = self.options
+        if o.load_size:  # two stages, as the hyperfeatures code's use_paper_size
+            small = to_tensor(resize(image.image, (o.load_size[0], o.load_size[1]), "bilinear"))
+            w, h = self.model_size
+            return F.interpolate(small[None], size=(h, w), mode="bilinear", align_corners=False)[0]
+        return to_tensor(fit_image(image.image, self.model_size, o.size_rule, o.resample))
 
     def extract(
         self, images: Sequence[ImageInput], noise: Sequence[dict[str, torch.Tensor]] | None = None

@@ -71,6 +71,10 @@ def test_imported_weights_give_the_official_networks_output(tmp_path):
     "override, message",
     [
         ("extractor.timesteps=[-1, 60]", "mixes 132 maps"),
+        (
+            "extractor.timesteps=[960, 860, 760, 660, 560, 460, 360, 260, 160, 60, -1]",
+            "in that order",
+        ),
         ('extractor.layers=["up_blocks.1"]', "official weights are for the layers"),
     ],
 )

@@ -209,3 +209,12 @@ def test_input_resolution_with_scaled_points_equals_the_hyperfeatures_code(load)
 def test_scaled_points_need_input_resolution():
     with pytest.raises(ValueError, match="resolution"):
         Nearest.Options(resolution="image", points="scale").validate()
+
+
+def test_scaled_points_round_like_numpy_float64():
+    """x * (224 / 384) for x = 54 is 31.500000000000004 in float64: pixel 32 (float32 gives 31)."""
+    from diffeat.plugins.matchers import scaled_raster_pixels
+
+    view = _view(torch.zeros(1, 4, 4), (384, 384), (512, 512))
+    px = scaled_raster_pixels(view, torch.tensor([[54.0, 54.0]]), (224, 224))
+    assert px.tolist() == [[32.0, 32.0]]

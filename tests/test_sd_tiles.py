@@ -89,8 +89,20 @@ def test_tiles_whose_offsets_miss_a_cell_are_refused(tiny_sd):
         ({"mode": "inversion", "timesteps": [-1]}, "add-noise"),
         ({"tile_size": [], "tile_stride": [32, 32]}, "needs tile_size"),
         ({"tile_size": [256, 64]}, "exceeds"),
+        ({"tile_stride": [80, 32]}, "uncovered"),
     ],
 )
 def test_bad_tiling_options(tiny_sd, opts, message):
     with pytest.raises(ConfigError, match=message):
         make(tiny_sd, **opts)
+
+
+def test_timesteps_outside_the_noise_schedule_are_refused(tiny_sd):
+    ex = make(tiny_sd, timesteps=[-1], tile_size=[], tile_stride=[], image_size=[64, 64])
+    with pytest.raises(ConfigError, match=r"outside 0\.\.999"):
+        ex.extract([as_input(smooth_texture((64, 64), seed=1))])
+    inv = make(
+        tiny_sd, mode="inversion", timesteps=[-1], steps_offset=20, tile_size=[], tile_stride=[]
+    )
+    with pytest.raises(ConfigError, match="steps_offset 20"):
+        inv.extract([as_input(smooth_texture((64, 64), seed=1))])

@@ -368,3 +368,33 @@ def test_cli_train_no_extract_with_an_empty_store(cli, tmp_path):
     assert "18 of 18 images" in proc.stderr and "and 13 more" in proc.stderr
     assert f"diffeat extract {cli['config']} --dataset synthetic" in proc.stderr
     assert f"--store {empty}" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_scale_rounding_applies_a_padding_transform():
+    from diffeat.core.geometry import ImageTransform
+    from diffeat.train.loss import cells_scale
+
+    # 500 x 250 fitted into 512 x 512: scale 1.024, 128 rows of padding above; grid 64
+    pad = ImageTransform((500, 250), (512, 512), (512 / 500, 256 / 250), (0.0, 128.0))
+    (idx,) = cells_scale(np.array([[0.0, 0.0]]), (500, 250), (64, 64), pad)
+    assert divmod(int(idx), 64) == (16, 0)
+    squash = ImageTransform.resize((500, 250), (512, 512))
+    (plain,) = cells_scale(np.array([[250.0, 125.0]]), (500, 250), (64, 64), squash)
+    assert divmod(int(plain), 64) == (32, 32)
+
+
+def test_a_missing_configured_checkpoint_means_a_fresh_start(tmp_path):
+    from diffeat.core.config import parse_config
+    from diffeat.train.loop import training_stage
+
+    cfg = parse_config(
+        {
+            "extractor": {"plugin": "stable-diffusion"},
+            "aggregator": {"plugin": "hyperfeatures", "checkpoint": str(tmp_path / "preset.st")},
+        }
+    )
+    stage, fresh = training_stage(cfg.aggregator, tmp_path / "other.safetensors")
+    assert fresh and stage.options.checkpoint == ""
+    (tmp_path / "preset.st").write_bytes(b"x")
+    stage, fresh = training_stage(cfg.aggregator, tmp_path / "other.safetensors")
+    assert not fresh and stage.options.checkpoint == str(tmp_path / "preset.st")

@@ -20,8 +20,11 @@ def info_cmd(path: str, as_json: bool) -> None:
     from diffeat.plugins.hyperfeatures.checkpoint import load_checkpoint
 
     ckpt = load_checkpoint(path)
+    record = dict(ckpt.extra.get("train") or {})
+    record.pop("losses", None)  # the per-step losses: long, not for reading
     data = {"path": str(ckpt.path), "network": ckpt.network, **ckpt.extra}
-    data.pop("train", None)  # the resume state's per-step record: long, not for reading
+    if record:
+        data["train"] = record
     if as_json:
         emit_json(data)
         return
@@ -35,9 +38,12 @@ def info_cmd(path: str, as_json: bool) -> None:
     click.echo("  layers:")
     for layer in net["layers"]:
         click.echo(f"    {layer['name']:<32} {layer['channels']:>5} ch")
-    for key in ("source", "imported_from", "step", "best"):
+    for key in ("source", "imported_from"):
         if key in ckpt.extra:
             click.echo(f"  {key}: {ckpt.extra[key]}")
+    for key in ("step", "best"):
+        if key in record:
+            click.echo(f"  {key}: {record[key]}")
 
 
 @checkpoint_group.command("import-official")

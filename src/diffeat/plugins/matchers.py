@@ -16,7 +16,14 @@ import torch
 import torch.nn.functional as F
 
 from diffeat.core.components import Matcher, MatchResult, View
-from diffeat.core.geometry import Size, pixel_centres, rescale_points, sample_at, sample_rows
+from diffeat.core.geometry import (
+    ImageTransform,
+    Size,
+    pixel_centres,
+    rescale_points,
+    sample_at,
+    sample_rows,
+)
 from diffeat.core.hookspecs import Register, hookimpl
 from diffeat.core.options import opt
 
@@ -101,30 +108,38 @@ def input_argmax(
 
 
 def _raster_scale(view: View, size: Size) -> tuple[list[float], list[float]]:
+    """Per axis, image -> raster factor and offset. For a plain resize the factor is
+    ``raster / image`` exactly, as the official ``rescale_points`` computes it."""
     t = view.transform
+    plain = t == ImageTransform.resize(t.image_size, t.model_size)
+    if plain:
+        return [size[0] / t.image_size[0], size[1] / t.image_size[1]], [0.0, 0.0]
     ratio = [size[0] / t.model_size[0], size[1] / t.model_size[1]]
-    return [t.scale[0] * ratio[0], t.scale[1] * ratio[1]], [
-        t.offset[0] * ratio[0],
-        t.offset[1] * ratio[1],
-    ]
+    scale = [t.scale[0] * ratio[0], t.scale[1] * ratio[1]]
+    return scale, [t.offset[0] * ratio[0], t.offset[1] * ratio[1]]
 
 
 def scaled_raster_pixels(view: View, points: torch.Tensor, size: Size) -> torch.Tensor:
     """Image points to raster pixels the Diffusion Hyperfeatures way.
 
-    ``x * raster_w / image_w`` (no half-pixel shift, plus any padding offset),
-    rounded half to even as ``np.round``, clipped to the raster.
+    ``x * (raster_w / image_w)`` in float64 (no half-pixel shift, plus any
+    padding offset), rounded half to even as ``np.round``, clipped to the raster.
     """
     scale, offset = _raster_scale(view, size)
-    scaled = points * points.new_tensor(scale) + points.new_tensor(offset)
-    limit = points.new_tensor([size[0] - 1, size[1] - 1])
-    return torch.minimum(torch.clamp(torch.round(scaled), min=0), limit)
+    pts = points.double()
+    scaled = pts * pts.new_tensor(scale) + pts.new_tensor(offset)
+    limit = pts.new_tensor([size[0] - 1, size[1] - 1])
+    return torch.minimum(torch.clamp(torch.round(scaled), min=0), limit).to(points.dtype)
 
 
 def scaled_image_points(view: View, pixels: torch.Tensor, size: Size) -> torch.Tensor:
     """Raster pixels back to image points the Diffusion Hyperfeatures way (``x * W / w``)."""
     scale, offset = _raster_scale(view, size)
-    return (pixels - pixels.new_tensor(offset)) / pixels.new_tensor(scale)
+    px = pixels.double()
+    back = [1.0 / scale[0], 1.0 / scale[1]]
+    if offset == [0.0, 0.0]:  # the official rescale_points: x * (W / w)
+        back = [view.transform.image_size[0] / size[0], view.transform.image_size[1] / size[1]]
+    return ((px - px.new_tensor(offset)) * px.new_tensor(back)).to(pixels.dtype)
 
 
 def _cell_points(flat_idx: torch.Tensor, w: int) -> torch.Tensor:

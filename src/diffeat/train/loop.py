@@ -188,10 +188,12 @@ def training_stage(stage: StageConfig, out: Path) -> tuple[StageConfig, bool]:
     A pipeline usually names its trained network as ``checkpoint`` (the file it
     is evaluated with). When that is the file this run writes, training starts
     from a fresh network (``seed``) instead of loading it; any other checkpoint
-    is the starting point (fine-tuning).
+    is the starting point (fine-tuning). A checkpoint that does not exist yet
+    (a preset's name for the network still to be trained) also means a fresh start.
     """
     path = str(getattr(stage.options, "checkpoint", "") or "")
-    if path and Path(path).expanduser().resolve() == out.expanduser().resolve():
+    target = Path(path).expanduser()
+    if path and (target.resolve() == out.expanduser().resolve() or not target.exists()):
         options = dataclasses.replace(stage.options, checkpoint="")
         return dataclasses.replace(stage, options=options), True
     return stage, False
@@ -283,7 +285,7 @@ def _cells(
     vis = np.flatnonzero(pair.visible)
     cells = []
     for info, points in ((src, pair.source_points[vis]), (tgt, pair.target_points[vis])):
-        transform = pipeline.extractor.transform_for(info.size) if mode == "centres" else None
+        transform = pipeline.extractor.transform_for(info.size)
         cells.append(keypoint_cells(points, info.size, grid, mode, transform))  # type: ignore[arg-type]
     return src, tgt, cells[0], cells[1]
 
@@ -332,8 +334,10 @@ def train(
     stage, fresh = training_stage(pipeline.config.aggregator, out)
     if fresh:
         seed = getattr(stage.options, "seed", 0)
+        named = getattr(pipeline.config.aggregator.options, "checkpoint", "")
         log(
-            f"aggregator checkpoint {out} is this run's output: training a fresh network (seed {seed})"
+            f"aggregator checkpoint {named} is this run's output or does not exist yet: "
+            f"training a fresh network (seed {seed}) -> {out}"
         )
         aggregator = stage.build()
 

@@ -27,16 +27,31 @@ def _flat_index(cx: np.ndarray, cy: np.ndarray, grid_size: Size) -> np.ndarray:
     return (gw * cy + cx).astype(np.int64)
 
 
-def cells_scale(points: np.ndarray, image_size: Size, grid_size: Size) -> np.ndarray:
+def cells_scale(
+    points: np.ndarray,
+    image_size: Size,
+    grid_size: Size,
+    transform: ImageTransform | None = None,
+) -> np.ndarray:
     """Flat cell indices of image points ``[N, 2]`` (x, y) the way the official code maps them.
 
     ``rescale_points`` + ``points_to_idxs``: ``x * (grid_w / image_w)`` (no
     half-pixel offset), clipped to ``[0, grid_w - 1]``, rounded half to even;
-    the same for ``y``; ``index = grid_w * y + x`` (row-major).
+    the same for ``y``; ``index = grid_w * y + x`` (row-major). With a
+    ``transform`` that is not a plain resize (``size_rule = "pad"``), its fit
+    scale and offset are applied the same way (no half-pixel shift).
     """
     pts = np.asarray(points, dtype=np.float64).reshape(-1, 2)
     (w, h), (gw, gh) = image_size, grid_size
-    return _flat_index(pts[:, 0] * (gw / w), pts[:, 1] * (gh / h), grid_size)
+    if transform is None or transform == ImageTransform.resize(
+        transform.image_size, transform.model_size
+    ):
+        return _flat_index(pts[:, 0] * (gw / w), pts[:, 1] * (gh / h), grid_size)
+    (mw, mh) = transform.model_size
+    rx, ry = gw / mw, gh / mh
+    cx = pts[:, 0] * transform.scale[0] * rx + transform.offset[0] * rx
+    cy = pts[:, 1] * transform.scale[1] * ry + transform.offset[1] * ry
+    return _flat_index(cx, cy, grid_size)
 
 
 def cells_centres(points: np.ndarray, transform: ImageTransform, grid_size: Size) -> np.ndarray:
@@ -60,7 +75,7 @@ def keypoint_cells(
 ) -> np.ndarray:
     """Flat cell indices of ``points`` under ``mode`` (``"scale"`` or ``"centres"``)."""
     if mode == "scale":
-        return cells_scale(points, image_size, grid_size)
+        return cells_scale(points, image_size, grid_size, transform)
     if mode == "centres":
         if transform is None:
             raise ValueError("point_rounding 'centres' needs the image's transform")

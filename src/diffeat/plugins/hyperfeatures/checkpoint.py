@@ -83,11 +83,18 @@ def save_checkpoint(
         save_file(data, tmp, metadata=metadata)
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
+        tmp.chmod(0o666 & ~_umask())  # mkstemp makes it owner-only; a checkpoint is not secret
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
     return path
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def _not_ours(path: Path, why: str) -> DiffeatError:

@@ -29,6 +29,8 @@ from diffeat.core.errors import DiffeatError
 from diffeat.plugins.hyperfeatures.checkpoint import save_checkpoint
 from diffeat.plugins.hyperfeatures.network import AggregationNetwork
 
+#: the official save_timestep [49, 45, ..., 0] of a 50-step inversion, as UNet timesteps
+OFFICIAL_TIMESTEPS = [-1, 60, 160, 260, 360, 460, 560, 660, 760, 860, 960]
 _CONV1 = re.compile(r"^bottleneck_layers\.(\d+)\.0\.conv1\.weight$")
 
 
@@ -102,6 +104,13 @@ def import_official(
             f"{where} mixes {mixing.numel()} maps ({len(names)} layers x "
             f"{mixing.numel() / len(names):g} timesteps); this config keeps {len(timesteps)} "
             f"timesteps {list(timesteps)}: use the preset the weights were trained with"
+        )
+    official = {11: OFFICIAL_TIMESTEPS, 1: [-1]}.get(len(timesteps))
+    if official is not None and list(timesteps) != official:
+        raise DiffeatError(
+            f"the official {len(timesteps)}-timestep weights mix the maps of UNet timesteps "
+            f"{official} in that order; this config keeps {list(timesteps)}: use the preset's "
+            "timesteps (the mixing weights would be assigned to the wrong maps)"
         )
     channels = [int(state[f"bottleneck_layers.{i}.0.conv1.weight"].shape[1]) for i in indices]
     projection = int(state["bottleneck_layers.0.0.conv3.weight"].shape[0])

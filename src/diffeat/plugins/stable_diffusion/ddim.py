@@ -37,7 +37,13 @@ def ddim_timesteps(steps: int, num_train_timesteps: int = 1000, offset: int = 0)
     if steps < 1 or steps > num_train_timesteps:
         raise ConfigError(f"inversion_steps must be in 1..{num_train_timesteps}, got {steps}")
     ratio = num_train_timesteps // steps
-    return [k * ratio + offset for k in range(steps)]
+    seq = [k * ratio + offset for k in range(steps)]
+    if seq[0] < 0 or seq[-1] >= num_train_timesteps:
+        raise ConfigError(
+            f"steps_offset {offset} with {steps} steps gives timesteps {seq[0]}..{seq[-1]}, "
+            f"outside 0..{num_train_timesteps - 1}: use an offset in 0..{ratio - 1}"
+        )
+    return seq
 
 
 def inversion_steps(steps: int, num_train_timesteps: int = 1000, offset: int = 0) -> list[DdimStep]:

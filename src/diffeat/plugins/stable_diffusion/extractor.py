@@ -26,7 +26,7 @@ from PIL import Image
 
 from diffeat.core.components import Extractor
 from diffeat.core.devices import pick_device
-from diffeat.core.errors import DiffeatError
+from diffeat.core.errors import ConfigError, DiffeatError
 from diffeat.core.features import FeatureSet, LayerInfo
 from diffeat.core.geometry import ImageTransform, Size
 from diffeat.core.images import ImageInput, fit_image, fit_transform, resize, to_tensor
@@ -90,8 +90,9 @@ class StableDiffusionOptions:
     )
     guidance_scale: float = opt(
         -1.0,
-        "generation: classifier-free guidance scale with negative_prompt (<= 1: none); maps "
-        "come from the conditional pass",
+        "generation: classifier-free guidance scale with negative_prompt when > 0 (the "
+        "official code guides for any value but -1); <= 0: no guidance; maps come from the "
+        "conditional pass",
         cache="if-set",
     )
     negative_prompt: str = opt(
@@ -177,9 +178,14 @@ class StableDiffusionOptions:
             if any(t > s for t, s in zip(self.tile_size, self.image_size)):
                 raise ValueError(f"tile_size {self.tile_size} exceeds image_size {self.image_size}")
             if self.tile_stride and (
-                len(self.tile_stride) != 2 or any(v < 1 for v in self.tile_stride)
+                len(self.tile_stride) != 2
+                or any(v < 1 for v in self.tile_stride)
+                or any(st > t for st, t in zip(self.tile_stride, self.tile_size))
             ):
-                raise ValueError(f"tile_stride must be [x, y] > 0, got {self.tile_stride}")
+                raise ValueError(
+                    f"tile_stride must be [x, y] > 0 and at most tile_size {self.tile_size} "
+                    f"(a larger step leaves parts of the input uncovered), got {self.tile_stride}"
+                )
         elif self.tile_stride:
             raise ValueError("tile_stride needs tile_size")
 
@@ -357,8 +363,9 @@ class StableDiffusionExtractor(Extractor):
     def extract(
         self, images: Sequence[ImageInput], noise: Sequence[dict[str, torch.Tensor]] | None = None
     ) -> list[FeatureSet]:
-        """Features of each image; ``noise`` (one :meth:`make_noise`-shaped dict per image)
-        replaces the seeded noise, for exact comparisons."""
+        """Features of each image; ``noise`` (one :meth:`make_noise`-shaped dict per image,
+        or with ``tile_size`` one per image and tile, image by image) replaces the seeded
+        noise, for exact comparisons."""
         if not images:
             return []
         pixels = torch.stack([self.preprocess(im) for im in images])
@@ -458,6 +465,13 @@ class StableDiffusionExtractor(Extractor):
     ) -> dict[str, torch.Tensor]:
         """DIFT: per timestep, ``add_noise`` and one UNet pass; ``[B*E, T, C, h, w]`` per layer."""
         p, o = self.parts, self.options
+        n_train = int(p.scheduler.config.num_train_timesteps)
+        bad = [t for t in o.timesteps if not 0 <= t < n_train]
+        if bad:
+            raise ConfigError(
+                f"[extractor] timesteps {bad} are outside 0..{n_train - 1}, the noise levels of "
+                f'add-noise mode (t = -1, the clean latent, exists in mode = "inversion")'
+            )
         per_t: dict[str, list[torch.Tensor]] = {name: [] for name in self.module_names}
         for ti, t in enumerate(o.timesteps):
             step = torch.tensor(t, dtype=torch.long, device=self.device)

@@ -38,6 +38,10 @@ from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parent
+sys.path.insert(0, str(ROOT))
+
+from bench_dift import cpu_seconds, peak_rss_mib, reset_peak_rss, rss_mib  # noqa: E402
+
 EXAMPLES = ROOT.parent / "examples"
 DEFAULT_MODEL_DIR = ROOT / "out" / "vit-random"
 MARKER = ".bench_complete.json"
@@ -148,41 +152,6 @@ def build_model(name: str, folder: Path) -> str:
 # -- measuring -----------------------------------------------------------------------------------
 
 
-def _status_kib(field: str) -> int | None:
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    except OSError:
-        pass
-    return None
-
-
-def rss_mib() -> float | None:
-    kib = _status_kib("VmRSS")
-    return None if kib is None else kib / 1024
-
-
-def reset_peak() -> bool:
-    try:
-        Path("/proc/self/clear_refs").write_text("5")
-    except OSError:
-        return False
-    return True
-
-
-def peak_mib() -> float | None:
-    kib = _status_kib("VmHWM")
-    return None if kib is None else kib / 1024
-
-
-def cpu_seconds() -> float:
-    import resource
-
-    ru = resource.getrusage(resource.RUSAGE_SELF)
-    return ru.ru_utime + ru.ru_stime
-
-
 def bench_images(n: int) -> list[Any]:
     from diffeat.core.images import as_input
     from diffeat.testing import smooth_texture
@@ -227,7 +196,7 @@ def run_baseline(name: str, model: str, args: argparse.Namespace) -> dict[str, A
     warmup_s = time.perf_counter() - t
     log(f"warm-up: {warmup_s:.2f} s")
     gc.collect()
-    peak_ok = reset_peak()
+    peak_ok = reset_peak_rss()
     if cuda:
         torch.cuda.reset_peak_memory_stats()
     per_call, shape = [], None
@@ -256,7 +225,7 @@ def run_baseline(name: str, model: str, args: argparse.Namespace) -> dict[str, A
         "warmup_s": warmup_s,
         "load_s": load_s,
         "rss_loaded_mib": rss_loaded,
-        "peak_rss_timed_mib": peak_mib() if peak_ok else None,
+        "peak_rss_timed_mib": peak_rss_mib() if peak_ok else None,
         "cpu_busy": (cpu_seconds() - cpu0) / total,
         "layer": [i.to_dict() for i in ex.layers()],
         "layer_shape": shape,

@@ -218,19 +218,9 @@ def test_cli_eval_known_pck_and_store_reuse(plugin_env, tmp_path):
     made = make_translate_bench(bench, texture_folder(tmp_path / "photos"), 6, plugin_env)
     assert made["pairs"] == 6 and made["kinds"] == {"translate": 6}
     store, out = tmp_path / "feats.zarr", tmp_path / "out"
-    first = run_json(
-        "eval",
-        EXAMPLE / "example.toml",
-        "--dataset",
-        "synthetic",
-        "--root",
-        bench,
-        "--store",
-        store,
-        "--out",
-        out,
-        env=plugin_env,
-    )
+    evaluate_example = ("eval", EXAMPLE / "example.toml", "--dataset", "synthetic", "--root", bench)
+    evaluate_example += ("--store", store)
+    first = run_json(*evaluate_example, "--out", out, env=plugin_env)
     # pixel patches match exactly under a pure integer translation: PCK 1 under any average
     assert first["headline"]["value"] == 1.0
     s = first["summary"]["bbox-target"]["by_alpha"]["0.1"]
@@ -242,33 +232,14 @@ def test_cli_eval_known_pck_and_store_reuse(plugin_env, tmp_path):
     assert results["pipeline"]["config"]["extractor"]["plugin"] == "example-patches"
     assert (out / "qualitative.png").stat().st_size > 0
     # another matcher on the same store: every feature is read back, none computed
-    second = run_json(
-        "eval",
-        EXAMPLE / "example.toml",
-        "--dataset",
-        "synthetic",
-        "--root",
-        bench,
-        "--store",
-        store,
-        "--set",
-        'matcher.plugin="nearest"',
-        env=plugin_env,
-    )
+    second = run_json(*evaluate_example, "--set", 'matcher.plugin="nearest"', env=plugin_env)
     assert second["run"]["features"] == {"computed": 0, "read_from_store": 12}
     assert second["pipeline"]["config"]["matcher"]["plugin"] == "nearest"
     assert second["headline"]["value"] == 1.0
     # the terminal table
     text = run(
         "-q",
-        "eval",
-        EXAMPLE / "example.toml",
-        "--dataset",
-        "synthetic",
-        "--root",
-        bench,
-        "--store",
-        store,
+        *evaluate_example,
         "--alpha",
         "0.05,0.1",
         "--threshold",

@@ -34,20 +34,18 @@ def official_like(path: Path) -> AggregationNetwork:
     return net
 
 
+def import_official(state: Path, out: Path, *overrides: str, check: int = 0):
+    """``diffeat checkpoint import-official STATE --config PRESET --out OUT [--set ...]``."""
+    sets = [arg for o in overrides for arg in ("--set", o)]
+    return run(
+        "checkpoint", "import-official", state, "--config", PRESET, "--out", out, *sets, check=check
+    )
+
+
 def test_imported_weights_give_the_official_networks_output(tmp_path):
     source = official_like(tmp_path / "official.safetensors")
     out = tmp_path / "aggnet.safetensors"
-    proc = run(
-        "checkpoint",
-        "import-official",
-        tmp_path / "official.safetensors",
-        "--config",
-        PRESET,
-        "--out",
-        out,
-        "--set",
-        "aggregator.norm_groups=8",
-    )
+    proc = import_official(tmp_path / "official.safetensors", out, "aggregator.norm_groups=8")
     assert str(out) in proc.stdout
     options = build_options(
         Hyperfeatures, {"checkpoint": str(out), "norm_groups": 8, "device": "cpu"}, "test"
@@ -80,17 +78,8 @@ def test_imported_weights_give_the_official_networks_output(tmp_path):
 )
 def test_mismatched_config_is_refused(tmp_path, override, message):
     official_like(tmp_path / "official.safetensors")
-    proc = run(
-        "checkpoint",
-        "import-official",
-        tmp_path / "official.safetensors",
-        "--config",
-        PRESET,
-        "--out",
-        tmp_path / "x.safetensors",
-        "--set",
-        override,
-        check=2,
+    proc = import_official(
+        tmp_path / "official.safetensors", tmp_path / "x.safetensors", override, check=2
     )
     assert message in proc.stderr and "Traceback" not in proc.stderr
     assert not (tmp_path / "x.safetensors").exists()
@@ -99,19 +88,8 @@ def test_mismatched_config_is_refused(tmp_path, override, message):
 def test_not_a_state_dict(tmp_path):
     bad = tmp_path / "bad.safetensors"
     bad.write_bytes(b"pickle, not safetensors")
-    proc = run(
-        "checkpoint", "import-official", bad, "--config", PRESET, "--out", tmp_path / "x", check=2
-    )
+    proc = import_official(bad, tmp_path / "x", check=2)
     assert "not a safetensors file" in proc.stderr
     save_file({"something": torch.zeros(2)}, str(tmp_path / "other.safetensors"))
-    proc = run(
-        "checkpoint",
-        "import-official",
-        tmp_path / "other.safetensors",
-        "--config",
-        PRESET,
-        "--out",
-        tmp_path / "x",
-        check=2,
-    )
+    proc = import_official(tmp_path / "other.safetensors", tmp_path / "x", check=2)
     assert "official aggregation network" in proc.stderr

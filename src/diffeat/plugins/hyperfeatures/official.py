@@ -1,12 +1,9 @@
 """Import the official Diffusion Hyperfeatures aggregation network's weights.
 
 The official release (``weights/aggregation_network.pt``) is a pickle, which
-diffeat never loads. Export its state dict to safetensors once, in an
-environment you trust::
-
-    python -c "import torch, safetensors.torch as st; \\
-        st.save_file(torch.load('aggregation_network.pt', map_location='cpu')['aggregation_network'], \\
-        'official.safetensors')"
+diffeat never loads: its state dict must first be exported to safetensors by
+the user, once, in an environment they trust (the command is in
+``docs/hyperfeatures.md``, "The official weights").
 
 :func:`import_official` then checks the tensors against the official
 architecture (12 decoder ResNet layers ``up_blocks.{i}.resnets.{j}`` in order,

@@ -300,24 +300,19 @@ class StableDiffusionExtractor(Extractor):
         """The noise one image gets: ``posterior`` ``[E, c, h, w]`` and (add-noise) ``noise`` ``[T, E, c, h, w]``.
 
         Drawn on the CPU from :func:`image_seed`, so results do not depend on
-        the device, the batch composition or the order of images.
+        the device, the batch composition or the order of images; with ``noise =
+        "shared"`` drawn from ``seed`` alone, the same for every image.
         """
-        e, t = self.options.ensemble_size, len(self.options.timesteps)
-        shape = self.latent_shape()
-        if self.options.noise == "shared":  # noise first: ODISE's one randn from seed 42
-            gen = torch.Generator().manual_seed(self.options.seed)
-            shared = (
-                {}
-                if self.options.mode != "add-noise"
-                else {"noise": torch.randn((t, e, *shape), generator=gen)}
-            )
-            return {"posterior": torch.randn((e, *shape), generator=gen), **shared}
-        gen = torch.Generator().manual_seed(image_seed(self.options.seed, key))
-        posterior = torch.randn((e, *shape), generator=gen)
-        if self.options.mode != "add-noise":  # the inversion is deterministic
-            return {"posterior": posterior}
-        noise = torch.randn((t, e, *shape), generator=gen)
-        return {"posterior": posterior, "noise": noise}
+        o = self.options
+        e, shape = o.ensemble_size, self.latent_shape()
+        shared = o.noise == "shared"
+        gen = torch.Generator().manual_seed(o.seed if shared else image_seed(o.seed, key))
+        draws = {"posterior": (e, *shape)}
+        if o.mode == "add-noise":  # the inversion and generation are deterministic
+            draws["noise"] = (len(o.timesteps), e, *shape)
+        # shared: the timestep noise is the generator's first draw, as ODISE's one randn
+        order = list(reversed(draws)) if shared else list(draws)
+        return {name: torch.randn(draws[name], generator=gen) for name in order}
 
     # -- extraction ----------------------------------------------------------------
 

@@ -30,13 +30,18 @@ from diffeat.core.geometry import ImageTransform, Size
 from diffeat.core.hookspecs import Register, hookimpl
 from diffeat.core.images import ImageInput, as_input, resize, to_tensor
 from diffeat.core.options import opt
-from diffeat.testing_models import build_tiny_stable_diffusion, write_clip_tokenizer
+from diffeat.testing_models import (
+    build_tiny_captioner,
+    build_tiny_stable_diffusion,
+    write_clip_tokenizer,
+)
 
 __all__ = [
     "ColorBlurExtractor",
     "ExtractorConformance",
     "MultiColorBlurExtractor",
     "TestPlugin",
+    "build_tiny_captioner",
     "build_tiny_stable_diffusion",
     "smooth_texture",
     "write_clip_tokenizer",

@@ -28,6 +28,7 @@ __all__ = [
     "TINY_TEXT_HIDDEN_SIZE",
     "TINY_UNET_BLOCK_OUT_CHANNELS",
     "TINY_VAE_BLOCK_OUT_CHANNELS",
+    "build_tiny_captioner",
     "build_tiny_stable_diffusion",
     "clip_bpe_path",
     "tiny_scheduler_config",
@@ -457,3 +458,49 @@ def save_stable_diffusion(
     for name in ("unet", "vae", "text_encoder", "scheduler"):
         getattr(pipe, name).save_pretrained(folder / name, safe_serialization=True)
     pipe.save_config(folder)
+
+
+def build_tiny_captioner(
+    path: str | Path,
+    *,
+    clip_dim: int,
+    prompt_width: int = TINY_TEXT_HIDDEN_SIZE,
+    time_dim: int = TINY_UNET_BLOCK_OUT_CHANNELS[0] * 4,
+    time_slots: int = 1,
+    odise_prefix: bool = True,
+    seed: int = 0,
+) -> Path:
+    """Write random implicit-captioner weights in ODISE's layout (a safetensors file).
+
+    The tensors have ODISE's names (``clip_project.*``, ``alpha_cond``,
+    ``time_embed_project.*``, ``alpha_cond_time_embed``), under its
+    ``backbone.feature_extractor.`` prefix when ``odise_prefix``, shaped for the
+    tiny Stable Diffusion model (77 x ``prompt_width`` prompt states, a UNet
+    time embedding of ``time_dim``) and a CLIP tower embedding ``clip_dim``.
+    The gates (``alpha_*``) are random, not ODISE's initial zeros, so the
+    conditioning visibly changes the features.
+    """
+    import torch
+    from safetensors.torch import save_file
+
+    gen = torch.Generator().manual_seed(seed)
+
+    def rand(*shape: int, scale: float = 0.5) -> torch.Tensor:
+        return torch.randn(shape, generator=gen) * scale
+
+    length = _CLIP_MODEL_MAX_LENGTH
+    tensors = {
+        "clip_project.linear.weight": rand(prompt_width, clip_dim),
+        "clip_project.linear.bias": rand(prompt_width),
+        "clip_project.positional_embedding": rand(1, length, prompt_width, scale=0.02),
+        "alpha_cond": rand(1, length, prompt_width),
+        "time_embed_project.linear.weight": rand(time_dim, clip_dim),
+        "time_embed_project.linear.bias": rand(time_dim),
+        "time_embed_project.positional_embedding": rand(1, time_slots, time_dim, scale=0.02),
+        "alpha_cond_time_embed": rand(time_dim),
+    }
+    prefix = "backbone.feature_extractor." if odise_prefix else ""
+    out = Path(path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    save_file({prefix + k: v.contiguous() for k, v in tensors.items()}, str(out))
+    return out

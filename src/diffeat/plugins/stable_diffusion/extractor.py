@@ -31,6 +31,13 @@ from diffeat.core.features import FeatureSet, LayerInfo
 from diffeat.core.geometry import ImageTransform, Size
 from diffeat.core.images import ImageInput, fit_image, fit_transform, resize, to_tensor
 from diffeat.core.options import opt
+from diffeat.plugins.stable_diffusion.captioner import (
+    ImplicitCaptioner,
+    build_captioner,
+    captioner_file,
+    clip_tower,
+    time_embedding_offset,
+)
 from diffeat.plugins.stable_diffusion.capture import OutputCapture, resolve_modules
 from diffeat.plugins.stable_diffusion.ddim import (
     DdimStep,
@@ -42,6 +49,7 @@ from diffeat.plugins.stable_diffusion.ddim import (
     inversion_steps,
 )
 from diffeat.plugins.stable_diffusion.loading import (
+    _file_fingerprint,
     load_parts,
     model_fingerprint,
     model_info,
@@ -121,6 +129,25 @@ class StableDiffusionOptions:
         "text prompt (empty: the null prompt, as DIFT); {category} is replaced by each "
         "image's category, e.g. \"a photo of a {category}\" (DIFT's SPair protocol)",
     )
+    captioner: str = opt(
+        "",
+        "add-noise: safetensors file of ODISE's implicit captioner (exported from ODISE's "
+        "checkpoint, docs/sd-dino.md): the UNet is conditioned on each tile's CLIP image "
+        "embedding and its time embedding offset, as ODISE / SD-DINO; a non-empty prompt "
+        "replaces the captioner's prompt states (SD-DINO's TEXT_INPUT), the time offset stays; "
+        "empty: no captioner. Identified in the store by content",
+        cache=False,
+    )
+    captioner_clip: str = opt(
+        "ViT-L-14-336",
+        "the captioner's CLIP image tower (open_clip model, as the openclip extractor's model)",
+        cache="if-set",
+    )
+    captioner_clip_pretrained: str = opt(
+        "openai",
+        "its weights: an open_clip pretrained tag or a checkpoint file (ODISE: openai)",
+        cache="if-set",
+    )
     latent: Literal["sample", "mean"] = opt(
         "sample", "VAE latent: a posterior sample (DIFT) or the posterior mean (Hedlin et al.)"
     )
@@ -188,6 +215,8 @@ class StableDiffusionOptions:
                 )
         elif self.tile_stride:
             raise ValueError("tile_stride needs tile_size")
+        if self.captioner and self.mode != "add-noise":
+            raise ValueError("captioner works with mode = add-noise only (as ODISE)")
 
 
 def image_seed(seed: int, key: str) -> int:
@@ -211,6 +240,8 @@ class StableDiffusionExtractor(Extractor):
         self._module_names: list[str] | None = None
         self._layer_infos: list[LayerInfo] | None = None
         self._prompt_cache: dict[str, torch.Tensor] = {}
+        self._captioner: ImplicitCaptioner | None = None
+        self._captioner_clip: Any = None
 
     # -- model -------------------------------------------------------------------
 
@@ -228,12 +259,43 @@ class StableDiffusionExtractor(Extractor):
         return self._parts
 
     def model_identity(self) -> dict[str, Any]:
-        return {
+        identity = {
             "model": self.options.model,
             "revision": self.options.revision,
             "fingerprint": model_fingerprint(self.folder),
             **model_info(self.folder),
         }
+        if self.options.captioner:
+            identity["captioner"] = {
+                "fingerprint": _file_fingerprint(captioner_file(self.options.captioner)),
+                "clip": self.captioner_clip.model_identity(),
+            }
+        return identity
+
+    @property
+    def captioner_clip(self) -> Any:
+        """The implicit captioner's CLIP tower (an ``openclip`` extractor, loaded on use)."""
+        if self._captioner_clip is None:
+            o = self.options
+            self._captioner_clip = clip_tower(
+                o.captioner_clip, o.captioner_clip_pretrained, str(self.device)
+            )
+        return self._captioner_clip
+
+    @property
+    def captioner(self) -> ImplicitCaptioner | None:
+        """ODISE's implicit captioner when ``captioner`` names its weights, else None."""
+        if not self.options.captioner:
+            return None
+        if self._captioner is None:
+            empty = self.prompt_embeddings("")
+            self._captioner = build_captioner(
+                self.options.captioner,
+                self.captioner_clip,
+                (int(empty.shape[1]), int(empty.shape[2])),
+                int(self.parts.unet.time_embedding.linear_2.out_features),
+            )
+        return self._captioner
 
     @property
     def module_names(self) -> list[str]:
@@ -424,13 +486,39 @@ class StableDiffusionExtractor(Extractor):
         b, e = pixels.shape[0], self.options.ensemble_size
         with torch.no_grad():
             latents = self.encode(pixels, noise)
-            context = torch.cat([self.prompt_embeddings(pr) for pr in prompts])
+            context, offsets = self.conditioning_states(pixels, prompts)
             context = context.repeat_interleave(e, dim=0)
+            if offsets is not None:
+                offsets = offsets.repeat_interleave(e, dim=0)
             if self.options.mode == "inversion":
                 maps = self.invert(latents, context)
             else:
-                maps = self.noised_passes(latents, context, noise)
+                maps = self.noised_passes(latents, context, noise, offsets)
         return {name: m.view(b, e, *m.shape[1:]).mean(dim=1) for name, m in maps.items()}
+
+    def conditioning_states(
+        self, pixels: torch.Tensor, prompts: Sequence[str]
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Prompt states ``[B, L, D]`` of each image (or tile) and, with the implicit
+        captioner, its time-embedding offsets ``[B, n, T_dim]`` (else None).
+
+        With the captioner, images whose prompt is empty get the captioner's
+        states; a non-empty prompt keeps its text states (SD-DINO's TEXT_INPUT).
+        """
+        text = torch.cat([self.prompt_embeddings(pr) for pr in prompts])
+        captioner = self.captioner
+        if captioner is None:
+            return text, None
+        states, offsets = captioner.condition((pixels + 1) / 2, self.prompt_embeddings(""))
+        use = torch.tensor([not pr for pr in prompts], device=text.device)
+        context = torch.where(use[:, None, None], states.to(text.dtype), text)
+        if offsets is not None and offsets.shape[1] < len(self.options.timesteps):
+            raise ConfigError(
+                f"[extractor] captioner {self.options.captioner} has time-embedding positions "
+                f"for {offsets.shape[1]} timestep(s), the extractor runs "
+                f"{len(self.options.timesteps)} (timesteps {list(self.options.timesteps)})"
+            )
+        return context, offsets
 
     def encode(
         self, pixels: torch.Tensor, noise: Sequence[dict[str, torch.Tensor]]
@@ -457,8 +545,13 @@ class StableDiffusionExtractor(Extractor):
         latents: torch.Tensor,
         context: torch.Tensor,
         noise: Sequence[dict[str, torch.Tensor]],
+        time_offsets: torch.Tensor | None = None,
     ) -> dict[str, torch.Tensor]:
-        """DIFT: per timestep, ``add_noise`` and one UNet pass; ``[B*E, T, C, h, w]`` per layer."""
+        """DIFT: per timestep, ``add_noise`` and one UNet pass; ``[B*E, T, C, h, w]`` per layer.
+
+        ``time_offsets`` ``[B*E, n, T_dim]`` (the implicit captioner's) are added to the
+        UNet's time embedding, position ``i`` at the ``i``-th timestep.
+        """
         p, o = self.parts, self.options
         n_train = int(p.scheduler.config.num_train_timesteps)
         bad = [t for t in o.timesteps if not 0 <= t < n_train]
@@ -472,7 +565,11 @@ class StableDiffusionExtractor(Extractor):
             step = torch.tensor(t, dtype=torch.long, device=self.device)
             n = torch.cat([item["noise"][ti] for item in noise]).to(self.device, latents.dtype)
             noisy = p.scheduler.add_noise(latents, n, step)
-            with OutputCapture(p.unet, self.module_names, stop_early=o.stop_early) as cap:
+            offset = time_offsets[:, ti] if time_offsets is not None else None
+            with (
+                time_embedding_offset(p.unet, offset),
+                OutputCapture(p.unet, self.module_names, stop_early=o.stop_early) as cap,
+            ):
                 outs = cap.run(lambda z=noisy, s=step: p.unet(z, s, encoder_hidden_states=context))
             for name in self.module_names:
                 per_t[name].append(outs[name].float())

@@ -110,12 +110,18 @@ def test_sd_dino_preset_runs_on_tiny_models(tiny_sd, tmp_path):
     """The shipped SD-DINO preset, with tiny models swapped in, runs end to end."""
     from pathlib import Path
 
-    from diffeat.testing_vit import build_tiny_dinov2
+    from diffeat.testing import build_tiny_captioner
+    from diffeat.testing_vit import build_tiny_dinov2, build_tiny_openclip
 
     dino = build_tiny_dinov2(tmp_path / "dinov2")
+    clip_config, clip_weights = build_tiny_openclip(tmp_path / "clip")
+    captioner = build_tiny_captioner(tmp_path / "captioner.safetensors", clip_dim=16)
     preset = Path(__file__).resolve().parents[1] / "examples" / "sd-dino.toml"
     overrides = [
         f"extractor.sd.model={tiny_sd}",
+        f"extractor.sd.captioner={captioner}",
+        f"extractor.sd.captioner_clip={clip_config}",
+        f"extractor.sd.captioner_clip_pretrained={clip_weights}",
         "extractor.sd.image_size=[128, 128]",
         "extractor.sd.tile_size=[64, 64]",
         "extractor.sd.tile_stride=[64, 64]",
@@ -133,3 +139,87 @@ def test_sd_dino_preset_runs_on_tiny_models(tiny_sd, tmp_path):
     assert src.grid_size == tgt.grid_size == (4, 4)
     res = pipe.match(img, img, [(30.0, 20.0)])
     assert res.points.shape == (1, 2)
+
+
+def _padded(t: torch.Tensor, image_size, canvas: int) -> FeatureSet:
+    from diffeat.core.images import fit_transform
+
+    transform = fit_transform(image_size, (canvas, canvas), "pad")
+    return FeatureSet(
+        {f"l{i}": m[None] for i, m in enumerate(t)}, (0,), {"transform": transform.to_dict()}
+    )
+
+
+def test_sd_dino_switches_equal_the_official_co_pca_and_fusion():
+    """SD-DINO's co_pca + fusion written out: per layer a PCA on both images' cells, s5
+    upsampled to s4 and put after it, that to s3 and put after it, the SD descriptor and
+    the DINO tokens L2-normalised apart and concatenated, cells paired by index."""
+    import numpy as np
+
+    torch.manual_seed(5)
+    sizes = {"s5": 2, "s4": 4, "s3": 8}
+    sd = [{k: torch.randn(12, s, s) for k, s in sizes.items()} for _ in range(2)]
+    dino = [torch.randn(6, 8, 8) for _ in range(2)]
+    dim = 3
+
+    reduced: list[dict[str, torch.Tensor]] = [{}, {}]
+    for k, s in sizes.items():
+        cells = np.concatenate([sd[0][k].reshape(12, -1).T, sd[1][k].reshape(12, -1).T]).astype(
+            np.float64
+        )
+        centred = cells - cells.mean(0, keepdims=True)
+        _, _, vt = np.linalg.svd(centred, full_matrices=False)
+        proj = torch.from_numpy(centred @ vt[:dim].T).float()
+        reduced[0][k] = proj[: s * s].T.reshape(dim, s, s)
+        reduced[1][k] = proj[s * s :].T.reshape(dim, s, s)
+    expected = []
+    for r, d in zip(reduced, dino):
+        s5 = F.interpolate(r["s5"][None], size=(4, 4), mode="bilinear", align_corners=False)[0]
+        s45 = torch.cat([r["s4"], s5])
+        s45 = F.interpolate(s45[None], size=(8, 8), mode="bilinear", align_corners=False)[0]
+        desc = torch.cat([r["s3"], s45]).reshape(3 * dim, -1).T
+        expected.append(
+            torch.cat([F.normalize(desc, dim=1), F.normalize(d.reshape(6, -1).T, dim=1)], 1)
+        )
+
+    parts = [
+        {
+            "sd": _padded([sd[i]["s5"], sd[i]["s4"], sd[i]["s3"]], size, 64),
+            "dino": _padded([dino[i]], size, 56),
+        }
+        for i, size in enumerate([(90, 60), (70, 100)])
+    ]
+    options = Fuse.Options(
+        parts=["sd", "dino"],
+        reference="dino",
+        pca_dim=dim,
+        pca_parts=["sd"],
+        pca="pair",
+        upsample="cascade",
+        alignment="cells",
+    )
+    (a, _), (b, _) = Fuse(options).fuse_pair(*parts)
+    got = [m.reshape(m.shape[0], -1).T for m in (a, b)]
+    # PCA signs are arbitrary: compare what matching sees, the cross similarities
+    torch.testing.assert_close(got[0] @ got[1].T, expected[0] @ expected[1].T, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(got[0] @ got[0].T, expected[0] @ expected[0].T, atol=1e-5, rtol=1e-5)
+
+
+def test_lowrank_pca_is_seeded_and_leaves_the_random_state_alone():
+    torch.manual_seed(6)
+    basis = torch.randn(10, 3) * torch.tensor([9.0, 6.0, 4.0])  # three strong directions
+    maps = [
+        (basis @ torch.randn(3, n * n) + 0.01 * torch.randn(10, n * n)).reshape(10, n, n)
+        for n in (5, 4)
+    ]
+    state = torch.random.get_rng_state()
+    first = pca_project(maps, 3, "lowrank")
+    assert torch.equal(torch.random.get_rng_state(), state)
+    second = pca_project(maps, 3, "lowrank")
+    torch.testing.assert_close(first[0], second[0])
+    exact = pca_project(maps, 3)
+    # the same leading subspace up to the randomised solver's accuracy
+    gram = lambda ms: torch.cat([m.flatten(1) for m in ms], 1).T  # noqa: E731
+    torch.testing.assert_close(
+        gram(first) @ gram(first).T, gram(exact) @ gram(exact).T, atol=1e-3, rtol=1e-3
+    )

@@ -2,10 +2,14 @@
 
 Per part (extractor): each layer is averaged over timesteps, optionally reduced
 by PCA (fitted on both images of a pair, as SD-DINO does, or per image),
-resampled into a common frame, concatenated, L2-normalised over channels and
-weighted; the parts are then concatenated. The common frame is the grid of a
-reference part; resampling goes through image coordinates, so parts with
-different preprocessing (squash-resize, padding, other sizes) stay aligned.
+brought onto a common grid, concatenated, L2-normalised over channels and
+weighted; the parts are then concatenated. The common grid is that of a
+reference part. By default every layer is resampled through image coordinates,
+so parts with different preprocessing (squash-resize, padding, other sizes)
+stay aligned; SD-DINO's own arithmetic is available as switches: the coarser
+layers of a part upsampled step by step through the finer layers' grids
+(``upsample = "cascade"``), cells paired by index (``alignment = "cells"``) and
+randomised PCA (``pca_solver = "lowrank"``).
 """
 
 from __future__ import annotations
@@ -37,6 +41,24 @@ class FuseOptions:
     pca: Literal["pair", "image"] = opt(
         "pair", "fit PCA on both images of a pair (SD-DINO) or on each image alone"
     )
+    pca_solver: Literal["exact", "lowrank"] = opt(
+        "exact",
+        "exact: SVD of the centred cells (deterministic); lowrank: torch.pca_lowrank (randomised, "
+        "as SD-DINO; seeded with 0 here)",
+    )
+    upsample: Literal["direct", "cascade"] = opt(
+        "direct",
+        "direct: each layer resampled to the common grid on its own; cascade: a part's layers "
+        "from coarse to fine, the running concatenation upsampled (bilinear) to each finer "
+        "layer's grid and put after it, then to the common grid (SD-DINO: 15 -> 30 -> 60)",
+    )
+    alignment: Literal["image", "cells"] = opt(
+        "image",
+        "image: parts meet through image coordinates (their transforms); cells: a part's map "
+        "is interpolated to the common grid and cells are paired by index, as SD-DINO pairs "
+        "its 960 px SD and 840 px DINO canvases (right only when the parts cover the same "
+        "region of the image, e.g. both padded to squares)",
+    )
     reference: str = opt("", "part whose grid and transform are the common frame; empty: the first")
     size: list[int] = opt(
         [], "common grid [width, height]; empty: the reference part's finest grid"
@@ -49,18 +71,27 @@ class FuseOptions:
             raise ValueError(f"pca_dim must be >= 0, got {self.pca_dim}")
 
 
-def pca_project(maps: list[torch.Tensor], dim: int) -> list[torch.Tensor]:
+def pca_project(maps: list[torch.Tensor], dim: int, solver: str = "exact") -> list[torch.Tensor]:
     """Project ``[C, h_i, w_i]`` maps onto the top ``dim`` principal components of all their cells.
 
-    Exact (SVD of the centred cells), so deterministic; maps with ``C <= dim`` are returned as is.
+    ``exact``: SVD of the centred cells, deterministic. ``lowrank``:
+    ``torch.pca_lowrank(centred, q=dim)`` as SD-DINO calls it (randomised; run
+    here under seed 0 without touching the caller's random state). Maps with
+    ``C <= dim`` are returned as is.
     """
     c = maps[0].shape[0]
     if dim <= 0 or c <= dim:
         return maps
     cells = torch.cat([m.reshape(c, -1).T for m in maps]).double()
     centred = cells - cells.mean(dim=0, keepdim=True)
-    _, _, vh = torch.linalg.svd(centred, full_matrices=False)
-    basis = vh[:dim].T  # [C, dim]
+    if solver == "lowrank":
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(0)
+            _, _, v = torch.pca_lowrank(centred, q=dim)
+        basis = v[:, :dim]
+    else:
+        _, _, vh = torch.linalg.svd(centred, full_matrices=False)
+        basis = vh[:dim].T  # [C, dim]
     out, start = [], 0
     for m in maps:
         n = m.shape[-1] * m.shape[-2]
@@ -68,6 +99,30 @@ def pca_project(maps: list[torch.Tensor], dim: int) -> list[torch.Tensor]:
         out.append(proj.T.reshape(dim, *m.shape[-2:]))
         start += n
     return out
+
+
+def interpolate_to(fmap: torch.Tensor, grid: Size) -> torch.Tensor:
+    """``[C, h, w]`` to ``[C, grid_h, grid_w]`` by bilinear interpolation (align_corners=False)."""
+    if grid_size_of(fmap) == grid:
+        return fmap
+    return F.interpolate(
+        fmap[None].float(), size=(grid[1], grid[0]), mode="bilinear", align_corners=False
+    )[0]
+
+
+def cascade(maps: list[torch.Tensor]) -> torch.Tensor:
+    """SD-DINO's multi-resolution concatenation of one part's ``[C_i, h_i, w_i]`` layers.
+
+    From the coarsest grid to the finest: the running concatenation is
+    upsampled to the next finer layer's grid and put after that layer, so the
+    result lies on the finest grid with the finest layer's channels first
+    (SD-DINO: ``[s3, up([s4, up(s5)])]``).
+    """
+    order = sorted(maps, key=lambda m: m.shape[-1] * m.shape[-2])
+    acc = order[0].float()
+    for finer in order[1:]:
+        acc = torch.cat([finer.float(), interpolate_to(acc, grid_size_of(finer))])
+    return acc
 
 
 def resample(
@@ -110,7 +165,7 @@ class Fuse(Aggregator):
         for li in range(len(per_image[0])):
             maps = [layers[li] for layers in per_image]
             groups = [maps] if o.pca == "pair" else [[m] for m in maps]
-            reduced = [r for group in groups for r in pca_project(group, o.pca_dim)]
+            reduced = [r for group in groups for r in pca_project(group, o.pca_dim, o.pca_solver)]
             for layers, r in zip(per_image, reduced):
                 layers[li] = r
         return per_image
@@ -132,7 +187,13 @@ class Fuse(Aggregator):
             chunks = []
             for name, weight in zip(names, weights):
                 own = parts[name].transform
-                part = torch.cat([resample(m, own, ref, grid) for m in layers[name][i]])
+                maps = layers[name][i]
+                if self.options.upsample == "cascade":
+                    maps = [cascade(maps)]
+                if self.options.alignment == "cells":
+                    part = torch.cat([interpolate_to(m, grid) for m in maps])
+                else:
+                    part = torch.cat([resample(m, own, ref, grid) for m in maps])
                 if self.options.normalize:
                     part = F.normalize(part, dim=0)
                 chunks.append(part * weight)

@@ -218,3 +218,47 @@ def test_scaled_points_round_like_numpy_float64():
     view = _view(torch.zeros(1, 4, 4), (384, 384), (512, 512))
     px = scaled_raster_pixels(view, torch.tensor([[54.0, 54.0]]), (224, 224))
     assert px.tolist() == [[32.0, 32.0]]
+
+
+def test_grid_resolution_with_scaled_points_equals_the_sd_dino_code():
+    """compute_pck of SD-DINO written out: keypoints through preprocess_kps_pad (one factor
+    size / max(w, h), integer padding), the query cell int(n / size * x), the argmax cell's
+    centre (j - 1) * stride + stride + patch // 2 - 0.5 on the canvas."""
+    import numpy as np
+
+    from diffeat.core.images import fit_transform
+
+    torch.manual_seed(4)
+    canvas, n, patch = 56, 4, 14  # DINOv2 at 840 with 60 cells, scaled down
+    src_size, tgt_size = (100, 67), (50, 80)
+    src_desc, tgt_desc = torch.randn(8, n, n), torch.randn(8, n, n)
+    points = torch.tensor([[0.0, 0.0], [99.0, 66.0], [50.0, 33.0], [13.0, 60.0], [70.0, 2.0]])
+
+    def kps_pad(pts: np.ndarray, w: int, h: int) -> tuple[np.ndarray, float, int, int]:
+        scale = canvas / max(w, h)
+        out = pts * scale
+        ox = oy = 0
+        if h < w:
+            oy = int((canvas - int(np.around(canvas * h / w))) / 2)
+        elif w < h:
+            ox = int((canvas - int(np.around(canvas * w / h))) / 2)
+        return out + np.array([ox, oy]), scale, ox, oy
+
+    src_kps, _, _, _ = kps_pad(points.numpy().astype(np.float64), *src_size)
+    cx = (n / canvas * src_kps[:, 0]).astype(np.int32)
+    cy = (n / canvas * src_kps[:, 1]).astype(np.int32)
+    q = src_desc.flatten(1).T[torch.from_numpy(n * cy + cx).long()]
+    sims = F.normalize(q, dim=1) @ F.normalize(tgt_desc.flatten(1).T, dim=1).T
+    best = sims.argmax(dim=1).numpy()
+    pred = np.stack([best % n, best // n], 1) * patch + patch // 2 - 0.5  # canvas (x, y)
+    _, t_scale, t_ox, t_oy = kps_pad(np.zeros((1, 2)), *tgt_size)
+    expected = (pred - np.array([t_ox, t_oy])) / t_scale  # back to target image pixels
+
+    def view(desc: torch.Tensor, size: tuple[int, int]) -> View:
+        transform = fit_transform(size, (canvas, canvas), "pad")
+        return View(Image.new("RGB", size), transform, descriptors=desc)
+
+    nearest = Nearest(Nearest.Options(resolution="grid", points="scale"))
+    result = nearest.match(view(src_desc, src_size), view(tgt_desc, tgt_size), points)
+    torch.testing.assert_close(result.points, torch.from_numpy(expected).float())
+    torch.testing.assert_close(result.scores, sims.max(dim=1).values)

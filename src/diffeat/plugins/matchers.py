@@ -109,27 +109,52 @@ def input_argmax(
 
 def _raster_scale(view: View, size: Size) -> tuple[list[float], list[float]]:
     """Per axis, image -> raster factor and offset. For a plain resize the factor is
-    ``raster / image`` exactly, as the official ``rescale_points`` computes it."""
+    ``raster / image`` exactly, as the official ``rescale_points`` computes it; for
+    a fitted (padded) image it is the one fitting factor ``min(model / image)`` on
+    both axes plus the padding, as SD-DINO's ``preprocess_kps_pad``."""
     t = view.transform
     plain = t == ImageTransform.resize(t.image_size, t.model_size)
     if plain:
         return [size[0] / t.image_size[0], size[1] / t.image_size[1]], [0.0, 0.0]
     ratio = [size[0] / t.model_size[0], size[1] / t.model_size[1]]
-    scale = [t.scale[0] * ratio[0], t.scale[1] * ratio[1]]
+    fit = min(t.model_size[0] / t.image_size[0], t.model_size[1] / t.image_size[1])
+    scale = [fit * ratio[0], fit * ratio[1]]
     return scale, [t.offset[0] * ratio[0], t.offset[1] * ratio[1]]
 
 
-def scaled_raster_pixels(view: View, points: torch.Tensor, size: Size) -> torch.Tensor:
-    """Image points to raster pixels the Diffusion Hyperfeatures way.
-
-    ``x * (raster_w / image_w)`` in float64 (no half-pixel shift, plus any
-    padding offset), rounded half to even as ``np.round``, clipped to the raster.
-    """
+def scaled_points(view: View, points: torch.Tensor, size: Size) -> torch.Tensor:
+    """Image points to raster coordinates the official codes' way, float64, unrounded:
+    ``x * (raster_w / image_w)`` plus any padding offset, no half-pixel shift."""
     scale, offset = _raster_scale(view, size)
     pts = points.double()
-    scaled = pts * pts.new_tensor(scale) + pts.new_tensor(offset)
-    limit = pts.new_tensor([size[0] - 1, size[1] - 1])
+    return pts * pts.new_tensor(scale) + pts.new_tensor(offset)
+
+
+def scaled_raster_pixels(view: View, points: torch.Tensor, size: Size) -> torch.Tensor:
+    """Image points to raster pixels the Diffusion Hyperfeatures way: :func:`scaled_points`
+    rounded half to even as ``np.round``, clipped to the raster."""
+    scaled = scaled_points(view, points, size)
+    limit = scaled.new_tensor([size[0] - 1, size[1] - 1])
     return torch.minimum(torch.clamp(torch.round(scaled), min=0), limit).to(points.dtype)
+
+
+def scaled_cells(view: View, points: torch.Tensor) -> torch.Tensor:
+    """Image points to the grid cells ``[N, 2]`` (long) that contain them the SD-DINO way:
+    ``int(x_model * grid / model)`` with ``x_model`` from :func:`scaled_points`."""
+    model, grid = view.transform.model_size, view.grid_size
+    canvas = scaled_points(view, points, model)
+    cells = torch.floor(canvas * canvas.new_tensor([grid[0] / model[0], grid[1] / model[1]]))
+    limit = canvas.new_tensor([grid[0] - 1, grid[1] - 1])
+    return torch.minimum(torch.clamp(cells, min=0), limit).long()
+
+
+def cell_centre_points(view: View, cells: torch.Tensor) -> torch.Tensor:
+    """Grid cells ``[N, 2]`` back to image points the SD-DINO way: the cell's centre in
+    model pixels (``j * step + step / 2 - 0.5``) mapped back by :func:`scaled_image_points`."""
+    model, grid = view.transform.model_size, view.grid_size
+    c = cells.double()
+    step = c.new_tensor([model[0] / grid[0], model[1] / grid[1]])
+    return scaled_image_points(view, c * step + step / 2 - 0.5, model).float()
 
 
 def scaled_image_points(view: View, pixels: torch.Tensor, size: Size) -> torch.Tensor:
@@ -157,9 +182,12 @@ class NearestOptions:
     )
     points: Literal["centres", "scale"] = opt(
         "centres",
-        "with resolution = input: centres maps points through pixel centres (the library "
-        "convention); scale does as the Diffusion Hyperfeatures code: source x * w / W rounded "
-        "to a model-input pixel, the match scaled back by W / w",
+        "centres: points map through pixel centres and source descriptors are sampled "
+        "bilinearly (the library convention); scale: the official codes' arithmetic (x * w / W, "
+        "no half-pixel shift; with padding one fitting factor plus the offset). With resolution "
+        "= input (Diffusion Hyperfeatures): rounded to a model-input pixel, the match scaled "
+        "back; with resolution = grid (SD-DINO): the source cell int(x_model * n / size), the "
+        "match the target cell's centre scaled back",
     )
 
     input_size: list[int] = opt(
@@ -169,8 +197,8 @@ class NearestOptions:
     )
 
     def validate(self) -> None:
-        if self.points == "scale" and self.resolution != "input":
-            raise ValueError('points = "scale" needs resolution = "input"')
+        if self.points == "scale" and self.resolution == "image":
+            raise ValueError('points = "scale" needs resolution = "input" or "grid"')
         if self.input_size and (
             self.resolution != "input"
             or len(self.input_size) != 2
@@ -190,6 +218,8 @@ class Nearest(Matcher):
     def match(self, source: View, target: View, points: torch.Tensor) -> MatchResult:
         if self.options.resolution == "input":
             return self._match_input(source, target, points)
+        if self.options.points == "scale":
+            return self._match_cells(source, target, points)
         q = query_vectors(source, points)
         if self.options.resolution == "image":
             pts, scores = image_argmax(q, target)
@@ -197,6 +227,18 @@ class Nearest(Matcher):
             sims = grid_similarity(q, target)
             scores, idx = sims.flatten(1).max(dim=1)
             pts = target.grid_to_image(_cell_points(idx, sims.shape[-1]))
+        return MatchResult(pts.cpu(), scores.cpu(), torch.ones(len(pts), dtype=torch.bool))
+
+    def _match_cells(self, source: View, target: View, points: torch.Tensor) -> MatchResult:
+        """SD-DINO's grid matching: the query is the cell holding the point, the answer
+        the centre of the most similar target cell."""
+        desc = _descriptors(source)
+        cells = scaled_cells(source, points.to(desc.device)).to(desc.device)
+        q = F.normalize(desc[:, cells[:, 1], cells[:, 0]].T, dim=1)
+        sims = grid_similarity(q, target)
+        scores, idx = sims.flatten(1).max(dim=1)
+        best = _cell_points(idx, sims.shape[-1])
+        pts = cell_centre_points(target, best)
         return MatchResult(pts.cpu(), scores.cpu(), torch.ones(len(pts), dtype=torch.bool))
 
     def _match_input(self, source: View, target: View, points: torch.Tensor) -> MatchResult:

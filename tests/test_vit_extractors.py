@@ -109,13 +109,39 @@ def attention_from_qkv(q, k, v, heads):
     return (w @ split(v)).transpose(1, 2).reshape(b, n, c)
 
 
+def official_positions(pos: torch.Tensor, rows: int, cols: int) -> torch.Tensor:
+    """interpolate_pos_encoding of the DINO / DINOv2 repositories written out: bicubic,
+    no antialias, scale factor (n + 0.1) / N (each axis its own factor)."""
+    side, dim = int(math.sqrt(pos.shape[1] - 1)), pos.shape[-1]
+    grid = pos[:, 1:].reshape(1, side, side, dim).permute(0, 3, 1, 2)
+    grid = F.interpolate(
+        grid, scale_factor=((rows + 0.1) / side, (cols + 0.1) / side), mode="bicubic"
+    )
+    return torch.cat([pos[:, :1], grid.permute(0, 2, 3, 1).reshape(1, rows * cols, dim)], 1)
+
+
+def use_official_positions(model, patch: int) -> None:
+    """Make a transformers model interpolate its position embeddings the official way."""
+    emb = model.embeddings
+
+    def interpolate(embeddings, height, width):
+        pos = emb.position_embeddings
+        if embeddings.shape[1] == pos.shape[1] and height == width:
+            return pos
+        return official_positions(pos, height // patch, width // patch)
+
+    emb.interpolate_pos_encoding = interpolate
+
+
 # -- dino ------------------------------------------------------------------------------------------
 
 
-def dino_reference(folder, img, size):
+def dino_reference(folder, img, size, official=True):
     from transformers import ViTModel
 
     model = ViTModel.from_pretrained(folder, add_pooling_layer=False).eval()
+    if official:
+        use_official_positions(model, 8)
     x = pixels(img, size, IMAGENET_MEAN, IMAGENET_STD)
     with torch.no_grad():
         out = model(x, output_hidden_states=True, interpolate_pos_encoding=True)
@@ -167,11 +193,13 @@ def test_dino_key_query_value_are_the_projections(tiny_dino, image):
 # -- dinov2 ----------------------------------------------------------------------------------------
 
 
-def dinov2_reference(folder, img, size, registers):
+def dinov2_reference(folder, img, size, registers, official=True):
     from transformers import Dinov2Model, Dinov2WithRegistersModel
 
     cls = Dinov2WithRegistersModel if registers else Dinov2Model
     model = cls.from_pretrained(folder).eval()
+    if official:
+        use_official_positions(model, 14)
     x = pixels(img, size, IMAGENET_MEAN, IMAGENET_STD)
     with torch.no_grad():
         out = model(x, output_hidden_states=True)
@@ -202,6 +230,46 @@ def test_dinov2_registers_key_facet(tiny_dinov2_reg, image):
     torch.testing.assert_close(
         fs.layers["blocks.2.key"], as_map(key[:, 5:], size, 14), atol=1e-5, rtol=1e-4
     )
+
+
+@pytest.mark.parametrize("plugin", ["dino", "dinov2"])
+def test_transformers_position_interpolation_is_the_library_forward(
+    tiny_dino, tiny_dinov2, image, plugin
+):
+    size = (56, 42) if plugin == "dinov2" else (48, 40)
+    if plugin == "dino":
+        folder, cls, patch = tiny_dino, DinoExtractor, 8
+        ref = dino_reference(tiny_dino, image, size, official=False)[2]
+        official = dino_reference(tiny_dino, image, size)[2]
+    else:
+        folder, cls, patch = tiny_dinov2, Dinov2Extractor, 14
+        ref = dinov2_reference(tiny_dinov2, image, size, False, official=False)[1]
+        official = dinov2_reference(tiny_dinov2, image, size, False)[1]
+    ex = make(cls, folder, blocks=[0], image_size=list(size), position_interpolation="transformers")
+    (fs,) = ex.extract([as_input(image)])
+    expected = as_map(ref.hidden_states[1][:, 1:], size, patch)
+    torch.testing.assert_close(fs.layers["blocks.0"], expected, atol=1e-5, rtol=1e-4)
+    # the 0.1 of the official scale factor moves the samples: the two really differ
+    other = as_map(official.hidden_states[1][:, 1:], size, patch)
+    assert (other - expected).abs().max() > 1e-3
+
+
+def test_official_position_interpolation_equals_the_dinov2_hub_code_on_squares():
+    """For square inputs the hub code's (width factor for rows) equals the per-axis form."""
+    from diffeat.plugins.vit.hf import official_position_interpolation
+
+    torch.manual_seed(2)
+    pos = torch.randn(1, 1 + 37 * 37, 8)
+    holder = torch.nn.Module()
+    holder.position_embeddings = torch.nn.Parameter(pos)
+    method = official_position_interpolation(14)
+    got = method(holder, torch.zeros(1, 1 + 60 * 60, 8), 840, 840)
+    grid = pos[:, 1:].reshape(1, 37, 37, 8).permute(0, 3, 1, 2)
+    hub = F.interpolate(grid, scale_factor=(60.1 / 37, 60.1 / 37), mode="bicubic", antialias=False)
+    expected = torch.cat([pos[:, :1], hub.permute(0, 2, 3, 1).reshape(1, -1, 8)], 1)
+    torch.testing.assert_close(got, expected)
+    # at the training size (square) the embeddings are used as they are
+    assert method(holder, torch.zeros(1, 1 + 37 * 37, 8), 518, 518) is holder.position_embeddings
 
 
 def test_dinov2_final_norm(tiny_dinov2, image):

@@ -91,6 +91,19 @@ def image_size_field(default: list[int], interpolation: str = "bicubic") -> Any:
     )
 
 
+PositionInterpolation = Literal["official", "transformers"]
+
+
+def position_interpolation_field() -> Any:
+    return opt(
+        "official",
+        "how position embeddings are resized for other input sizes: official: as the DINO / "
+        "DINOv2 repositories (torch.hub models, which DIFT's and SD-DINO's baselines run): "
+        "bicubic with scale factor (n + 0.1) / N; transformers: its own bicubic resize to "
+        "exactly n (size=), which samples slightly differently",
+    )
+
+
 def size_rule_field() -> Any:
     return opt(
         "resize",

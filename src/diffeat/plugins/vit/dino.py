@@ -20,6 +20,7 @@ from diffeat.core.options import opt
 from diffeat.plugins.vit.common import (
     DType,
     Facet,
+    PositionInterpolation,
     Resample,
     SizeRule,
     batch_size_field,
@@ -29,6 +30,7 @@ from diffeat.plugins.vit.common import (
     facet_field,
     final_norm_field,
     image_size_field,
+    position_interpolation_field,
     resample_field,
     revision_field,
     size_rule_field,
@@ -52,6 +54,7 @@ class DinoOptions:
     facet: Facet = facet_field()
     final_norm: bool = final_norm_field()
     image_size: list[int] = image_size_field([224, 224])
+    position_interpolation: PositionInterpolation = position_interpolation_field()
     size_rule: SizeRule = size_rule_field()
     resample: Resample = resample_field()
     dtype: DType = dtype_field()

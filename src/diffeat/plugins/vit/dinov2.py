@@ -18,6 +18,7 @@ from diffeat.core.options import opt
 from diffeat.plugins.vit.common import (
     DType,
     Facet,
+    PositionInterpolation,
     Resample,
     SizeRule,
     batch_size_field,
@@ -27,6 +28,7 @@ from diffeat.plugins.vit.common import (
     facet_field,
     final_norm_field,
     image_size_field,
+    position_interpolation_field,
     resample_field,
     revision_field,
     size_rule_field,
@@ -50,6 +52,7 @@ class Dinov2Options:
     facet: Facet = facet_field()
     final_norm: bool = final_norm_field()
     image_size: list[int] = image_size_field([518, 518])
+    position_interpolation: PositionInterpolation = position_interpolation_field()
     size_rule: SizeRule = size_rule_field()
     resample: Resample = resample_field()
     dtype: DType = dtype_field()

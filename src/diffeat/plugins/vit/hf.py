@@ -10,11 +10,14 @@ known names rather than hard-coded.
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+import math
+import types
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, ClassVar
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from diffeat.core.errors import ModelLoadError
@@ -46,6 +49,38 @@ _PROJECTIONS = {
     "key": ("attention.k_proj", "attention.attention.key", "attention.key"),
     "value": ("attention.v_proj", "attention.attention.value", "attention.value"),
 }
+
+
+def official_position_interpolation(patch: int) -> Callable[..., torch.Tensor]:
+    """An ``interpolate_pos_encoding`` method computing as the DINO / DINOv2 repositories.
+
+    Bicubic (no antialias) with ``scale_factor = (n + 0.1) / N`` per axis, in
+    float32, where transformers resizes to ``size = n``: the 0.1 changes where
+    the output samples fall. The repositories pass the width's factor for the
+    rows (harmless for the square inputs they use, a scrambled grid otherwise);
+    here each axis gets its own.
+    """
+
+    def interpolate_pos_encoding(
+        self: nn.Module, embeddings: torch.Tensor, height: int, width: int
+    ) -> torch.Tensor:
+        pos = self.position_embeddings
+        n, trained = embeddings.shape[1] - 1, pos.shape[1] - 1
+        if n == trained and height == width:
+            return pos
+        side, dim = int(math.sqrt(trained)), pos.shape[-1]
+        rows, cols = height // patch, width // patch
+        grid = pos[:, 1:].reshape(1, side, side, dim).permute(0, 3, 1, 2).float()
+        grid = F.interpolate(
+            grid,
+            scale_factor=((rows + 0.1) / side, (cols + 0.1) / side),
+            mode="bicubic",
+            align_corners=False,
+        )
+        grid = grid.to(pos.dtype).permute(0, 2, 3, 1).reshape(1, rows * cols, dim)
+        return torch.cat([pos[:, :1], grid], dim=1)
+
+    return interpolate_pos_encoding
 
 
 def _submodule(root: nn.Module, names: Sequence[str], what: str) -> nn.Module:
@@ -169,6 +204,10 @@ class TransformersViTExtractor(ViTExtractorBase):
             raise ModelLoadError(
                 f"cannot load {self.options.model} ({self.folder}): {type(exc).__name__}: {exc}"
             ) from None
+        if self.options.position_interpolation == "official":
+            embeddings = _submodule(model, ("embeddings",), "embeddings")
+            method = official_position_interpolation(self.spec.patch_size)
+            embeddings.interpolate_pos_encoding = types.MethodType(method, embeddings)  # type: ignore[method-assign]
         return model.to(self.device, self.dtype).eval().requires_grad_(False)
 
     def normalisation(self) -> tuple[Sequence[float], Sequence[float]]:

@@ -3,9 +3,10 @@
 Checkpoints: ``facebook/dino-vits8``, ``-vits16``, ``-vitb8``, ``-vitb16`` (or a
 folder written by ``save_pretrained``). Facets: ``token`` (block output),
 ``key``, ``query``, ``value`` (the outputs of the block's separate q/k/v
-``nn.Linear`` projections, heads concatenated: ``C`` = hidden size). Position
-embeddings are interpolated bicubically by transformers
-(``interpolate_pos_encoding=True``) for input sizes other than 224.
+``nn.Linear`` projections, heads concatenated: ``C`` = hidden size). For input
+sizes other than 224 the position embeddings are interpolated bicubically, by
+default as the DINO repository does (``position_interpolation``, see
+:func:`diffeat.plugins.vit.hf.official_position_interpolation`).
 """
 
 from __future__ import annotations

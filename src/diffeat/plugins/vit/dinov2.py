@@ -5,8 +5,9 @@ or ``Dinov2WithRegistersModel`` (``facebook/dinov2-with-registers-*``), chosen
 by the config's ``model_type``; the CLS token and the register tokens are
 dropped. Facets: ``token`` (block output, before the final LayerNorm unless
 ``final_norm``), ``key``, ``query``, ``value`` (the outputs of the block's
-separate q/k/v ``nn.Linear`` projections, heads concatenated). DINOv2
-interpolates its position embeddings (bicubic) for any input size by itself.
+separate q/k/v ``nn.Linear`` projections, heads concatenated). Position
+embeddings are interpolated bicubically for other input sizes, by default as
+the DINOv2 repository (torch.hub) does (``position_interpolation``).
 """
 
 from __future__ import annotations

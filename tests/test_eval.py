@@ -107,6 +107,30 @@ class Recorder:
         )
 
 
+def test_counts_cover_every_extractor_of_a_fused_pipeline(manager, tmp_path):
+    """An image counts as read from the store only if every extractor's entry is there."""
+    bench = tmp_path / "bench"
+    make_synthetic(
+        bench, [texture_folder(tmp_path / "photos")], pairs=4, seed=1, kinds=["translate"]
+    )
+    dataset = Synthetic(SPairOptions(root=str(bench)))
+    store = tmp_path / "feats.zarr"
+    first = {"name": "a", "plugin": "color-blur", "image_size": [64, 64]}
+    second = {"name": "b", "plugin": "color-blur", "image_size": [32, 32]}
+    only_a = Pipeline.from_dict({"extractor": [first]}, manager=manager, store=store)
+    evaluate(only_a, dataset, dataset_name="synthetic", protocol=get_protocol("dift"))
+    both = Pipeline.from_dict(
+        {"extractor": [first, second], "aggregator": {"plugin": "fuse"}},
+        manager=manager,
+        store=store,
+    )
+    ev = evaluate(both, dataset, dataset_name="synthetic", protocol=get_protocol("dift"))
+    features = ev.stats.to_dict()["features"]
+    assert features["computed"] > 0  # "a" is stored, "b" is not: these are computed
+    again = evaluate(both, dataset, dataset_name="synthetic", protocol=get_protocol("dift"))
+    assert again.stats.to_dict()["features"]["computed"] == 0
+
+
 def test_runner_passes_visible_clipped_points_and_the_category(tmp_path):
     img = tmp_path / "a.png"
     smooth_texture((40, 30)).save(img)

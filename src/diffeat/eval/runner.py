@@ -97,7 +97,8 @@ class ImageCache:
 
 
 def _feature_source(pipeline: Any, inp: ImageInput, seen: set[str], stats: RunStats) -> None:
-    """Count whether ``inp``'s features will be computed or read from the store."""
+    """Count whether ``inp``'s features will be computed or read from the store (read:
+    stored for every extractor of the pipeline)."""
     if not getattr(pipeline.matcher, "needs_descriptors", True):
         return
     store = pipeline.store
@@ -105,8 +106,9 @@ def _feature_source(pipeline: Any, inp: ImageInput, seen: set[str], stats: RunSt
         stats.computed += 1
         return
     key = pipeline.image_key(inp)
-    if key in seen or store.has(pipeline.cache_key, key):
-        stats.read_from_store += 1
+    sources = getattr(pipeline, "sources", None) or [pipeline]
+    if key in seen or all(store.has(s.cache_key, s.image_key(inp)) for s in sources):
+        stats.read_from_store += 1  # every extractor's entry is there
     else:
         stats.computed += 1
     seen.add(key)

@@ -72,7 +72,7 @@ def captioner_file(path: str | Path) -> Path:
     file = Path(path).expanduser()
     if not file.is_file():
         raise ModelLoadError(
-            f"captioner weights {file} do not exist; {_EXPORT_HINT}, or leave captioner empty "
+            f'captioner weights {file} do not exist; {_EXPORT_HINT}, or set captioner = "" '
             f"to condition on the prompt"
         )
     return file

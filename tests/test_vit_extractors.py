@@ -111,7 +111,7 @@ def attention_from_qkv(q, k, v, heads):
 
 def official_positions(pos: torch.Tensor, rows: int, cols: int) -> torch.Tensor:
     """interpolate_pos_encoding of the DINO / DINOv2 repositories written out: bicubic,
-    no antialias, scale factor (n + 0.1) / N (each axis its own factor)."""
+    no antialias, scale factor (n + 0.1) / N for rows and columns."""
     side, dim = int(math.sqrt(pos.shape[1] - 1)), pos.shape[-1]
     grid = pos[:, 1:].reshape(1, side, side, dim).permute(0, 3, 1, 2)
     grid = F.interpolate(
@@ -254,8 +254,29 @@ def test_transformers_position_interpolation_is_the_library_forward(
     assert (other - expected).abs().max() > 1e-3
 
 
-def test_official_position_interpolation_equals_the_dinov2_hub_code_on_squares():
-    """For square inputs the hub code's (width factor for rows) equals the per-axis form."""
+def hub_interpolate_pos_encoding(pos, w, h, patch=14):
+    """dinov2/models/vision_transformer.py's interpolate_pos_encoding, copied in spirit line by
+    line. Its caller does ``B, nc, w, h = x.shape``: ``w`` is the image *height*."""
+    n = pos.shape[1] - 1
+    dim = pos.shape[-1]
+    w0 = w // patch
+    h0 = h // patch
+    m = int(math.sqrt(n))
+    sx = float(w0 + 0.1) / m
+    sy = float(h0 + 0.1) / m
+    patch_pos_embed = F.interpolate(
+        pos[:, 1:].float().reshape(1, m, m, dim).permute(0, 3, 1, 2),
+        scale_factor=(sx, sy),
+        mode="bicubic",
+        antialias=False,
+    )
+    assert (w0, h0) == patch_pos_embed.shape[-2:]
+    patch_pos_embed = patch_pos_embed.permute(0, 2, 3, 1).view(1, -1, dim)
+    return torch.cat((pos[:, 0].unsqueeze(0), patch_pos_embed), dim=1)
+
+
+@pytest.mark.parametrize(("height", "width"), [(840, 840), (560, 840), (840, 420)])
+def test_official_position_interpolation_equals_the_dinov2_hub_code(height, width):
     from diffeat.plugins.vit.hf import official_position_interpolation
 
     torch.manual_seed(2)
@@ -263,11 +284,10 @@ def test_official_position_interpolation_equals_the_dinov2_hub_code_on_squares()
     holder = torch.nn.Module()
     holder.position_embeddings = torch.nn.Parameter(pos)
     method = official_position_interpolation(14)
-    got = method(holder, torch.zeros(1, 1 + 60 * 60, 8), 840, 840)
-    grid = pos[:, 1:].reshape(1, 37, 37, 8).permute(0, 3, 1, 2)
-    hub = F.interpolate(grid, scale_factor=(60.1 / 37, 60.1 / 37), mode="bicubic", antialias=False)
-    expected = torch.cat([pos[:, :1], hub.permute(0, 2, 3, 1).reshape(1, -1, 8)], 1)
-    torch.testing.assert_close(got, expected)
+    tokens = torch.zeros(1, 1 + (height // 14) * (width // 14), 8)
+    got = method(holder, tokens, height, width)
+    # the hub's forward: B, nc, w, h = x.shape, so its "w" is our height
+    torch.testing.assert_close(got, hub_interpolate_pos_encoding(pos, height, width))
     # at the training size (square) the embeddings are used as they are
     assert method(holder, torch.zeros(1, 1 + 37 * 37, 8), 518, 518) is holder.position_embeddings
 
@@ -570,3 +590,32 @@ class TestOpenClipConformance(ExtractorConformance):
             size_rule="pad",
             image_size=[40, 32],
         )
+
+
+@pytest.mark.parametrize(
+    ("model", "tag", "forced"),
+    [
+        ("ViT-L-14-336", "openai", True),  # trained with QuickGELU, config says GELU
+        ("ViT-L-14-336-quickgelu", "openai", False),  # the config already says QuickGELU
+        ("ViT-H-14", "laion2b_s32b_b79k", False),
+    ],
+)
+def test_openclip_tags_trained_with_quick_gelu_get_it(monkeypatch, tmp_path, model, tag, forced):
+    import open_clip
+
+    weights = tmp_path / "weights.bin"
+    weights.write_bytes(b"not read")
+    monkeypatch.setattr(open_clip, "download_pretrained", lambda *a, **k: str(weights))
+    seen = {}
+
+    def create_model(*args, **kwargs):
+        seen.update(kwargs)
+        raise RuntimeError("stop here")
+
+    monkeypatch.setattr(open_clip, "create_model", create_model)
+    ex = make(OpenClipExtractor, model, pretrained=tag, image_size=[224, 224])
+    assert ex.source.quick_gelu is forced
+    assert ("quick_gelu" in ex.model_identity()) is forced
+    with pytest.raises(ModelLoadError, match="stop here"):
+        _ = ex.model
+    assert seen["force_quick_gelu"] is forced

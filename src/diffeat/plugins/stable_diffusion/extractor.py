@@ -139,8 +139,9 @@ class StableDiffusionOptions:
         cache=False,
     )
     captioner_clip: str = opt(
-        "ViT-L-14-336",
-        "the captioner's CLIP image tower (open_clip model, as the openclip extractor's model)",
+        "ViT-L-14-336-quickgelu",
+        "the captioner's CLIP image tower (open_clip model, as the openclip extractor's model; "
+        "runs in float32, as ODISE)",
         cache="if-set",
     )
     captioner_clip_pretrained: str = opt(
@@ -512,7 +513,7 @@ class StableDiffusionExtractor(Extractor):
         states, offsets = captioner.condition((pixels + 1) / 2, self.prompt_embeddings(""))
         use = torch.tensor([not pr for pr in prompts], device=text.device)
         context = torch.where(use[:, None, None], states.to(text.dtype), text)
-        if offsets is not None and offsets.shape[1] < len(self.options.timesteps):
+        if offsets.shape[1] < len(self.options.timesteps):
             raise ConfigError(
                 f"[extractor] captioner {self.options.captioner} has time-embedding positions "
                 f"for {offsets.shape[1]} timestep(s), the extractor runs "

@@ -54,11 +54,9 @@ _PROJECTIONS = {
 def official_position_interpolation(patch: int) -> Callable[..., torch.Tensor]:
     """An ``interpolate_pos_encoding`` method computing as the DINO / DINOv2 repositories.
 
-    Bicubic (no antialias) with ``scale_factor = (n + 0.1) / N`` per axis, in
-    float32, where transformers resizes to ``size = n``: the 0.1 changes where
-    the output samples fall. The repositories pass the width's factor for the
-    rows (harmless for the square inputs they use, a scrambled grid otherwise);
-    here each axis gets its own.
+    Bicubic (no antialias) with ``scale_factor = (n + 0.1) / N`` per axis
+    (rows, columns), in float32, where transformers resizes to ``size = n``: the
+    0.1 changes where the output samples fall.
     """
 
     def interpolate_pos_encoding(

@@ -5,7 +5,11 @@ Models: a built-in architecture name with a pretrained tag or a checkpoint file
 with ``open_clip.add_model_config``) with a checkpoint file, an
 ``hf-hub:org/repo`` id, or a folder holding ``open_clip_config.json`` and the
 weights (open_clip's ``local-dir:``). The model is built by open_clip's own
-``create_model``; only the vision tower is kept.
+``create_model``; only the vision tower is kept. A pretrained tag trained with
+QuickGELU on an architecture whose config says GELU (the ``openai`` tags) gets
+``force_quick_gelu``, which open_clip itself only warns about; with a checkpoint
+file instead of the tag, name the ``-quickgelu`` architecture
+(``ViT-L-14-336-quickgelu``).
 
 Input sizes other than the training size: the tower is created at
 ``image_size`` (``force_image_size``) and open_clip resamples the checkpoint's
@@ -140,6 +144,8 @@ class _Source:
     model_cfg: dict[str, Any]
     files: list[Path] = field(default_factory=list)
     root: Path | None = None
+    #: the pretrained tag was trained with QuickGELU but the architecture config says GELU
+    quick_gelu: bool = False
 
 
 def _checkpoint_in_dir(folder: Path) -> Path | None:
@@ -265,7 +271,9 @@ class OpenClipExtractor(ViTExtractorBase):
                 ) from None
             if not checkpoint:
                 raise ModelLoadError(f"open_clip gives no file for {name} / {pretrained}")
-            return _Source(name, pretrained, cfg, [Path(checkpoint)])
+            # e.g. the openai tags: open_clip builds plain GELU and only warns
+            quick = bool(tag_cfg.get("quick_gelu")) and not cfg.get("quick_gelu")
+            return _Source(name, pretrained, cfg, [Path(checkpoint)], quick_gelu=quick)
         path = Path(pretrained).expanduser()
         if path.is_file():
             return _Source(name, str(path), cfg, [path])
@@ -308,6 +316,7 @@ class OpenClipExtractor(ViTExtractorBase):
             "revision": self.options.revision if self.options.model.startswith(HF_HUB) else "",
             "config": hashlib.sha256(cfg).hexdigest()[:16],
             "fingerprint": files_fingerprint(src.files, src.root),
+            **({"quick_gelu": True} if src.quick_gelu else {}),
         }
 
     def read_spec(self) -> ModelSpec:
@@ -349,6 +358,7 @@ class OpenClipExtractor(ViTExtractorBase):
                 pretrained=src.pretrained,
                 device="cpu",
                 force_image_size=(h, w),
+                force_quick_gelu=src.quick_gelu,
                 require_pretrained=True,
             )
         except Exception as exc:

@@ -49,8 +49,9 @@ def make(model, clip, captioner, **opts) -> StableDiffusionExtractor:
     return StableDiffusionExtractor(build_options(StableDiffusionExtractor, values, "test"))
 
 
-def written_out(model, clip, captioner, ex, inp, prompt: str) -> torch.Tensor:
-    """ODISE's LdmImplicitCaptionerExtractor + unet_forward, by hand."""
+def written_out(model, clip, captioner, pixels, noise, prompt: str = "") -> torch.Tensor:
+    """ODISE's LdmImplicitCaptionerExtractor + unet_forward on one input ``[1, 3, H, W]``
+    in [-1, 1] with timestep-100 noise ``[1, 4, h, w]``, by hand."""
     import open_clip
     import torchvision.transforms.functional as TF
     from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
@@ -72,7 +73,6 @@ def written_out(model, clip, captioner, ex, inp, prompt: str) -> torch.Tensor:
         return enc(ids.input_ids)[0]
 
     with torch.no_grad():
-        pixels = ex.preprocess(inp)[None]  # [-1, 1], 64 x 96
         image = (pixels + 1) / 2  # ODISE's [0, 1] input of the CLIP adapter
         x = TF.resize(image, 32, interpolation=TF.InterpolationMode.BICUBIC, antialias=False)
         x = TF.center_crop(x, 32)
@@ -90,7 +90,7 @@ def written_out(model, clip, captioner, ex, inp, prompt: str) -> torch.Tensor:
 
         latent = vae.encode(pixels).latent_dist.mean * vae.config.scaling_factor
         t = torch.tensor(100)
-        noisy = scheduler.add_noise(latent, ex.make_noise(inp.key)["noise"][0], t)
+        noisy = scheduler.add_noise(latent, noise, t)
         seen = {}
         modules = dict(unet.named_modules())
         h1 = unet.time_embedding.register_forward_hook(lambda m, a, out: out + cond_emb)
@@ -107,8 +107,50 @@ def test_captioner_conditioning_equals_written_out(tiny_sd, tiny_clip, captioner
     ex = make(tiny_sd, tiny_clip, captioner_file, prompt=prompt)
     inp = as_input(smooth_texture((120, 80), seed=3))
     (fs,) = ex.extract([inp])
-    expected = written_out(tiny_sd, tiny_clip, captioner_file, ex, inp, prompt)
+    pixels = ex.preprocess(inp)[None]  # [-1, 1], 64 x 96
+    noise = ex.make_noise(inp.key)["noise"][0]
+    expected = written_out(tiny_sd, tiny_clip, captioner_file, pixels, noise, prompt)
     torch.testing.assert_close(fs.layers[LAYER][0], expected, atol=1e-5, rtol=1e-5)
+
+
+def test_tiles_are_conditioned_each_on_its_own_crop(tiny_sd, tiny_clip, captioner_file):
+    """The preset's path: 64 px tiles every 32 px, one shared noise, the captioner per tile."""
+    ex = make(
+        tiny_sd,
+        tiny_clip,
+        captioner_file,
+        image_size=[128, 64],
+        tile_size=[64, 64],
+        tile_stride=[32, 32],
+        noise="shared",
+        seed=42,
+    )
+    inp = as_input(smooth_texture((130, 60), seed=5))
+    (fs,) = ex.extract([inp])
+    pixels = ex.preprocess(inp)[None]
+    c, h, w = ex.latent_shape()
+    shared = torch.randn((1, c, h, w), generator=torch.Generator().manual_seed(42))
+    tiles = [
+        written_out(tiny_sd, tiny_clip, captioner_file, pixels[..., x : x + 64], shared)
+        for x in (0, 32, 64)
+    ]
+    ch, gh, _ = tiles[0].shape  # [C, 2, 2]: 32 px cells
+    expected = torch.zeros(ch, gh, 4)
+    for tile, x in zip(tiles, (0, 1, 2)):
+        expected[..., x : x + 2] += tile
+    expected /= torch.tensor([1.0, 2, 2, 1])
+    torch.testing.assert_close(fs.layers[LAYER][0], expected, atol=1e-5, rtol=1e-5)
+
+
+def test_captioner_without_the_time_projection_is_refused(tiny_sd, tiny_clip, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    full = build_tiny_captioner(tmp_path / "full.safetensors", clip_dim=CLIP_DIM)
+    partial = {k: v for k, v in load_file(full).items() if "time_embed" not in k}
+    save_file(partial, str(tmp_path / "partial.safetensors"))
+    ex = make(tiny_sd, tiny_clip, tmp_path / "partial.safetensors")
+    with pytest.raises(ModelLoadError, match=r"no tensor 'time_embed_project\.linear\.weight'"):
+        ex.extract([as_input(smooth_texture((64, 64)))])
 
 
 def test_captioner_changes_the_features_and_the_identity(tiny_sd, tiny_clip, captioner_file):

@@ -56,15 +56,15 @@ class CaptionerWeights:
     prompt_bias: torch.Tensor  # [D]
     prompt_position: torch.Tensor  # [1, L, D]
     alpha_cond: torch.Tensor  # [1, L, D]
-    time_weight: torch.Tensor | None = None  # [T_dim, E]
-    time_bias: torch.Tensor | None = None  # [T_dim]
-    time_position: torch.Tensor | None = None  # [1, n, T_dim]
-    alpha_time: torch.Tensor | None = None  # [T_dim]
+    time_weight: torch.Tensor  # [T_dim, E]
+    time_bias: torch.Tensor  # [T_dim]
+    time_position: torch.Tensor  # [1, n, T_dim]
+    alpha_time: torch.Tensor  # [T_dim]
 
     @property
     def time_slots(self) -> int:
-        """How many timesteps the time-embedding offset has positions for (0: no offset)."""
-        return 0 if self.time_position is None else int(self.time_position.shape[1])
+        """How many timesteps the time-embedding offset has positions for."""
+        return int(self.time_position.shape[1])
 
 
 def captioner_file(path: str | Path) -> Path:
@@ -117,21 +117,19 @@ def load_captioner_weights(
     path = captioner_file(path)
     t = _read(path)
     length, width = prompt_shape
-    weights = CaptionerWeights(
+    # the time projection's positions: one per timestep ODISE was trained with (1)
+    position = t.get(_TIME_KEYS[2])
+    slots = int(position.shape[1]) if position is not None and position.ndim == 3 else 1
+    return CaptionerWeights(
         prompt_weight=_expect(t, _PROMPT_KEYS[0], (width, clip_dim), path),
         prompt_bias=_expect(t, _PROMPT_KEYS[1], (width,), path),
         prompt_position=_expect(t, "clip_project.positional_embedding", (1, length, width), path),
         alpha_cond=_expect(t, "alpha_cond", (1, length, width), path),
+        time_weight=_expect(t, _TIME_KEYS[0], (time_dim, clip_dim), path),
+        time_bias=_expect(t, _TIME_KEYS[1], (time_dim,), path),
+        time_position=_expect(t, _TIME_KEYS[2], (1, slots, time_dim), path),
+        alpha_time=_expect(t, _TIME_KEYS[3], (time_dim,), path),
     )
-    present = [k for k in _TIME_KEYS if k in t]
-    if present:  # ODISE's learnable_time_embed (True in its configs)
-        position = t.get("time_embed_project.positional_embedding")
-        slots = int(position.shape[1]) if position is not None and position.ndim == 3 else 1
-        weights.time_weight = _expect(t, _TIME_KEYS[0], (time_dim, clip_dim), path)
-        weights.time_bias = _expect(t, _TIME_KEYS[1], (time_dim,), path)
-        weights.time_position = _expect(t, _TIME_KEYS[2], (1, slots, time_dim), path)
-        weights.alpha_time = _expect(t, _TIME_KEYS[3], (time_dim,), path)
-    return weights
 
 
 def clip_input(
@@ -178,8 +176,8 @@ class ImplicitCaptioner:
 
     def condition(
         self, pixels: torch.Tensor, empty_prompt: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Prompt states ``[N, L, D]`` and time offsets ``[N, n, T_dim]`` (or None) of tiles
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Prompt states ``[N, L, D]`` and time offsets ``[N, n, T_dim]`` of tiles
         ``[N, 3, H, W]`` in [0, 1]; ``empty_prompt`` ``[1, L, D]`` is the text encoder's
         states of the empty prompt."""
         w = self.weights
@@ -189,9 +187,6 @@ class ImplicitCaptioner:
         projected = F.linear(e, w.prompt_weight.to(dev), w.prompt_bias.to(dev))
         prompt = projected[:, None] + w.prompt_position.to(dev)
         states = empty_prompt.float() + torch.tanh(w.alpha_cond.to(dev)) * prompt
-        if w.time_weight is None:
-            return states, None
-        assert w.time_bias is not None and w.time_position is not None and w.alpha_time is not None
         t = F.linear(e, w.time_weight.to(dev), w.time_bias.to(dev))
         offsets = torch.tanh(w.alpha_time.to(dev)) * (t[:, None] + w.time_position.to(dev))
         return states, offsets

@@ -218,6 +218,8 @@ def test_lowrank_pca_is_seeded_and_leaves_the_random_state_alone():
     second = pca_project(maps, 3, "lowrank")
     torch.testing.assert_close(first[0], second[0])
     exact = pca_project(maps, 3)
+    with pytest.raises(ConfigError, match=r"pca_dim = 50 needs at least 50 cells.*5x5 \+ 4x4"):
+        pca_project([m.repeat(6, 1, 1) for m in maps], 50)  # 60 channels, 41 cells
     # the same leading subspace up to the randomised solver's accuracy
     gram = lambda ms: torch.cat([m.flatten(1) for m in ms], 1).T  # noqa: E731
     torch.testing.assert_close(

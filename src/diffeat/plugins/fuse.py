@@ -76,19 +76,26 @@ def pca_project(maps: list[torch.Tensor], dim: int, solver: str = "exact") -> li
 
     ``exact``: SVD of the centred cells, deterministic. ``lowrank``:
     ``torch.pca_lowrank(centred, q=dim)`` as SD-DINO calls it (randomised; run
-    here under seed 0 without touching the caller's random state). Maps with
-    ``C <= dim`` are returned as is.
+    on the CPU from a generator seeded with 0, so the result is the same on
+    every device and the caller's random state is left alone). Maps with
+    ``C <= dim`` are returned as is; fewer cells than ``dim`` is an error.
     """
     c = maps[0].shape[0]
     if dim <= 0 or c <= dim:
         return maps
     cells = torch.cat([m.reshape(c, -1).T for m in maps]).double()
+    if cells.shape[0] < dim:
+        raise ConfigError(
+            f"fuse aggregator: pca_dim = {dim} needs at least {dim} cells, but a layer has "
+            f"{cells.shape[0]} ({' + '.join(f'{m.shape[-1]}x{m.shape[-2]}' for m in maps)}): "
+            f"lower pca_dim or raise the extractor's image_size"
+        )
     centred = cells - cells.mean(dim=0, keepdim=True)
     if solver == "lowrank":
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(0)
-            _, _, v = torch.pca_lowrank(centred, q=dim)
-        basis = v[:, :dim]
+            _, _, v = torch.pca_lowrank(centred.cpu(), q=dim)
+        basis = v[:, :dim].to(centred.device)
     else:
         _, _, vh = torch.linalg.svd(centred, full_matrices=False)
         basis = vh[:dim].T  # [C, dim]

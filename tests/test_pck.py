@@ -146,6 +146,7 @@ def test_per_image_per_point_per_category_by_hand():
     assert dog["per_image"] == 1.0 and dog["per_point"] == 1.0 and dog["pairs"] == 1
     assert a["category_mean_per_image"] == pytest.approx((1 / 3 + 1) / 2)
     assert a["category_mean_per_point"] == pytest.approx((0.5 + 1) / 2)
+    assert a["category_weighted_per_point"] == pytest.approx((2 * 0.5 + 1 * 1) / 3)
     # several alphas at once: at 0.3 the limits are A 30, B 6, C 15
     b = s["by_alpha"]["0.3"]
     assert b["per_image"] == 1.0 and b["per_point"] == 1.0
@@ -236,7 +237,7 @@ def test_presets_encode_each_papers_choices():
     assert hyper.thresholds == ("img", "bbox-target") and hyper.average == "per-point"
     assert "72.56" in hyper.reproduces and "69.42" in hyper.reproduces
     sd_dino = get_protocol("sd-dino")
-    assert sd_dino.comparison == "<" and sd_dino.average == "category-mean-per-point"
+    assert sd_dino.comparison == "<" and sd_dino.average == "category-weighted-per-point"
     assert get_protocol("pf-willow").thresholds == ("kps-target",)
     assert set(PROTOCOLS) >= {"dift", "hedlin", "hyperfeatures", "sd-dino", "pf-willow"}
 

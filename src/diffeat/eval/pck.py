@@ -23,7 +23,10 @@ marks a keypoint that is not. Averages:
   no scored keypoint are left out, and counted);
 - per point: all correct keypoints / all scored keypoints;
 - per category: both of the above within each category; the *mean of
-  categories* is their unweighted mean over the categories present.
+  categories* is their unweighted mean over the categories present, the
+  *pair-weighted mean of categories* weights each category by its number of
+  pairs (SD-DINO's "Weighted PCK": on the full SPair-71k test set its fixed
+  weights are exactly the categories' pair counts).
 
 Everything is plain numpy; values are fractions in ``[0, 1]``.
 """
@@ -45,6 +48,7 @@ AVERAGES: tuple[str, ...] = (
     "per-point",
     "category-mean-per-image",
     "category-mean-per-point",
+    "category-weighted-per-point",
 )
 
 
@@ -161,6 +165,11 @@ def _mean(values: list[float]) -> float | None:
     return float(np.mean(values)) if values else None
 
 
+def _weighted(values: list[tuple[float, int]]) -> float | None:
+    total = sum(w for _, w in values)
+    return sum(v * w for v, w in values) / total if total else None
+
+
 def summarize(
     pairs: Sequence[ScoredPair], alphas: Sequence[float], comparison: Comparison | str = "<="
 ) -> dict[str, Any]:
@@ -168,7 +177,8 @@ def summarize(
 
     Returns ``{"comparison", "alphas", "pairs", "points", "pairs_without_points",
     "by_alpha": {"<alpha>": {"per_image", "per_point", "category_mean_per_image",
-    "category_mean_per_point", "correct", "categories": {category: {"per_image",
+    "category_mean_per_point", "category_weighted_per_point", "correct", "categories":
+    {category: {"per_image",
     "per_point", "pairs", "points", "correct"}}}}}``; an average over nothing is
     ``None``.
     """
@@ -204,6 +214,9 @@ def summarize(
             "per_point": (sum(c for _, c, _ in per_pair) / total) if total else None,
             "category_mean_per_image": _mean([v["per_image"] for v in cats.values()]),
             "category_mean_per_point": _mean([v["per_point"] for v in cats.values()]),
+            "category_weighted_per_point": _weighted(
+                [(v["per_point"], v["pairs"]) for v in cats.values()]
+            ),
             "correct": sum(c for _, c, _ in per_pair),
             "categories": cats,
         }

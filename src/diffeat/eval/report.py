@@ -26,6 +26,7 @@ AVERAGE_LABEL = {
     "per-point": "per point",
     "category-mean-per-image": "mean of categories (per image)",
     "category-mean-per-point": "mean of categories (per point)",
+    "category-weighted-per-point": "pair-weighted mean of categories (per point)",
 }
 
 

@@ -14,12 +14,17 @@
 #     base32   bench_baselines.py fp32      -> $OUT/baselines_cuda_fp32.json
 #     base16   bench_baselines.py fp16      -> $OUT/baselines_cuda_fp16.json
 #     dift32   bench_dift.py fp32           -> $OUT/dift_cuda_fp32.json
+#     sddino   bench_sd_dino.py: the SD-DINO preset end to end (captioner on / off fp32,
+#              captioner on fp16), s/pair, stages, CUDA peak -> $OUT/sd_dino_cuda.json
+#              (builds a random CLIP ViT-L-14-336 + captioner into $GPU_CHECK_MODELS/sd-dino-random
+#              and DINOv2-B/14 into vit-random/dinov2-b14 when base32 has not)
 #   all output goes to $OUT/gpu_log.txt too; a summary of the JSON files ends the log.
 #
 # Environment (all optional): OUT (default benchmarks/out/gpu), PYTHON (python3),
 # GPU_CHECK_DEVICE (cuda), GPU_CHECK_BUDGET (540), GPU_CHECK_STEPS (the step order above),
-# DIFT16_IMAGES (30), DIFT32_IMAGES (15), BASE_IMAGES (30), HYPER_DTYPE (float16), DIFT_EXTRA / BASE_EXTRA /
-# HYPER_EXTRA (extra arguments), GPU_CHECK_SITE (/tmp/site), GPU_CHECK_MODELS (benchmarks/out).
+# DIFT16_IMAGES (30), DIFT32_IMAGES (15), BASE_IMAGES (30), HYPER_DTYPE (float16), SDDINO_PAIRS (10),
+# DIFT_EXTRA / BASE_EXTRA / HYPER_EXTRA / SDDINO_EXTRA (extra arguments), GPU_CHECK_SITE (/tmp/site),
+# GPU_CHECK_MODELS (benchmarks/out).
 #
 # The wheels (x86-64, CPython 3.12), fetched where the index is reachable:
 #   python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 \
@@ -31,7 +36,7 @@ START=$SECONDS
 PY=${PYTHON:-python3}
 DEVICE=${GPU_CHECK_DEVICE:-cuda}
 BUDGET=${GPU_CHECK_BUDGET:-540}
-STEPS=${GPU_CHECK_STEPS:-"dift16 hyper base32 base16 dift32"}
+STEPS=${GPU_CHECK_STEPS:-"dift16 hyper base32 base16 dift32 sddino"}
 SITE=${GPU_CHECK_SITE:-/tmp/site}
 MODELS=${GPU_CHECK_MODELS:-benchmarks/out}
 OUT=${OUT:-benchmarks/out/gpu}
@@ -160,7 +165,12 @@ for step in $STEPS; do
         else
             log "=== [hyper] skipped: benchmarks/bench_hyperfeatures.py does not exist"
         fi ;;
-    *) log "=== unknown step $step (known: dift16 dift32 base32 base16 hyper)" ;;
+    sddino)
+        run_step sddino 240 "$PY" benchmarks/bench_sd_dino.py --device "$DEVICE" \
+            --sd-dir "$SD15" --dino-dir "$MODELS/vit-random/dinov2-b14" \
+            --model-dir "$MODELS/sd-dino-random" --pairs "${SDDINO_PAIRS:-10}" ${SDDINO_EXTRA:-} \
+            --json "$OUT/sd_dino_${DEVICE%%:*}.json" ;;
+    *) log "=== unknown step $step (known: dift16 dift32 base32 base16 hyper sddino)" ;;
     esac
 done
 
@@ -191,6 +201,16 @@ for f in sorted(Path(sys.argv[1]).glob("*.json")):
             c = d.get("features", {})
             print(f"  ratio dift/naive {d['ratio']:.2f}x; cosine mean {c.get('cosine_mean')}, "
                   f"min {c.get('cosine_min')}")
+    elif isinstance(res, dict) and f.name.startswith("sd_dino"):
+        for name, r in res.items():
+            st = r.get("stages_s_per_pair", {})
+            print(f"  {name:18} {r['seconds_per_pair']:.4f} s/pair ({r['pairs']} pairs), "
+                  f"sd {st.get('sd', 0):.4f} (captioner {st.get('sd.captioner', 0):.4f}), "
+                  f"dino {st.get('dino', 0):.4f}, fuse {st.get('fuse', 0):.4f}; CUDA peak "
+                  f"{mib(r.get('cuda_max_allocated_mib'))}, finite {r['descriptors']['finite']}")
+        for key in ("captioner_cost_ratio", "fp32_over_fp16"):
+            if key in d:
+                print(f"  {key} {d[key]:.3f}")
     elif "inversion" in d or "training" in d:
         inv, tr = d.get("inversion") or {}, d.get("training") or {}
         if inv:

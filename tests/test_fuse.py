@@ -225,3 +225,14 @@ def test_lowrank_pca_is_seeded_and_leaves_the_random_state_alone():
     torch.testing.assert_close(
         gram(first) @ gram(first).T, gram(exact) @ gram(exact).T, atol=1e-3, rtol=1e-3
     )
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_lowrank_pca_on_cuda_repeats_and_leaves_the_cuda_random_state_alone():
+    torch.manual_seed(7)
+    maps = [torch.randn(10, 5, 5, device="cuda"), torch.randn(10, 4, 4, device="cuda")]
+    state = torch.cuda.get_rng_state()
+    first = pca_project(maps, 3, "lowrank")
+    assert torch.equal(torch.cuda.get_rng_state(), state)
+    assert first[0].device.type == "cuda"
+    torch.testing.assert_close(first[0], pca_project(maps, 3, "lowrank")[0])

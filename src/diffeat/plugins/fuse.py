@@ -14,6 +14,8 @@ randomised PCA (``pca_solver = "lowrank"``).
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Literal
 
@@ -71,13 +73,29 @@ class FuseOptions:
             raise ValueError(f"pca_dim must be >= 0, got {self.pca_dim}")
 
 
+@contextlib.contextmanager
+def seeded(device: torch.device, seed: int) -> Iterator[None]:
+    """Seed the default generator of ``device`` (and only it); restore its state afterwards."""
+    cuda = device.type == "cuda"
+    index = (
+        device.index if device.index is not None else (torch.cuda.current_device() if cuda else 0)
+    )
+    with torch.random.fork_rng(devices=[index] if cuda else []):
+        if cuda:
+            with torch.cuda.device(index):
+                torch.cuda.manual_seed(seed)
+        else:
+            torch.random.default_generator.manual_seed(seed)
+        yield
+
+
 def pca_project(maps: list[torch.Tensor], dim: int, solver: str = "exact") -> list[torch.Tensor]:
     """Project ``[C, h_i, w_i]`` maps onto the top ``dim`` principal components of all their cells.
 
     ``exact``: SVD of the centred cells, deterministic. ``lowrank``:
-    ``torch.pca_lowrank(centred, q=dim)`` as SD-DINO calls it (randomised; run
-    on the CPU from a generator seeded with 0, so the result is the same on
-    every device and the caller's random state is left alone). Maps with
+    ``torch.pca_lowrank(centred, q=dim)`` as SD-DINO calls it (randomised; the
+    maps' device's generator seeded with 0 and restored afterwards, so runs
+    repeat on one device, while a CPU and a GPU draw differently). Maps with
     ``C <= dim`` are returned as is; fewer cells than ``dim`` is an error.
     """
     c = maps[0].shape[0]
@@ -92,10 +110,9 @@ def pca_project(maps: list[torch.Tensor], dim: int, solver: str = "exact") -> li
         )
     centred = cells - cells.mean(dim=0, keepdim=True)
     if solver == "lowrank":
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(0)
-            _, _, v = torch.pca_lowrank(centred.cpu(), q=dim)
-        basis = v[:, :dim].to(centred.device)
+        with seeded(centred.device, 0):
+            _, _, v = torch.pca_lowrank(centred, q=dim)
+        basis = v[:, :dim]
     else:
         _, _, vh = torch.linalg.svd(centred, full_matrices=False)
         basis = vh[:dim].T  # [C, dim]

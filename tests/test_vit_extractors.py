@@ -619,3 +619,91 @@ def test_openclip_tags_trained_with_quick_gelu_get_it(monkeypatch, tmp_path, mod
     with pytest.raises(ModelLoadError, match="stop here"):
         _ = ex.model
     assert seen["force_quick_gelu"] is forced
+
+
+# -- overlapping patches (stride < patch) -------------------------------------------------------
+
+
+def test_dino_with_stride_4_equals_the_dense_vit_extractor(tiny_dino, image):
+    """Amir et al.'s ViTExtractor written out: patch conv stride 4, position embeddings
+    interpolated to 1 + (side - 8) // 4 tokens per side with the + 0.1 scale factor."""
+    from transformers import ViTModel
+
+    size = (48, 40)
+    ex = make(DinoExtractor, tiny_dino, blocks=[1], image_size=list(size), stride=4)
+    (fs,) = ex.extract([as_input(image)])
+    model = ViTModel.from_pretrained(tiny_dino, add_pooling_layer=False).eval()
+    model.embeddings.patch_embeddings.projection.stride = (4, 4)
+    emb = model.embeddings
+
+    def interpolate(embeddings, height, width):
+        rows, cols = 1 + (height - 8) // 4, 1 + (width - 8) // 4
+        return official_positions(emb.position_embeddings, rows, cols)
+
+    emb.interpolate_pos_encoding = interpolate
+    with torch.no_grad():
+        out = model(
+            pixels(image, size, IMAGENET_MEAN, IMAGENET_STD),
+            output_hidden_states=True,
+            interpolate_pos_encoding=True,
+        )
+    expected = out.hidden_states[2][:, 1:].reshape(1, 9, 11, -1).permute(0, 3, 1, 2)
+    torch.testing.assert_close(fs.layers["blocks.1"], expected, atol=1e-5, rtol=1e-4)
+    assert ex.layers()[0].stride == 4.0
+
+
+def test_stride_transform_puts_each_token_at_its_patch_centre(tiny_dino):
+    ex = make(DinoExtractor, tiny_dino, image_size=[48, 40], stride=4)
+    t = ex.transform_for((48, 40))  # same size: model pixels are image pixels
+    # token (j, i) covers pixels [4j, 4j + 8) x [4i, 4i + 8): centre 4j + 3.5
+    centres = torch.tensor([[3.5, 3.5], [4 * 10 + 3.5, 4 * 8 + 3.5], [4 * 5 + 3.5, 3.5]])
+    grid = t.image_to_grid(centres, (11, 9))
+    torch.testing.assert_close(grid, torch.tensor([[0.0, 0.0], [10.0, 8.0], [5.0, 0.0]]))
+
+
+def test_stride_must_divide_the_patch_and_use_official_positions(tiny_dino, image):
+    with pytest.raises(ConfigError, match="stride 3 does not divide the patch size 8"):
+        make(DinoExtractor, tiny_dino, stride=3).extract([as_input(image)])
+    ex = make(DinoExtractor, tiny_dino, stride=4, position_interpolation="transformers")
+    with pytest.raises(ConfigError, match='stride 4 needs position_interpolation = "official"'):
+        ex.extract([as_input(image)])
+
+
+def test_sd_dino_point_arithmetic_with_overlapping_patches(tiny_dino):
+    """SD-DINO's DINOv1 option: num_patches = 8 / 4 * (56 // 8 - 1) + 1 = 13 on a 56 px
+    canvas; query cell int(13 / 56 * x); answer (j - 1) * 4 + 4 + 8 // 2 - 0.5."""
+    import numpy as np
+
+    from diffeat.core.components import View
+    from diffeat.plugins.matchers import Nearest
+
+    ex = make(DinoExtractor, tiny_dino, image_size=[56, 56], stride=4, size_rule="pad")
+    assert ex.grid == (13, 13)
+    src_size, tgt_size = (100, 67), (50, 80)
+    torch.manual_seed(9)
+    src_desc, tgt_desc = torch.randn(6, 13, 13), torch.randn(6, 13, 13)
+    points = torch.tensor([[0.0, 0.0], [99.0, 66.0], [50.0, 33.0], [13.0, 60.0]])
+
+    def pad(w, h):
+        scale = 56 / max(w, h)
+        ox = int((56 - int(np.around(56 * w / h))) / 2) if w < h else 0
+        oy = int((56 - int(np.around(56 * h / w))) / 2) if h < w else 0
+        return scale, np.array([ox, oy])
+
+    s_scale, s_off = pad(*src_size)
+    kps = points.numpy().astype(np.float64) * s_scale + s_off
+    cx, cy = (13 / 56 * kps[:, 0]).astype(np.int32), (13 / 56 * kps[:, 1]).astype(np.int32)
+    q = src_desc.flatten(1).T[torch.from_numpy(13 * cy + cx).long()]
+    sims = F.normalize(q, dim=1) @ F.normalize(tgt_desc.flatten(1).T, dim=1).T
+    best = sims.argmax(dim=1).numpy()
+    pred = (np.stack([best % 13, best // 13], 1) - 1) * 4 + 4 + 8 // 2 - 0.5
+    t_scale, t_off = pad(*tgt_size)
+    expected = torch.from_numpy((pred - t_off) / t_scale).float()
+
+    def view(desc, size):
+        return View(Image.new("RGB", size), ex.transform_for(size), descriptors=desc)
+
+    result = Nearest(Nearest.Options(resolution="grid", points="scale")).match(
+        view(src_desc, src_size), view(tgt_desc, tgt_size), points
+    )
+    torch.testing.assert_close(result.points, expected)

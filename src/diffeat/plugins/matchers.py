@@ -17,7 +17,6 @@ import torch.nn.functional as F
 
 from diffeat.core.components import Matcher, MatchResult, View
 from diffeat.core.geometry import (
-    ImageTransform,
     Size,
     pixel_centres,
     rescale_points,
@@ -107,19 +106,34 @@ def input_argmax(
     )
 
 
-def _raster_scale(view: View, size: Size) -> tuple[list[float], list[float]]:
-    """Per axis, image -> raster factor and offset. For a plain resize the factor is
-    ``raster / image`` exactly, as the official ``rescale_points`` computes it; for
-    a fitted (padded) image it is the one fitting factor ``min(model / image)`` on
-    both axes plus the padding, as SD-DINO's ``preprocess_kps_pad``."""
+def canvas_of(view: View) -> tuple[tuple[float, float], tuple[float, float], float]:
+    """The whole model input behind a view's transform: ``(size, padding offset, shift)``.
+
+    A ViT with overlapping patches (``stride`` < patch) records the region its
+    tokens cover evenly, ``(patch - stride) / 2`` inside the input on every side
+    (:meth:`ViTExtractorBase.transform_for`); the official codes' arithmetic
+    works on the whole input. Fitted and resized inputs have offsets >= 0, so a
+    negative offset is that shift.
+    """
     t = view.transform
-    plain = t == ImageTransform.resize(t.image_size, t.model_size)
-    if plain:
+    shift = max(0.0, -min(t.offset))
+    size = (t.model_size[0] + 2 * shift, t.model_size[1] + 2 * shift)
+    return size, (t.offset[0] + shift, t.offset[1] + shift), shift
+
+
+def _raster_scale(view: View, size: Size) -> tuple[list[float], list[float]]:
+    """Per axis, image -> factor and offset onto a raster of ``size`` over the whole model
+    input. For a plain resize the factor is ``raster / image`` exactly, as the official
+    ``rescale_points`` computes it; for a fitted (padded) image it is the one fitting
+    factor (that of the axis the image fills) on both axes plus the padding, as
+    SD-DINO's ``preprocess_kps_pad``."""
+    t = view.transform
+    model, offset, _ = canvas_of(view)
+    if offset == (0.0, 0.0) and t.scale == (model[0] / t.image_size[0], model[1] / t.image_size[1]):
         return [size[0] / t.image_size[0], size[1] / t.image_size[1]], [0.0, 0.0]
-    ratio = [size[0] / t.model_size[0], size[1] / t.model_size[1]]
-    fit = min(t.model_size[0] / t.image_size[0], t.model_size[1] / t.image_size[1])
-    scale = [fit * ratio[0], fit * ratio[1]]
-    return scale, [t.offset[0] * ratio[0], t.offset[1] * ratio[1]]
+    ratio = [size[0] / model[0], size[1] / model[1]]
+    fit = t.scale[0] if offset[0] <= offset[1] else t.scale[1]
+    return [fit * ratio[0], fit * ratio[1]], [offset[0] * ratio[0], offset[1] * ratio[1]]
 
 
 def scaled_points(view: View, points: torch.Tensor, size: Size) -> torch.Tensor:
@@ -140,21 +154,26 @@ def scaled_raster_pixels(view: View, points: torch.Tensor, size: Size) -> torch.
 
 def scaled_cells(view: View, points: torch.Tensor) -> torch.Tensor:
     """Image points to the grid cells ``[N, 2]`` (long) that contain them the SD-DINO way:
-    ``int(x_model * grid / model)`` with ``x_model`` from :func:`scaled_points`."""
-    model, grid = view.transform.model_size, view.grid_size
-    canvas = scaled_points(view, points, model)
-    cells = torch.floor(canvas * canvas.new_tensor([grid[0] / model[0], grid[1] / model[1]]))
+    ``int(x_model * grid / model)`` with ``x_model`` from :func:`scaled_points` and
+    ``model`` the whole input (so with overlapping patches, SD-DINO's approximate map)."""
+    (mw, mh), _, _ = canvas_of(view)
+    grid = view.grid_size
+    canvas = scaled_points(view, points, (mw, mh))  # type: ignore[arg-type]
+    cells = torch.floor(canvas * canvas.new_tensor([grid[0] / mw, grid[1] / mh]))
     limit = canvas.new_tensor([grid[0] - 1, grid[1] - 1])
     return torch.minimum(torch.clamp(cells, min=0), limit).long()
 
 
 def cell_centre_points(view: View, cells: torch.Tensor) -> torch.Tensor:
-    """Grid cells ``[N, 2]`` back to image points the SD-DINO way: the cell's centre in
-    model pixels (``j * step + step / 2 - 0.5``) mapped back by :func:`scaled_image_points`."""
-    model, grid = view.transform.model_size, view.grid_size
+    """Grid cells ``[N, 2]`` back to image points the SD-DINO way: the token's centre in
+    model pixels (``(j - 1) * stride + stride + patch // 2 - 0.5``) mapped back by
+    :func:`scaled_image_points`."""
+    t, grid = view.transform, view.grid_size
+    model, _, shift = canvas_of(view)
     c = cells.double()
-    step = c.new_tensor([model[0] / grid[0], model[1] / grid[1]])
-    return scaled_image_points(view, c * step + step / 2 - 0.5, model).float()
+    step = c.new_tensor([t.model_size[0] / grid[0], t.model_size[1] / grid[1]])
+    centre = c * step + step / 2 + shift - 0.5
+    return scaled_image_points(view, centre, model).float()  # type: ignore[arg-type]
 
 
 def scaled_image_points(view: View, pixels: torch.Tensor, size: Size) -> torch.Tensor:

@@ -94,6 +94,17 @@ def image_size_field(default: list[int], interpolation: str = "bicubic") -> Any:
 PositionInterpolation = Literal["official", "transformers"]
 
 
+def stride_field() -> Any:
+    return opt(
+        0,
+        "step of the patch embedding in pixels, a divisor of the patch size; smaller than the "
+        "patch: overlapping patches and a denser grid of 1 + (side - patch) / stride tokens "
+        "(Amir et al.'s dense ViT descriptors, SD-DINO's DINOv1 option: 4 for ViT-S/8); "
+        "0: the patch size",
+        cache="if-set",
+    )
+
+
 def position_interpolation_field() -> Any:
     return opt(
         "official",
@@ -149,6 +160,8 @@ def validate_common(options: Any) -> None:
         )
     if options.batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {options.batch_size}")
+    if getattr(options, "stride", 0) < 0:
+        raise ValueError(f"stride must be >= 0 (0: the patch size), got {options.stride}")
 
 
 # -- model facts ---------------------------------------------------------------------------------
@@ -286,8 +299,19 @@ class ViTExtractorBase(Extractor):
         if self._spec is None:
             spec = self.read_spec()
             check_patch_multiple(self.model_size, spec.patch_size, self.model_label)
+            stride = getattr(self.options, "stride", 0)
+            if stride and spec.patch_size % stride:
+                raise ConfigError(
+                    f"[extractor] stride {stride} does not divide the patch size "
+                    f"{spec.patch_size} of {self.model_label}"
+                )
             self._spec = spec
         return self._spec
+
+    @property
+    def stride(self) -> int:
+        """The patch embedding's step: the ``stride`` option, or the patch size."""
+        return int(getattr(self.options, "stride", 0) or self.spec.patch_size)
 
     @property
     def model(self) -> nn.Module:
@@ -307,9 +331,10 @@ class ViTExtractorBase(Extractor):
 
     @property
     def grid(self) -> tuple[int, int]:
+        """``(rows, columns)`` of patch tokens: ``1 + (side - patch) // stride``."""
         w, h = self.model_size
-        p = self.spec.patch_size
-        return (h // p, w // p)
+        p, s = self.spec.patch_size, self.stride
+        return (1 + (h - p) // s, 1 + (w - p) // s)
 
     def layer_names(self) -> list[str]:
         return [layer_name(b, self.options.facet) for b in self.blocks]
@@ -317,13 +342,24 @@ class ViTExtractorBase(Extractor):
     def layers(self) -> list[LayerInfo]:
         spec = self.spec
         channels = spec.width if self.options.facet == "token" else spec.attn_width
-        return [LayerInfo(n, channels, float(spec.patch_size)) for n in self.layer_names()]
+        return [LayerInfo(n, channels, float(self.stride)) for n in self.layer_names()]
 
     def timesteps(self) -> tuple[int, ...]:
         return (0,)
 
     def transform_for(self, image_size: Size) -> ImageTransform:
-        return fit_transform(image_size, self.model_size, self.options.size_rule)
+        """The image -> model-input transform; with overlapping patches its frame is the
+        region the token grid covers evenly: ``columns * stride`` wide, starting
+        ``(patch - stride) / 2`` in, so token ``j``'s centre is ``j * stride + patch / 2``."""
+        t = fit_transform(image_size, self.model_size, self.options.size_rule)
+        p, s = self.spec.patch_size, self.stride
+        if s == p:
+            return t
+        rows, cols = self.grid
+        shift = (p - s) / 2
+        return ImageTransform(
+            t.image_size, (cols * s, rows * s), t.scale, (t.offset[0] - shift, t.offset[1] - shift)
+        )
 
     def preprocess(self, image: ImageInput) -> torch.Tensor:
         mean, std = self.normalisation()

@@ -36,6 +36,7 @@ from diffeat.plugins.vit.common import (
     revision_field,
     size_rule_field,
     stop_early_field,
+    stride_field,
     validate_common,
 )
 from diffeat.plugins.vit.hf import TransformersViTExtractor
@@ -56,6 +57,7 @@ class DinoOptions:
     final_norm: bool = final_norm_field()
     image_size: list[int] = image_size_field([224, 224])
     position_interpolation: PositionInterpolation = position_interpolation_field()
+    stride: int = stride_field()
     size_rule: SizeRule = size_rule_field()
     resample: Resample = resample_field()
     dtype: DType = dtype_field()

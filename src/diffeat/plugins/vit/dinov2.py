@@ -34,6 +34,7 @@ from diffeat.plugins.vit.common import (
     revision_field,
     size_rule_field,
     stop_early_field,
+    stride_field,
     validate_common,
 )
 from diffeat.plugins.vit.hf import TransformersViTExtractor
@@ -54,6 +55,7 @@ class Dinov2Options:
     final_norm: bool = final_norm_field()
     image_size: list[int] = image_size_field([518, 518])
     position_interpolation: PositionInterpolation = position_interpolation_field()
+    stride: int = stride_field()
     size_rule: SizeRule = size_rule_field()
     resample: Resample = resample_field()
     dtype: DType = dtype_field()

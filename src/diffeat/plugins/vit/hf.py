@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from diffeat.core.errors import ModelLoadError
+from diffeat.core.errors import ConfigError, ModelLoadError
 from diffeat.plugins.capture import HookTarget, first_tensor
 from diffeat.plugins.modelfiles import (
     files_fingerprint,
@@ -51,13 +51,15 @@ _PROJECTIONS = {
 }
 
 
-def official_position_interpolation(patch: int) -> Callable[..., torch.Tensor]:
+def official_position_interpolation(patch: int, stride: int = 0) -> Callable[..., torch.Tensor]:
     """An ``interpolate_pos_encoding`` method computing as the DINO / DINOv2 repositories.
 
     Bicubic (no antialias) with ``scale_factor = (n + 0.1) / N`` per axis
     (rows, columns), in float32, where transformers resizes to ``size = n``: the
-    0.1 changes where the output samples fall.
+    0.1 changes where the output samples fall. With a ``stride`` below the patch
+    size, ``n = 1 + (side - patch) // stride`` (Amir et al.'s ``_fix_pos_enc``).
     """
+    step = stride or patch
 
     def interpolate_pos_encoding(
         self: nn.Module, embeddings: torch.Tensor, height: int, width: int
@@ -67,7 +69,7 @@ def official_position_interpolation(patch: int) -> Callable[..., torch.Tensor]:
         if n == trained and height == width:
             return pos
         side, dim = int(math.sqrt(trained)), pos.shape[-1]
-        rows, cols = height // patch, width // patch
+        rows, cols = 1 + (height - patch) // step, 1 + (width - patch) // step
         grid = pos[:, 1:].reshape(1, side, side, dim).permute(0, 3, 1, 2).float()
         grid = F.interpolate(
             grid,
@@ -202,9 +204,17 @@ class TransformersViTExtractor(ViTExtractorBase):
             raise ModelLoadError(
                 f"cannot load {self.options.model} ({self.folder}): {type(exc).__name__}: {exc}"
             ) from None
+        embeddings = _submodule(model, ("embeddings",), "embeddings")
+        if self.stride != self.spec.patch_size:
+            if self.options.position_interpolation != "official":
+                raise ConfigError(
+                    f"[extractor] stride {self.stride} needs position_interpolation = "
+                    f'"official" (transformers sizes its position grid by the patch size)'
+                )
+            projection = _submodule(embeddings, ("patch_embeddings.projection",), "patch conv")
+            projection.stride = (self.stride, self.stride)  # type: ignore[assignment]
         if self.options.position_interpolation == "official":
-            embeddings = _submodule(model, ("embeddings",), "embeddings")
-            method = official_position_interpolation(self.spec.patch_size)
+            method = official_position_interpolation(self.spec.patch_size, self.stride)
             embeddings.interpolate_pos_encoding = types.MethodType(method, embeddings)  # type: ignore[method-assign]
         return model.to(self.device, self.dtype).eval().requires_grad_(False)
 

@@ -86,21 +86,24 @@ def dinov2_base_config() -> dict[str, Any]:
     }
 
 
-def _complete(folder: Path) -> bool:
+def marker_complete(folder: Path, recipe: int = RECIPE_VERSION) -> bool:
+    """True when ``folder`` holds a finished build of recipe version ``recipe``."""
     try:
-        return json.loads((folder / MARKER).read_text()).get("recipe") == RECIPE_VERSION
+        return json.loads((folder / MARKER).read_text()).get("recipe") == recipe
     except (OSError, ValueError):
         return False
 
 
-def _fresh(folder: Path) -> None:
+def fresh_folder(folder: Path) -> None:
+    """An empty ``folder`` (a half-built one is removed first)."""
     if folder.exists():
         shutil.rmtree(folder)
     folder.mkdir(parents=True)
 
 
-def _mark(folder: Path, params: int, seconds: float) -> None:
-    marker = {"recipe": RECIPE_VERSION, "parameters": params, "build_s": seconds}
+def write_marker(folder: Path, recipe: int = RECIPE_VERSION, **facts: Any) -> None:
+    """Mark ``folder`` as a finished build of ``recipe``, with ``facts`` (build_s, ...)."""
+    marker = {"recipe": recipe, **facts}
     (folder / MARKER).write_text(json.dumps(marker, indent=2) + "\n")
 
 
@@ -109,10 +112,10 @@ def build_model(name: str, folder: Path) -> str:
     extractor's ``model`` value."""
     import torch
 
-    if _complete(folder):
+    if marker_complete(folder):
         return str(folder)
     start = time.perf_counter()
-    _fresh(folder)
+    fresh_folder(folder)
     torch.manual_seed(0)
     if name == "dino-vitb8":
         from transformers import ViTConfig, ViTModel
@@ -144,7 +147,7 @@ def build_model(name: str, folder: Path) -> str:
         raise ValueError(name)
     params = sum(p.numel() for p in model.parameters())
     seconds = time.perf_counter() - start
-    _mark(folder, params, seconds)
+    write_marker(folder, parameters=params, build_s=seconds)
     print(f"[{name}] built {params / 1e6:.0f}M parameters in {seconds:.0f} s", file=sys.stderr)
     return str(folder)
 

@@ -70,10 +70,17 @@ ROOT = Path(__file__).resolve().parent
 sys.path.insert(0, str(ROOT))
 
 from bench_baselines import DEFAULT_MODEL_DIR as VIT_DIR  # noqa: E402
-from bench_baselines import build_model  # noqa: E402
+from bench_baselines import (  # noqa: E402
+    MARKER,
+    build_model,
+    fresh_folder,
+    marker_complete,
+    write_marker,
+)
 from bench_dift import DEFAULT_MODEL_DIR as SD15_DIR  # noqa: E402
 from bench_dift import (  # noqa: E402
     cpu_seconds,
+    fmt,
     machine_info,
     maxrss_mib,
     model_is_complete,
@@ -85,7 +92,6 @@ from bench_dift import (  # noqa: E402
 PRESET = ROOT.parent / "examples" / "sd-dino.toml"
 DEFAULT_MODEL_DIR = ROOT / "out" / "sd-dino-random"
 DEFAULT_DINO_DIR = VIT_DIR / "dinov2-b14"
-MARKER = ".bench_complete.json"
 #: Bump when the built files change, so old folders are rebuilt.
 RECIPE_VERSION = 1
 CLIP_ARCH = "ViT-L-14-336-quickgelu"  # as the preset: the OpenAI weights use QuickGELU
@@ -130,8 +136,6 @@ STAGE_ORDER = [
 def build_clip_and_captioner(folder: Path, seed: int = 0) -> float:
     """Write a random ``ViT-L-14-336`` CLIP (float16 safetensors) and random captioner weights
     into ``folder``; return the seconds it took."""
-    import shutil
-
     import open_clip
     import torch
     from safetensors.torch import save_file
@@ -139,9 +143,7 @@ def build_clip_and_captioner(folder: Path, seed: int = 0) -> float:
     from diffeat.testing_models import build_tiny_captioner
 
     start = time.perf_counter()
-    if folder.exists():
-        shutil.rmtree(folder)
-    folder.mkdir(parents=True)
+    fresh_folder(folder)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         clip = open_clip.create_model(CLIP_ARCH, pretrained=None)
@@ -160,16 +162,16 @@ def build_clip_and_captioner(folder: Path, seed: int = 0) -> float:
         seed=seed,
     )
     seconds = time.perf_counter() - start
-    marker = {
-        "recipe": RECIPE_VERSION,
-        "seed": seed,
-        "clip": CLIP_ARCH,
-        "clip_parameters": params,
-        "clip_visual_parameters": visual,
-        "clip_embed_dim": embed_dim,
-        "build_s": seconds,
-    }
-    (folder / MARKER).write_text(json.dumps(marker, indent=2) + "\n")
+    write_marker(
+        folder,
+        RECIPE_VERSION,
+        seed=seed,
+        clip=CLIP_ARCH,
+        clip_parameters=params,
+        clip_visual_parameters=visual,
+        clip_embed_dim=embed_dim,
+        build_s=seconds,
+    )
     return seconds
 
 
@@ -186,7 +188,7 @@ def ensure_models(args: argparse.Namespace) -> dict[str, Any]:
         print(f"model: building DINOv2 ViT-B/14 (random weights) into {args.dino_dir} ...")
         build_model("dinov2-b14", args.dino_dir)
         built["dinov2"] = json.loads((args.dino_dir / MARKER).read_text())["build_s"]
-    if not _marker_ok(args.model_dir):
+    if not marker_complete(args.model_dir, RECIPE_VERSION):
         print(f"model: building {CLIP_ARCH} + captioner (random) into {args.model_dir} ...")
         built["clip_captioner"] = build_clip_and_captioner(args.model_dir)
     gc.collect()
@@ -200,13 +202,6 @@ def ensure_models(args: argparse.Namespace) -> dict[str, Any]:
         "captioner_clip_pretrained": str(args.model_dir / CLIP_FILE),
         "build_s": built,
     }
-
-
-def _marker_ok(folder: Path) -> bool:
-    try:
-        return json.loads((folder / MARKER).read_text()).get("recipe") == RECIPE_VERSION
-    except (OSError, ValueError):
-        return False
 
 
 # -- one configuration (runs in a subprocess) ------------------------------------------------
@@ -481,10 +476,6 @@ def summary_of(results: dict[str, dict[str, Any]]) -> dict[str, Any]:
     if a and c:
         out["fp32_over_fp16"] = a["seconds_per_pair"] / c["seconds_per_pair"]
     return out
-
-
-def fmt(value: float | None, spec: str) -> str:
-    return "-" if value is None else format(value, spec)
 
 
 def print_report(results: dict[str, dict[str, Any]], summary: dict[str, Any]) -> None:

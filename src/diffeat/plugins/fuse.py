@@ -25,7 +25,14 @@ import torch.nn.functional as F
 from diffeat.core.components import Aggregator
 from diffeat.core.errors import ConfigError
 from diffeat.core.features import FeatureSet
-from diffeat.core.geometry import ImageTransform, Size, grid_size_of, pixel_centres, sample_rows
+from diffeat.core.geometry import (
+    ImageTransform,
+    Size,
+    grid_size_of,
+    pixel_centres,
+    resize_map,
+    sample_rows,
+)
 from diffeat.core.options import opt
 
 Parts = dict[str, FeatureSet]
@@ -125,15 +132,6 @@ def pca_project(maps: list[torch.Tensor], dim: int, solver: str = "exact") -> li
     return out
 
 
-def interpolate_to(fmap: torch.Tensor, grid: Size) -> torch.Tensor:
-    """``[C, h, w]`` to ``[C, grid_h, grid_w]`` by bilinear interpolation (align_corners=False)."""
-    if grid_size_of(fmap) == grid:
-        return fmap
-    return F.interpolate(
-        fmap[None].float(), size=(grid[1], grid[0]), mode="bilinear", align_corners=False
-    )[0]
-
-
 def cascade(maps: list[torch.Tensor]) -> torch.Tensor:
     """SD-DINO's multi-resolution concatenation of one part's ``[C_i, h_i, w_i]`` layers.
 
@@ -145,7 +143,7 @@ def cascade(maps: list[torch.Tensor]) -> torch.Tensor:
     order = sorted(maps, key=lambda m: m.shape[-1] * m.shape[-2])
     acc = order[0].float()
     for finer in order[1:]:
-        acc = torch.cat([finer.float(), interpolate_to(acc, grid_size_of(finer))])
+        acc = torch.cat([finer.float(), resize_map(acc, grid_size_of(finer))])
     return acc
 
 
@@ -215,7 +213,7 @@ class Fuse(Aggregator):
                 if self.options.upsample == "cascade":
                     maps = [cascade(maps)]
                 if self.options.alignment == "cells":
-                    part = torch.cat([interpolate_to(m, grid) for m in maps])
+                    part = torch.cat([resize_map(m.float(), grid) for m in maps])
                 else:
                     part = torch.cat([resample(m, own, ref, grid) for m in maps])
                 if self.options.normalize:

@@ -66,6 +66,10 @@ class CaptionerWeights:
         """How many timesteps the time-embedding offset has positions for."""
         return int(self.time_position.shape[1])
 
+    def to(self, device: torch.device | str) -> CaptionerWeights:
+        """The same tensors on ``device``."""
+        return CaptionerWeights(**{k: v.to(device) for k, v in vars(self).items()})
+
 
 def captioner_file(path: str | Path) -> Path:
     """The captioner weights file, or a :class:`ModelLoadError` saying how to make it."""
@@ -180,16 +184,14 @@ class ImplicitCaptioner:
         """Prompt states ``[N, L, D]`` and time offsets ``[N, n, T_dim]`` of tiles
         ``[N, 3, H, W]`` in [0, 1]; ``empty_prompt`` ``[1, L, D]`` is the text encoder's
         states of the empty prompt."""
-        w = self.weights
+        w = self.weights  # on the tower's device (build_captioner)
         e = self.embed(pixels)
-        dev = empty_prompt.device
-        e = e.to(dev)
-        projected = F.linear(e, w.prompt_weight.to(dev), w.prompt_bias.to(dev))
-        prompt = projected[:, None] + w.prompt_position.to(dev)
-        states = empty_prompt.float() + torch.tanh(w.alpha_cond.to(dev)) * prompt
-        t = F.linear(e, w.time_weight.to(dev), w.time_bias.to(dev))
-        offsets = torch.tanh(w.alpha_time.to(dev)) * (t[:, None] + w.time_position.to(dev))
-        return states, offsets
+        projected = F.linear(e, w.prompt_weight, w.prompt_bias)
+        prompt = projected[:, None] + w.prompt_position
+        states = empty_prompt.to(e.device).float() + torch.tanh(w.alpha_cond) * prompt
+        t = F.linear(e, w.time_weight, w.time_bias)
+        offsets = torch.tanh(w.alpha_time) * (t[:, None] + w.time_position)
+        return states.to(empty_prompt.device), offsets.to(empty_prompt.device)
 
 
 def clip_tower(model: str, pretrained: str, device: str) -> Any:
@@ -212,7 +214,7 @@ def build_captioner(
     """The captioner of the weights at ``path`` on the tower ``clip`` (:func:`clip_tower`),
     checked against a text encoder giving ``prompt_shape`` and a time embedding of ``time_dim``."""
     clip_dim = int(clip.source.model_cfg.get("embed_dim", 0))
-    weights = load_captioner_weights(path, prompt_shape, time_dim, clip_dim)
+    weights = load_captioner_weights(path, prompt_shape, time_dim, clip_dim).to(clip.device)
     mean, std = clip.normalisation()
     return ImplicitCaptioner(weights, clip.model, clip.model_size[0], tuple(mean), tuple(std))
 

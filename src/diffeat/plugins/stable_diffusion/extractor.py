@@ -289,13 +289,21 @@ class StableDiffusionExtractor(Extractor):
         if not self.options.captioner:
             return None
         if self._captioner is None:
+            o = self.options
             empty = self.prompt_embeddings("")
-            self._captioner = build_captioner(
-                self.options.captioner,
+            captioner = build_captioner(
+                o.captioner,
                 self.captioner_clip,
                 (int(empty.shape[1]), int(empty.shape[2])),
                 int(self.parts.unet.time_embedding.linear_2.out_features),
             )
+            if captioner.weights.time_slots < len(o.timesteps):
+                raise ConfigError(
+                    f"[extractor] captioner {o.captioner} has time-embedding positions for "
+                    f"{captioner.weights.time_slots} timestep(s), the extractor runs "
+                    f"{len(o.timesteps)} (timesteps {list(o.timesteps)})"
+                )
+            self._captioner = captioner
         return self._captioner
 
     @property
@@ -513,12 +521,6 @@ class StableDiffusionExtractor(Extractor):
         states, offsets = captioner.condition((pixels + 1) / 2, self.prompt_embeddings(""))
         use = torch.tensor([not pr for pr in prompts], device=text.device)
         context = torch.where(use[:, None, None], states.to(text.dtype), text)
-        if offsets.shape[1] < len(self.options.timesteps):
-            raise ConfigError(
-                f"[extractor] captioner {self.options.captioner} has time-embedding positions "
-                f"for {offsets.shape[1]} timestep(s), the extractor runs "
-                f"{len(self.options.timesteps)} (timesteps {list(self.options.timesteps)})"
-            )
         return context, offsets
 
     def encode(

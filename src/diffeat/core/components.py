@@ -1,16 +1,35 @@
-"""The component contracts: extractor, aggregator, matcher, and the views they exchange.
+"""The component contracts: extractor, aggregator, matcher, the views they exchange,
+and every optional capability a component may declare.
 
-Components are plain classes; these base classes document the protocol and
-give sensible defaults. A third-party component need not inherit from them,
-but must provide the same methods (``diffeat.testing.ExtractorConformance``
-checks an extractor).
+Components are plain classes; the base classes document the required methods
+and give sensible defaults. A third-party component need not inherit from
+them, but must provide the same methods (the conformance suites in
+:mod:`diffeat.testing` check it).
+
+Optional capabilities are declared here, once, as :class:`typing.Protocol` s
+(runtime-checkable where the core branches on them) or flags, and tested with
+the ``is_*`` / ``*_of`` functions below. The core, ``train``, ``eval`` and the
+CLI call these functions; none of them probes a component with ``hasattr``.
+
+=====================  ==========================================  =========================
+capability             declared by                                 used by
+=====================  ==========================================  =========================
+conditioning           ``Extractor.conditioning(image)``           the store's image key
+generating             :class:`GeneratingExtractor`                ``diffeat generate``
+fusing                 :class:`FusingAggregator`                   multi-extractor pipelines
+fusing per pair        :class:`PairFusingAggregator`               ``Pipeline.views``
+training               :class:`TrainableAggregator`                ``diffeat train``
+query-conditioned      ``Matcher.needs_descriptors = False``       ``Pipeline.view``
+=====================  ==========================================  =========================
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import os
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from pathlib import Path
+from typing import Any, Protocol, runtime_checkable
 
 import torch
 from PIL import Image
@@ -30,6 +49,8 @@ class Extractor:
 
     #: images per call of :meth:`extract` the pipeline should aim for
     batch_size: int = 1
+    #: where the extractor computes; stored features are read back onto it
+    device: torch.device = torch.device("cpu")
 
     def layers(self) -> list[LayerInfo]:
         """The layers this extractor returns, known before running on any image."""
@@ -60,11 +81,92 @@ class Extractor:
         return ""
 
 
+@runtime_checkable
+class GeneratingExtractor(Protocol):
+    """An extractor that samples images and captures their features while doing so."""
+
+    def generate(self, seed: int) -> tuple[Image.Image, FeatureSet]:
+        """One sampled image and the features captured while sampling it (``seed`` fixes the noise)."""
+        ...
+
+
 class Aggregator:
     """Turns a :class:`FeatureSet` into one descriptor map ``[C, H, W]``."""
 
     def __call__(self, features: FeatureSet) -> torch.Tensor:
         raise NotImplementedError
+
+
+#: several extractors' features of one image, by extractor name
+Parts = Mapping[str, FeatureSet]
+#: one image's fused descriptor map ``[C, H, W]`` and its image -> grid transform
+Fused = tuple[torch.Tensor, ImageTransform]
+
+
+@runtime_checkable
+class FusingAggregator(Protocol):
+    """An aggregator that combines the features of several extractors (``fuse``)."""
+
+    def fuse(self, parts: Parts) -> Fused:
+        """One image's descriptors from every extractor's features, by extractor name."""
+        ...
+
+
+@runtime_checkable
+class PairFusingAggregator(FusingAggregator, Protocol):
+    """A fusing aggregator that fits something on the pair (SD-DINO's PCA per pair)."""
+
+    def fuse_pair(self, source: Parts, target: Parts) -> tuple[Fused, Fused]:
+        """Both images' descriptors, fitted on the pair."""
+        ...
+
+
+@dataclass
+class TrainingCheckpoint:
+    """What a trainable aggregator reads back from a checkpoint file.
+
+    ``state_dict`` holds the network's weights, ``tensors`` the other tensors
+    written with it (the optimiser state of a resumable run) and ``extra`` the
+    JSON metadata (``{"train": {...}}`` for files written by ``diffeat train``).
+    """
+
+    state_dict: dict[str, torch.Tensor]
+    tensors: dict[str, torch.Tensor] = field(default_factory=dict)
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+@runtime_checkable
+class TrainableAggregator(Protocol):
+    """An aggregator with a network that ``diffeat train`` trains.
+
+    Its ``Options`` name the checkpoint it loads as ``checkpoint`` (a path; empty
+    for a fresh network built from its seed).
+    """
+
+    device: torch.device
+
+    def network_for(
+        self, layers: Sequence[tuple[str, int]], timesteps: Sequence[int]
+    ) -> torch.nn.Module:
+        """The network (built or loaded once, then cached) for these ``(name, channels)`` layers."""
+        ...
+
+    def forward_features(self, batch: Sequence[FeatureSet]) -> torch.Tensor:
+        """Descriptors ``[B, C, H, W]`` of several images, with gradients."""
+        ...
+
+    def save(
+        self,
+        path: str | os.PathLike[str],
+        extra: dict[str, Any] | None = None,
+        tensors: dict[str, torch.Tensor] | None = None,
+    ) -> Path:
+        """Write the network (plus ``tensors`` and JSON ``extra``) atomically to ``path``."""
+        ...
+
+    def read_checkpoint(self, path: str | os.PathLike[str]) -> TrainingCheckpoint:
+        """Read a file written by :meth:`save`, refusing anything else with a clear message."""
+        ...
 
 
 @dataclass
@@ -130,3 +232,82 @@ class Matcher:
 
     def match(self, source: View, target: View, points: torch.Tensor) -> MatchResult:
         raise NotImplementedError
+
+
+@runtime_checkable
+class FeatureStorage(Protocol):
+    """The store interface the pipeline, training and evaluation use.
+
+    :class:`diffeat.store.FeatureStore` (zarr) implements it; entries are keyed
+    by ``(cache_key, image_key)`` and only :class:`diffeat.core.sources.FeatureSource`
+    builds those keys.
+    """
+
+    #: the storage precision of feature values (``"float16"`` or ``"float32"``)
+    dtype: str
+
+    def register_extractor(self, cache_key: str, info: dict[str, Any]) -> None:
+        """Record what an extractor is (config, model, layers) before its first entry."""
+        ...
+
+    def has(self, cache_key: str, image_key: str) -> bool:
+        """Whether a complete entry exists."""
+        ...
+
+    def get(self, cache_key: str, image_key: str, *, device: str | torch.device = "cpu") -> FeatureSet:
+        """A complete entry (float32 on ``device``); :class:`KeyError` when missing."""
+        ...
+
+    def put(
+        self, cache_key: str, image_key: str, features: FeatureSet, *, source: str | None = None
+    ) -> None:
+        """Write an entry; it reads as complete only once fully written."""
+        ...
+
+    def entries(self, cache_key: str) -> list[str]:
+        """Image keys of the complete entries of one extractor."""
+        ...
+
+
+# -- capability checks: the one place that looks at what a component provides -----
+
+
+def device_of(component: object) -> torch.device:
+    """The device a component computes on (``cpu`` when it does not say)."""
+    return torch.device(getattr(component, "device", "cpu"))
+
+
+def batch_size_of(extractor: object) -> int:
+    """Images per :meth:`Extractor.extract` call the pipeline should aim for (at least 1)."""
+    return max(1, int(getattr(extractor, "batch_size", 1)))
+
+
+def conditioning_of(extractor: object, image: ImageInput) -> str:
+    """What besides pixels and config an image's features depend on (``""``: nothing)."""
+    condition = getattr(extractor, "conditioning", None)
+    return condition(image) if condition is not None else ""
+
+
+def needs_descriptors(matcher: object) -> bool:
+    """Whether a matcher works from descriptors (``False``: query-conditioned, images only)."""
+    return bool(getattr(matcher, "needs_descriptors", True))
+
+
+def is_fusing(aggregator: object) -> bool:
+    """Whether an aggregator combines several extractors (:class:`FusingAggregator`)."""
+    return isinstance(aggregator, FusingAggregator)
+
+
+def is_pair_fusing(aggregator: object) -> bool:
+    """Whether a fusing aggregator fits on the pair (:class:`PairFusingAggregator`)."""
+    return isinstance(aggregator, PairFusingAggregator)
+
+
+def is_trainable(aggregator: object) -> bool:
+    """Whether ``diffeat train`` can train an aggregator (:class:`TrainableAggregator`)."""
+    return isinstance(aggregator, TrainableAggregator)
+
+
+def is_generating(extractor: object) -> bool:
+    """Whether an extractor samples images (:class:`GeneratingExtractor`)."""
+    return isinstance(extractor, GeneratingExtractor)

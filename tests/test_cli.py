@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
-from clihelp import run, run_json
+from clihelp import cli_env, run, run_json
 from PIL import Image
 
 from diffeat.testing import smooth_texture
@@ -49,6 +51,30 @@ def test_version_and_plugins():
         and "extractor:stable-diffusion" in names["stable-diffusion"]["provides"]
     )
     assert out["matchers"] == sorted(["nearest", "mutual", "soft-argmax"])
+
+
+def test_plugin_commands_are_listed_and_leave_with_their_plugin():
+    listed = run("--help").stdout
+    assert all(f"  {name} " in listed for name in ("generate", "checkpoint", "plot", "extract"))
+    assert "mixing-weights" in run("plot", "--help").stdout
+    without = run("--help", env=cli_env(DIFFEAT_DISABLE_PLUGINS="hyperfeatures")).stdout
+    assert "  generate " in without and "  checkpoint " not in without and "  plot " not in without
+    proc = run(
+        "checkpoint", "info", "x", env=cli_env(DIFFEAT_DISABLE_PLUGINS="hyperfeatures"), check=2
+    )
+    assert "No such command 'checkpoint'" in proc.stderr
+
+
+def test_registering_plugin_commands_imports_no_command_body():
+    """Start-up: the commands' heavy modules are imported when a command runs, not before."""
+    code = (
+        "import sys; from diffeat.cli import main; main._add_commands(); "
+        "print(sorted(m for m in sys.modules if m in {"
+        "'diffeat.plugins.stable_diffusion.generation', 'diffeat.plugins.hyperfeatures.plot', "
+        "'diffeat.plugins.hyperfeatures.official'}))"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert proc.stdout.strip() == "[]", proc.stdout
 
 
 def test_config_show(config):

@@ -1,7 +1,12 @@
 from __future__ import annotations
 
+import click
+import pytest
+from click.testing import CliRunner
+
+from diffeat.cli.api import DiffeatError, command_group, emit_json, is_quiet
 from diffeat.core.hookspecs import hookimpl
-from diffeat.core.plugins import PluginManager
+from diffeat.core.plugins import PluginManager, call_hookimpl
 from diffeat.testing import ColorBlurExtractor
 
 
@@ -42,6 +47,11 @@ def test_builtins_are_registered_through_hooks():
     assert pm.names("aggregator") == ["concat", "fuse", "hyperfeatures", "mean", "select"]
     assert pm.names("matcher") == ["mutual", "nearest", "soft-argmax"]
     assert pm.get("matcher", "nearest").plugin == "matchers"
+    assert pm.get("aggregator", "fuse").plugin == "fuse"
+    assert pm.get("aggregator", "hyperfeatures").plugin == "hyperfeatures"
+    assert pm.get("aggregator", "concat").plugin == "aggregators"
+    for name in ("fuse", "hyperfeatures"):
+        assert pm.records[name].ok and pm.records[name].origin == "builtin"
 
 
 def test_broken_plugins_are_isolated():
@@ -82,3 +92,152 @@ def test_disable_env(monkeypatch):
     pm = PluginManager(entry_points=False)
     assert pm.names("matcher") == []
     assert pm.names("aggregator") == ["concat", "fuse", "hyperfeatures", "mean", "select"]
+
+
+@pytest.mark.parametrize("disabled", ["fuse", "hyperfeatures"])
+def test_fuse_and_hyperfeatures_are_disabled_separately(monkeypatch, disabled):
+    monkeypatch.setenv("DIFFEAT_DISABLE_PLUGINS", disabled)
+    pm = PluginManager(entry_points=False)
+    kept = {"fuse", "hyperfeatures"} - {disabled}
+    assert pm.names("aggregator") == sorted(["concat", "mean", "select", *kept])
+    assert disabled not in pm.records and kept <= set(pm.records)
+
+
+# -- register_commands ---------------------------------------------------------
+
+
+@click.group()
+@click.option("--quiet", "-q", is_flag=True)
+@click.pass_context
+def _root(ctx: click.Context, quiet: bool) -> None:
+    ctx.ensure_object(dict)
+    ctx.obj["quiet"] = quiet
+
+
+def fresh_cli() -> click.Group:
+    """A root group like ``diffeat``'s, without any command."""
+    return click.Group("diffeat", callback=_root.callback, params=list(_root.params))
+
+
+class Hello:
+    @hookimpl
+    def register_commands(self, cli):
+        @click.command("hello")
+        @click.option("--json", "as_json", is_flag=True)
+        @click.pass_context
+        def hello(ctx, as_json):
+            if as_json:
+                emit_json({"hello": "world"})
+            elif not is_quiet(ctx):
+                click.echo("hello world")
+
+        @click.command("hello-plot")
+        def hello_plot():
+            raise DiffeatError("nothing to plot")
+
+        cli.add_command(hello)
+        command_group(cli, "plot", "Plot what a trained component learned.").add_command(hello_plot)
+
+
+class CommandsRaising:
+    @hookimpl
+    def register_commands(self, cli):
+        raise RuntimeError("no commands today")
+
+
+class CommandClash:
+    @hookimpl
+    def register_commands(self, cli):
+        command_group(cli, "hello", "not a group")
+
+
+def test_builtin_plugins_bring_their_commands():
+    pm = PluginManager(entry_points=False)
+    cli = fresh_cli()
+    pm.add_commands(cli)
+    assert {"generate", "checkpoint", "plot"} <= set(cli.commands)
+    assert set(cli.commands["checkpoint"].commands) == {"info", "import-official"}
+    assert list(cli.commands["plot"].commands) == ["mixing-weights"]
+    assert "command:generate" in pm.records["stable-diffusion"].provides
+    assert "command:plot mixing-weights" in pm.records["hyperfeatures"].provides
+
+
+def test_disabled_plugin_brings_no_commands(monkeypatch):
+    monkeypatch.setenv("DIFFEAT_DISABLE_PLUGINS", "hyperfeatures,stable-diffusion")
+    cli = fresh_cli()
+    PluginManager(entry_points=False).add_commands(cli)
+    assert not {"generate", "checkpoint", "plot"} & set(cli.commands)
+
+
+def test_plugin_commands_share_groups_and_failures_are_isolated():
+    pm = PluginManager(entry_points=False)
+    records = {
+        name: pm.add_plugin(obj, name)
+        for name, obj in [("hello", Hello()), ("raising", CommandsRaising())]
+    }
+    cli = fresh_cli()
+    pm.add_commands(cli)
+    assert "RuntimeError: no commands today" in records["raising"].error
+    assert records["hello"].provides == ["command:hello", "command:plot hello-plot"]
+    # the hyperfeatures plugin and this one add to the same `plot` group
+    assert set(cli.commands["plot"].commands) == {"mixing-weights", "hello-plot"}
+    runner = CliRunner()
+    assert runner.invoke(cli, ["hello"], obj={}).output == "hello world\n"
+    assert runner.invoke(cli, ["-q", "hello"], obj={}).output == ""
+    assert runner.invoke(cli, ["hello", "--json"], obj={}).output == '{\n  "hello": "world"\n}\n'
+    result = runner.invoke(cli, ["plot", "hello-plot"], obj={})
+    assert isinstance(result.exception, DiffeatError)
+    # a plugin asking for a group where another plugin put a command is recorded as broken
+    later = PluginManager(entry_points=False, builtins=False)
+    later.add_plugin(CommandClash(), "clash")
+    later.add_commands(cli)
+    assert "`diffeat hello` is a command, not a group" in later.records["clash"].error
+
+
+# -- hook implementations are called by the argument names they declare ---------
+
+
+class FewerArguments:
+    """Implementations that declare fewer arguments than their specification (pluggy allows it)."""
+
+    def __init__(self) -> None:
+        self.calls: list[str] = []
+
+    @hookimpl
+    def register_matchers(self):
+        self.calls.append("register_matchers")
+
+    @hookimpl
+    def register_commands(self):
+        self.calls.append("register_commands")
+
+
+def test_hookimpls_may_declare_fewer_arguments_than_the_spec():
+    pm = PluginManager(entry_points=False, builtins=False)
+    plugin = FewerArguments()
+    record = pm.add_plugin(plugin, "fewer")
+    pm.add_commands(fresh_cli())
+    assert record.ok, record.error
+    assert plugin.calls == ["register_matchers", "register_commands"]
+
+
+def test_a_hook_can_gain_an_argument_without_breaking_old_plugins():
+    pm = PluginManager(entry_points=False, builtins=False)
+    pm.add_plugin(Good(), "good")
+    (impl,) = pm._pm.hook.register_matchers.get_hookimpls()
+    seen = []
+    # a later diffeat may offer more arguments: the old implementation gets the ones it declares
+    call_hookimpl(impl, {"register": lambda *a: seen.append(a), "context": object()})
+    assert seen == [("good", object)]
+
+
+def test_implementation_asking_for_an_unknown_argument_is_rejected():
+    class Unknown:
+        @hookimpl
+        def register_matchers(self, register, context):
+            register("never", object)
+
+    pm = PluginManager(entry_points=False, builtins=False)
+    record = pm.add_plugin(Unknown(), "unknown")
+    assert "invalid hook implementation" in record.error and "context" in record.error
+    assert pm.names("matcher") == []

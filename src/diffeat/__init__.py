@@ -7,7 +7,7 @@ The public entry points are :class:`diffeat.Pipeline` (extract, describe, match)
 
 from __future__ import annotations
 
-__version__ = "0.1.0"
+from diffeat.core.version import __version__
 
 __all__ = ["FeatureSet", "FeatureStore", "LayerInfo", "Pipeline", "__version__", "hookimpl"]
 

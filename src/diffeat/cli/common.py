@@ -1,19 +1,55 @@
-"""Shared CLI pieces: options, output, point parsing."""
+"""Shared CLI pieces: options, output, point parsing, building a pipeline.
+
+The part of this module that plugin commands may rely on is re-exported, and
+documented, by :mod:`diffeat.cli.api`; import it from there.
+"""
 
 from __future__ import annotations
 
 import json
 import sys
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
 
-from diffeat.core.errors import DiffeatError
+from diffeat.core.errors import DiffeatError, PluginError
+
+if TYPE_CHECKING:
+    from tqdm import tqdm
+
+    from diffeat.core.pipeline import Pipeline
 
 
 def emit_json(data: Any) -> None:
+    """Print ``data`` as indented JSON on stdout (what every ``--json`` flag prints).
+
+    Values JSON cannot hold (paths, numpy scalars) are printed as ``str(value)``.
+    """
     click.echo(json.dumps(data, indent=2, sort_keys=False, default=str))
+
+
+def is_quiet(ctx: click.Context) -> bool:
+    """Whether ``diffeat --quiet`` was given: no progress bars, no progress lines."""
+    root = ctx.find_root()
+    return bool(root.obj and root.obj.get("quiet"))
+
+
+def command_group(cli: click.Group, name: str, help_text: str) -> click.Group:
+    """The subgroup ``name`` of ``cli``, created (with ``help_text``) if no plugin made it yet.
+
+    Several plugins can add commands under one group this way, e.g.
+    ``command_group(cli, "plot", ...).add_command(my_plot)``. A command (not a
+    group) already named ``name`` is a :class:`~diffeat.core.errors.PluginError`.
+    """
+    existing = cli.commands.get(name)
+    if existing is None:
+        group = click.Group(name, help=help_text)
+        cli.add_command(group)
+        return group
+    if not isinstance(existing, click.Group):
+        raise PluginError(f"`diffeat {name}` is a command, not a group: cannot add commands to it")
+    return existing
 
 
 def parse_point(text: str) -> tuple[float, float]:
@@ -57,6 +93,7 @@ def config_options(fn: Callable[..., Any]) -> Callable[..., Any]:
 def collect_overrides(
     overrides: tuple[str, ...], model: str | None, device: str | None
 ) -> list[str]:
+    """The ``--set``, ``--model`` and ``--device`` values as ``stage.option=value`` overrides."""
     out = list(overrides)
     if model:
         out.append(f"extractor.model={json.dumps(model)}")
@@ -65,7 +102,19 @@ def collect_overrides(
     return out
 
 
-def progress_bar(total: int, desc: str, quiet: bool) -> Any:
+def open_pipeline(config: str, overrides: list[str], store_path: str | None = None) -> Pipeline:
+    """The pipeline of the TOML file ``config`` with ``overrides``, in front of the feature
+    store at ``store_path`` (none: features are computed, not kept)."""
+    from diffeat.core.config import load_config
+    from diffeat.core.pipeline import Pipeline
+    from diffeat.store import FeatureStore
+
+    cfg = load_config(config, overrides)
+    return Pipeline(cfg, store=FeatureStore(store_path) if store_path else None)
+
+
+def progress_bar(total: int, desc: str, quiet: bool) -> tqdm:
+    """A progress bar on stderr counting images (hidden when ``quiet``); use it as a context."""
     from tqdm import tqdm
 
     return tqdm(total=total, desc=desc, unit="img", disable=quiet, file=sys.stderr, leave=False)

@@ -22,20 +22,13 @@ def cli(ctx: click.Context, quiet: bool) -> None:
 
 
 def _add_commands() -> None:
-    from diffeat.cli import (
-        checkpoint,
-        evaluate,
-        extract,
-        generate,
-        info,
-        match,
-        plot,
-        store,
-        train,
-    )
+    """The built-in commands, then the commands plugins bring (``register_commands``):
+    ``generate`` comes with the stable-diffusion plugin, ``checkpoint`` and
+    ``plot mixing-weights`` with the hyperfeatures plugin."""
+    from diffeat.cli import evaluate, extract, info, match, store, train
     from diffeat.core.plugins import get_plugin_manager
 
-    for module in (info, extract, generate, match, store, evaluate, train, plot, checkpoint):
+    for module in (info, extract, match, store, evaluate, train):
         module.add_to(cli)
     get_plugin_manager().add_commands(cli)
 

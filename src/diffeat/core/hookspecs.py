@@ -16,14 +16,22 @@ Example::
 A factory is a class (or callable) taking one argument, its validated options
 (an instance of ``factory.Options``, a dataclass) and returning the component.
 See ``docs/writing-a-plugin.md`` for the component protocols.
+
+Implementations are called with the arguments they declare, by name (as pluggy
+itself calls them): an implementation may declare fewer arguments than its
+specification, so a hook that gains an argument later keeps working with
+plugins written before.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pluggy
+
+if TYPE_CHECKING:
+    import click
 
 PROJECT = "diffeat"
 
@@ -54,5 +62,10 @@ def register_datasets(register: Register) -> None:
 
 
 @hookspec
-def register_commands(cli: Any) -> None:
-    """Add click commands to the ``diffeat`` command group ``cli``."""
+def register_commands(cli: click.Group) -> None:
+    """Add click commands to the ``diffeat`` command group ``cli``.
+
+    Called when the CLI starts, for every command: import heavy modules (torch,
+    diffusers) inside the command functions, not here. :mod:`diffeat.cli.api`
+    holds the helpers plugin commands share with the built-in ones.
+    """

@@ -19,15 +19,19 @@ import difflib
 import importlib
 import os
 import re
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from importlib import metadata
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pluggy
 
 from diffeat.core import hookspecs
 from diffeat.core.errors import ConfigError, PluginError
+from diffeat.core.version import __version__
+
+if TYPE_CHECKING:
+    import click
 
 KINDS = ("extractor", "aggregator", "matcher", "dataset")
 _HOOK_OF_KIND = {kind: f"register_{kind}s" for kind in KINDS}
@@ -37,6 +41,8 @@ BUILTIN_MODULES = {
     "stable-diffusion": "diffeat.plugins.stable_diffusion",
     "vit": "diffeat.plugins.vit",
     "aggregators": "diffeat.plugins.aggregators",
+    "fuse": "diffeat.plugins.fuse",
+    "hyperfeatures": "diffeat.plugins.hyperfeatures",
     "matchers": "diffeat.plugins.matchers",
     "datasets": "diffeat.plugins.datasets",
 }
@@ -78,6 +84,31 @@ def _describe(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {exc}"
 
 
+def _command_paths(group: click.Group, prefix: str = "") -> set[str]:
+    """Every command under ``group`` that is not a group, as its path (``plot mixing-weights``)."""
+    import click
+
+    paths = set()
+    for name, command in group.commands.items():
+        path = f"{prefix}{name}"
+        if isinstance(command, click.Group):
+            paths |= _command_paths(command, f"{path} ")
+        else:
+            paths.add(path)
+    return paths
+
+
+def call_hookimpl(impl: pluggy.HookImpl, provided: Mapping[str, object]) -> object:
+    """Call one hook implementation with the arguments it declares, by name.
+
+    ``provided`` holds every argument the hook's specification offers. An
+    implementation may declare any subset of them (pluggy checks that when the
+    plugin is registered), so a hook can gain an argument without breaking
+    plugins written before it: they keep declaring, and receiving, the old ones.
+    """
+    return impl.function(**{name: provided[name] for name in impl.argnames})
+
+
 class PluginManager:
     """Loads plugins and keeps the registry of extractors, aggregators, matchers, datasets."""
 
@@ -88,8 +119,6 @@ class PluginManager:
         self.registry: dict[str, dict[str, Registration]] = {kind: {} for kind in KINDS}
         self._allow = _split_env("DIFFEAT_PLUGINS")
         self._deny = _split_env("DIFFEAT_DISABLE_PLUGINS") or set()
-        from diffeat import __version__
-
         if builtins:
             for name, module in BUILTIN_MODULES.items():
                 self._load(
@@ -129,8 +158,6 @@ class PluginManager:
     ) -> PluginRecord:
         """Register a plugin object (module or instance with hookimpls) under ``name``."""
         if record is None:
-            from diffeat import __version__
-
             record = PluginRecord(name, getattr(plugin, "__version__", __version__), "programmatic")
             self.records[name] = record
         unknown = self._unknown_hooks(plugin)
@@ -183,7 +210,7 @@ class PluginManager:
             if impl.plugin_name != name:
                 continue
             try:
-                impl.function(register)
+                call_hookimpl(impl, {"register": register})
             except Exception as exc:
                 record.error = f"{_HOOK_OF_KIND[kind]} raised {_describe(exc)}"
                 return
@@ -232,15 +259,20 @@ class PluginManager:
             f"{', '.join(available) or '(none)'}.{more}"
         )
 
-    def add_commands(self, cli: Any) -> None:
+    def add_commands(self, cli: click.Group) -> None:
         """Let every loaded plugin add click commands; a failing plugin is recorded, not fatal."""
         for impl in self._pm.hook.register_commands.get_hookimpls():
+            record = self.records.get(impl.plugin_name)
+            before = _command_paths(cli)
             try:
-                impl.function(cli)
+                call_hookimpl(impl, {"cli": cli})
             except Exception as exc:
-                record = self.records.get(impl.plugin_name)
                 if record is not None:
                     record.error = f"register_commands raised {_describe(exc)}"
+                continue
+            if record is not None:
+                added = sorted(_command_paths(cli) - before)
+                record.provides.extend(f"command:{path}" for path in added)
 
     def plugins(self) -> Iterable[PluginRecord]:
         return self.records.values()

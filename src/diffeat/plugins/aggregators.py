@@ -1,4 +1,8 @@
-"""Fixed aggregators: ``select``, ``mean`` and ``concat``."""
+"""Fixed aggregators: ``select``, ``mean`` and ``concat``.
+
+``fuse`` and ``hyperfeatures`` are plugins of their own (:mod:`diffeat.plugins.fuse`,
+:mod:`diffeat.plugins.hyperfeatures`).
+"""
 
 from __future__ import annotations
 
@@ -14,8 +18,6 @@ from diffeat.core.features import FeatureSet
 from diffeat.core.geometry import Size, grid_size_of, resize_map
 from diffeat.core.hookspecs import Register, hookimpl
 from diffeat.core.options import opt
-from diffeat.plugins.fuse import Fuse
-from diffeat.plugins.hyperfeatures import Hyperfeatures
 
 
 def _layer(features: FeatureSet, name: str) -> torch.Tensor:
@@ -119,5 +121,3 @@ def register_aggregators(register: Register) -> None:
     register("select", Select)
     register("mean", Mean)
     register("concat", Concat)
-    register("fuse", Fuse)
-    register("hyperfeatures", Hyperfeatures)

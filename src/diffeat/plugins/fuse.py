@@ -33,6 +33,7 @@ from diffeat.core.geometry import (
     resize_map,
     sample_rows,
 )
+from diffeat.core.hookspecs import Register, hookimpl
 from diffeat.core.options import opt
 
 Parts = dict[str, FeatureSet]
@@ -232,3 +233,9 @@ class Fuse(Aggregator):
         """Both images of a pair; with ``pca = "pair"`` the PCA is fitted on both together."""
         src, tgt = self._combine([source, target])
         return src, tgt
+
+
+@hookimpl
+def register_aggregators(register: Register) -> None:
+    """The ``fuse`` plugin: the ``fuse`` aggregator."""
+    register("fuse", Fuse)

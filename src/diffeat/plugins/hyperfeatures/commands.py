@@ -1,10 +1,17 @@
-"""``diffeat checkpoint``: inspect aggregator checkpoints and import the official weights."""
+"""The hyperfeatures plugin's commands: ``diffeat checkpoint ...`` and ``diffeat plot mixing-weights``.
+
+Registered by the plugin's ``register_commands`` hook. Only click and
+:mod:`diffeat.cli.api` are imported here; the network, checkpoint and plotting
+modules (torch, matplotlib) are imported when a command runs.
+"""
 
 from __future__ import annotations
 
 import click
 
-from diffeat.cli.common import emit_json
+from diffeat.cli.api import command_group, emit_json
+
+PLOT_HELP = "Plot what a trained component learned."
 
 
 @click.group("checkpoint")
@@ -79,5 +86,30 @@ def import_cmd(state: str, config: str, out_path: str, overrides: tuple[str, ...
     click.echo(f"wrote {written}")
 
 
-def add_to(cli: click.Group) -> None:
+@click.command("mixing-weights")
+@click.argument("checkpoint", type=click.Path())
+@click.option("--out", "out_path", required=True, type=click.Path(), help="PNG file to write.")
+@click.option("--title", default=None, help="Plot title.")
+@click.option("--json", "as_json", is_flag=True, help="Print the layers x timesteps grid as JSON.")
+def mixing_weights_cmd(checkpoint: str, out_path: str, title: str | None, as_json: bool) -> None:
+    """Heat map of a hyperfeatures checkpoint's mixing weights (layers x timesteps)."""
+    from diffeat.plugins.hyperfeatures.plot import as_network, mixing_weights_table
+    from diffeat.plugins.hyperfeatures.plot import plot_mixing_weights as plot
+
+    network = as_network(checkpoint)
+    written = plot(network, out_path, title=title)
+    table = mixing_weights_table(network)
+    if as_json:
+        emit_json({**table, "png": str(written)})
+        return
+    click.echo(f"wrote {written}")
+    click.echo("mixing weights (rows: layers, columns: timesteps " + f"{table['timesteps']}):")
+    width = max(len(name) for name in table["layers"])
+    for name, row in zip(table["layers"], table["weights"]):
+        click.echo(f"  {name:<{width}}  " + "  ".join(f"{v:.3f}" for v in row))
+
+
+def add_commands(cli: click.Group) -> None:
+    """Add ``checkpoint`` and ``plot mixing-weights`` to the ``diffeat`` group ``cli``."""
     cli.add_command(checkpoint_group)
+    command_group(cli, "plot", PLOT_HELP).add_command(mixing_weights_cmd)

@@ -1,0 +1,59 @@
+"""The public API for plugin commands: what a ``register_commands`` hook may import.
+
+A plugin adds click commands to the ``diffeat`` group in its
+``register_commands(cli)`` hook. Commands built from these helpers look, read
+their options and fail like the built-in ones; everything else in
+:mod:`diffeat.cli` is internal and may change.
+
+Output
+    :func:`emit_json` prints a ``--json`` report; :func:`progress_bar` is the
+    progress bar on stderr; :func:`is_quiet` says whether ``diffeat --quiet``
+    asked for neither bars nor progress lines.
+Options and the pipeline
+    :func:`config_options` adds ``--set``, ``--model`` and ``--device``;
+    :func:`collect_overrides` turns them into ``stage.option=value`` overrides;
+    :data:`store_option` adds ``--store``; :func:`open_pipeline` builds the
+    pipeline of a config file in front of that store. :func:`parse_point`
+    reads a ``--point X,Y``.
+Command groups
+    :func:`command_group` returns a subgroup of ``diffeat`` (``plot``, say),
+    creating it if no plugin did, so several plugins can add to one group.
+Errors
+    Raise :class:`DiffeatError` (or a subclass such as :class:`ConfigError`)
+    for a problem the user can fix: ``diffeat`` prints ``error: <message>``
+    without a traceback and exits with status 2. Any other exception is
+    printed with its traceback as an internal error (exit 1).
+
+Start-up: ``register_commands`` runs for every ``diffeat`` invocation, so a
+command module should import only click and this module at its top, and import
+torch, diffusers and the plugin's own heavy modules inside the command function.
+"""
+
+from __future__ import annotations
+
+from diffeat.cli.common import (
+    collect_overrides,
+    command_group,
+    config_options,
+    emit_json,
+    is_quiet,
+    open_pipeline,
+    parse_point,
+    progress_bar,
+    store_option,
+)
+from diffeat.core.errors import ConfigError, DiffeatError
+
+__all__ = [
+    "ConfigError",
+    "DiffeatError",
+    "collect_overrides",
+    "command_group",
+    "config_options",
+    "emit_json",
+    "is_quiet",
+    "open_pipeline",
+    "parse_point",
+    "progress_bar",
+    "store_option",
+]

@@ -10,12 +10,12 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from diffeat.core.datasets import Pair
 from diffeat.core.errors import ConfigError, DiffeatError
 from diffeat.core.options import build_options
 from diffeat.core.plugins import PluginManager
 from diffeat.plugins.datasets.cub import CUB, CUBOptions
 from diffeat.plugins.datasets.pfwillow import PFWillow, PFWillowOptions
-from diffeat.plugins.datasets.schema import Pair
 from diffeat.plugins.datasets.spair import SPair, SPairOptions
 from diffeat.plugins.datasets.synthetic import (
     Synthetic,

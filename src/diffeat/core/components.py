@@ -245,6 +245,8 @@ class FeatureStorage(Protocol):
 
     #: the storage precision of feature values (``"float16"`` or ``"float32"``)
     dtype: str
+    #: where the store lives (a worker process reopens it from here)
+    path: str | os.PathLike[str]
 
     def register_extractor(self, cache_key: str, info: dict[str, Any]) -> None:
         """Record what an extractor is (config, model, layers) before its first entry."""
@@ -254,8 +256,20 @@ class FeatureStorage(Protocol):
         """Whether a complete entry exists."""
         ...
 
-    def get(self, cache_key: str, image_key: str, *, device: str | torch.device = "cpu") -> FeatureSet:
-        """A complete entry (float32 on ``device``); :class:`KeyError` when missing."""
+    def get(
+        self,
+        cache_key: str,
+        image_key: str,
+        *,
+        device: str | torch.device = "cpu",
+        dtype: torch.dtype | None = None,
+    ) -> FeatureSet:
+        """A complete entry on ``device`` in ``dtype`` (float32 by default); :class:`KeyError`
+        when missing."""
+        ...
+
+    def entry_info(self, cache_key: str, image_key: str) -> dict[str, Any]:
+        """Layer shapes and dtypes, timesteps, source and sizes of a complete entry."""
         ...
 
     def put(

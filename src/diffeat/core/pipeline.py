@@ -2,13 +2,25 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from diffeat.core.components import MatchResult, View
+from diffeat.core.components import (
+    Aggregator,
+    Extractor,
+    FeatureStorage,
+    FusingAggregator,
+    Matcher,
+    MatchResult,
+    PairFusingAggregator,
+    View,
+    is_fusing,
+    needs_descriptors,
+)
 from diffeat.core.config import PipelineConfig, load_config, parse_config
 from diffeat.core.errors import ConfigError, DiffeatError
 from diffeat.core.features import FeatureSet, LayerInfo
@@ -18,9 +30,13 @@ from diffeat.core.plugins import PluginManager
 from diffeat.core.sources import (  # re-exported: part of the public API
     ExtractReport,
     FeatureSource,
+    Progress,
     extractor_cache_key,
     library_versions,
+    open_store,
 )
+
+StoreLike = FeatureStorage | str | os.PathLike[str]
 
 __all__ = [
     "ExtractReport",
@@ -39,16 +55,15 @@ class Pipeline:
     >>> result.points                                                                # doctest: +SKIP
     """
 
-    def __init__(self, config: PipelineConfig, *, store: Any = None) -> None:
+    def __init__(self, config: PipelineConfig, *, store: StoreLike | None = None) -> None:
+        """``store`` is a store object or a path, opened as a :class:`~diffeat.FeatureStore`."""
         self.config = config
-        if store is not None and not hasattr(store, "put"):
-            from diffeat.store import FeatureStore
-
-            store = FeatureStore(store)
-        self.store = store
+        if isinstance(store, (str, os.PathLike)):
+            store = open_store(store)
+        self.store: FeatureStorage | None = store
         self.sources = [FeatureSource(stage, store) for stage in config.extractors]
-        self._aggregator: Any = None
-        self._matcher: Any = None
+        self._aggregator: Aggregator | None = None
+        self._matcher: Matcher | None = None
 
     @classmethod
     def from_file(
@@ -56,7 +71,7 @@ class Pipeline:
         path: str | Path,
         *,
         overrides: Sequence[str] = (),
-        store: Any = None,
+        store: StoreLike | None = None,
         manager: PluginManager | None = None,
     ) -> Pipeline:
         """Load a TOML pipeline file; ``overrides`` are ``stage.option=value`` strings."""
@@ -64,7 +79,11 @@ class Pipeline:
 
     @classmethod
     def from_dict(
-        cls, data: dict[str, Any], *, store: Any = None, manager: PluginManager | None = None
+        cls,
+        data: dict[str, Any],
+        *,
+        store: StoreLike | None = None,
+        manager: PluginManager | None = None,
     ) -> Pipeline:
         return cls(parse_config(data, manager=manager), store=store)
 
@@ -76,17 +95,17 @@ class Pipeline:
         return self.sources[0]
 
     @property
-    def extractor(self) -> Any:
+    def extractor(self) -> Extractor:
         return self.source.extractor
 
     @property
-    def aggregator(self) -> Any:
+    def aggregator(self) -> Aggregator:
         if self._aggregator is None:
             self._aggregator = self.config.aggregator.build()
         return self._aggregator
 
     @property
-    def matcher(self) -> Any:
+    def matcher(self) -> Matcher:
         if self._matcher is None:
             self._matcher = self.config.matcher.build()
         return self._matcher
@@ -108,13 +127,20 @@ class Pipeline:
     def image_key(self, inp: ImageInput) -> str:
         return self.source.image_key(inp)
 
+    def is_stored(self, image: ImageLike) -> bool:
+        """Whether every extractor of the pipeline has ``image`` in the store."""
+        inp = as_input(image)
+        return all(src.is_stored(inp) for src in self.sources)
+
     @property
     def device(self) -> torch.device:
         return self.source.device
 
     # -- extraction -------------------------------------------------------------
 
-    def features(self, images: Sequence[ImageLike], *, progress: Any = None) -> list[FeatureSet]:
+    def features(
+        self, images: Sequence[ImageLike], *, progress: Progress | None = None
+    ) -> list[FeatureSet]:
         """Features of each image from the (first) extractor, stored or extracted."""
         return self.source.features(images, progress=progress)
 
@@ -124,7 +150,9 @@ class Pipeline:
         per_source = {src.name: src.features(inputs) for src in self.sources}
         return [{name: feats[i] for name, feats in per_source.items()} for i in range(len(inputs))]
 
-    def extract(self, images: Sequence[ImageLike], *, progress: Any = None) -> ExtractReport:
+    def extract(
+        self, images: Sequence[ImageLike], *, progress: Progress | None = None
+    ) -> ExtractReport:
         """Extract and store features of many images with every extractor.
 
         Unreadable images are reported, not fatal. With several extractors the
@@ -145,7 +173,7 @@ class Pipeline:
 
     def _combines_parts(self) -> bool:
         """Whether the aggregator takes every extractor's features by name (like ``fuse``)."""
-        if hasattr(self.aggregator, "fuse"):
+        if is_fusing(self.aggregator):
             return True
         if len(self.sources) > 1:
             raise ConfigError(
@@ -158,11 +186,13 @@ class Pipeline:
     def view(self, image: ImageLike) -> View:
         """The matcher's view of an image (with descriptors when the matcher needs them)."""
         inp = as_input(image)
-        if not getattr(self.matcher, "needs_descriptors", True):
+        if not needs_descriptors(self.matcher):
             return View(inp.image, ImageTransform.resize(inp.size, inp.size), source=inp.source)
         if self._combines_parts():
             (parts,) = self.parts([inp])
-            descriptors, transform = self.aggregator.fuse(parts)
+            aggregator = self.aggregator
+            assert isinstance(aggregator, FusingAggregator)  # _combines_parts checked it
+            descriptors, transform = aggregator.fuse(parts)
             first = parts[self.source.name]
             return View(inp.image, transform, descriptors, features=first, source=inp.source)
         (fs,) = self.features([inp])
@@ -174,10 +204,14 @@ class Pipeline:
     def views(self, source: ImageLike, target: ImageLike) -> tuple[View, View]:
         """Both views of a pair; an aggregator with ``fuse_pair`` (PCA per pair) sees both."""
         src, tgt = as_input(source), as_input(target)
-        needs = getattr(self.matcher, "needs_descriptors", True)
-        if needs and self._combines_parts() and hasattr(self.aggregator, "fuse_pair"):
+        aggregator = self.aggregator
+        if (
+            needs_descriptors(self.matcher)
+            and self._combines_parts()
+            and isinstance(aggregator, PairFusingAggregator)
+        ):
             src_parts, tgt_parts = self.parts([src, tgt])
-            (sd, st), (td, tt) = self.aggregator.fuse_pair(src_parts, tgt_parts)
+            (sd, st), (td, tt) = aggregator.fuse_pair(src_parts, tgt_parts)
             name = self.source.name
             return (
                 View(src.image, st, sd, features=src_parts[name], source=src.source),
@@ -185,7 +219,12 @@ class Pipeline:
             )
         return self.view(src), self.view(tgt)
 
-    def match(self, source: ImageLike, target: ImageLike, points: Any) -> MatchResult:
+    def match(
+        self,
+        source: ImageLike,
+        target: ImageLike,
+        points: Sequence[tuple[float, float]] | torch.Tensor,
+    ) -> MatchResult:
         """Target points for ``points`` (``[(x, y), ...]`` source pixel indices)."""
         pts = torch.as_tensor(points, dtype=torch.float32).reshape(-1, 2)
         src_input = as_input(source)

@@ -1,15 +1,36 @@
-"""One extractor with the feature store in front of it: keys, reuse, batching, resume."""
+"""One extractor with the feature store in front of it: keys, reuse, batching, resume.
+
+:class:`FeatureSource` is the only code that builds store keys: the extractor's
+cache key (plugin + result-affecting options + model identity) and each
+image's key (content hash + the extractor's conditioning). Everything else
+(the pipeline, ``train``, ``eval``, the CLI) asks a source: :meth:`FeatureSource.is_stored`,
+:meth:`FeatureSource.read`, :meth:`FeatureSource.reader` for worker processes.
+
+Cast policy: features go to the store on the extractor's device; the store
+checks the float16 range and casts there, so only storage-precision bytes
+cross to the host. What a run keeps in memory is rounded to the storage
+precision on the device, so a later run reading the store sees exactly the
+features this run used.
+"""
 
 from __future__ import annotations
 
 import hashlib
+import os
 import sys
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 
+from diffeat.core.components import (
+    Extractor,
+    FeatureStorage,
+    batch_size_of,
+    conditioning_of,
+    device_of,
+)
 from diffeat.core.config import StageConfig, config_digest
 from diffeat.core.errors import DiffeatError, ImageError
 from diffeat.core.features import FeatureSet, LayerInfo
@@ -53,6 +74,12 @@ def library_versions() -> dict[str, str]:
     return out
 
 
+class Progress(Protocol):
+    """What the sources need of a progress bar (``tqdm`` fits)."""
+
+    def update(self, n: int = 1) -> object: ...
+
+
 @dataclass
 class ExtractReport:
     """What an extraction run did."""
@@ -70,10 +97,10 @@ class FeatureSource:
     model: the cache key needs only the model identity (a file fingerprint).
     """
 
-    def __init__(self, stage: StageConfig, store: Any = None) -> None:
+    def __init__(self, stage: StageConfig, store: FeatureStorage | None = None) -> None:
         self.stage = stage
         self.store = store
-        self._extractor: Any = None
+        self._extractor: Extractor | None = None
         self._cache_key: str | None = None
         self._registered = False
 
@@ -82,7 +109,8 @@ class FeatureSource:
         return self.stage.name or self.stage.plugin
 
     @property
-    def extractor(self) -> Any:
+    def extractor(self) -> Extractor:
+        """The extractor, built on first use (a run that finds everything stored never builds it)."""
         if self._extractor is None:
             self._extractor = self.stage.build()
         return self._extractor
@@ -111,7 +139,7 @@ class FeatureSource:
 
     @property
     def device(self) -> torch.device:
-        return torch.device(getattr(self.extractor, "device", "cpu"))
+        return device_of(self.extractor)
 
     def _register(self) -> None:
         if self.store is not None and not self._registered:
@@ -120,35 +148,79 @@ class FeatureSource:
 
     def image_key(self, inp: ImageInput) -> str:
         """The store key of an image: its content hash, plus the extractor's conditioning."""
-        condition = getattr(self.extractor, "conditioning", None)
-        extra = condition(inp) if condition is not None else ""
+        extra = conditioning_of(self.extractor, inp)
         if not extra:
             return inp.key
         return f"{inp.key}-{hashlib.sha256(extra.encode()).hexdigest()[:12]}"
 
+    # -- reading what is stored ---------------------------------------------------
+
+    def _require_store(self, what: str) -> FeatureStorage:
+        if self.store is None:
+            raise DiffeatError(f"{what} needs a feature store: pass store=PATH (--store PATH)")
+        return self.store
+
+    def is_stored(self, image: ImageLike) -> bool:
+        """Whether a complete entry of ``image`` is in the store (``False`` without a store)."""
+        if self.store is None:
+            return False
+        return self.store.has(self.cache_key, self.image_key(as_input(image)))
+
+    def has_key(self, image_key: str) -> bool:
+        """Whether a complete entry is stored under an image key from :meth:`image_key`."""
+        return self.store is not None and self.store.has(self.cache_key, image_key)
+
+    def read(
+        self,
+        image_key: str,
+        *,
+        device: str | torch.device = "cpu",
+        dtype: torch.dtype | None = None,
+    ) -> FeatureSet:
+        """The stored features under an image key (see :meth:`image_key`)."""
+        store = self._require_store("reading features")
+        return store.get(self.cache_key, image_key, device=device, dtype=dtype)
+
+    def stored_dtype(self, image_key: str) -> str:
+        """``"float16"`` when every layer of a stored entry is float16, else ``"float32"``."""
+        info = self._require_store("reading features").entry_info(self.cache_key, image_key)
+        dtypes = {spec["dtype"] for spec in info["layers"].values()}
+        return "float16" if dtypes == {"float16"} else "float32"
+
+    def reader(self, dtype: str = "float32") -> StoredFeatures:
+        """A picklable read-only handle on this extractor's entries, for worker processes."""
+        store = self._require_store("reading features")
+        return StoredFeatures(store.path, self.cache_key, dtype)
+
+    # -- writing --------------------------------------------------------------------
+
     def put(self, image: ImageLike, fs: FeatureSet) -> None:
         """Store features computed outside :meth:`features`, e.g. while generating ``image``."""
-        if self.store is None:
-            raise DiffeatError("storing features needs a feature store (--store PATH)")
+        self._require_store("storing features")
         self._register()
         self._store_and_round(as_input(image), fs, keep=False)
 
     def _store_and_round(self, inp: ImageInput, fs: FeatureSet, *, keep: bool) -> FeatureSet | None:
-        """Store ``fs``; with ``keep``, return it at the store's precision, so a later run
-        that reads the store sees exactly the features this run used."""
-        cpu = fs.to("cpu")
-        self.store.put(self.cache_key, self.image_key(inp), cpu, source=inp.source)
-        if not keep:  # extract only: no copy back to the device
+        """Store ``fs`` (cast by the store on the features' device); with ``keep``, return
+        it rounded to the store's precision on the device (see the module's cast policy)."""
+        store = self._require_store("storing features")
+        store.put(self.cache_key, self.image_key(inp), fs, source=inp.source)
+        if not keep:  # extract only: nothing comes back
             return None
-        stored_dtype = getattr(torch, str(getattr(self.store, "dtype", "float32")))
-        return cpu.to(dtype=stored_dtype).to(self.device, torch.float32)
+        storage = getattr(torch, store.dtype)
+        return fs.to(dtype=storage).to(self.device, torch.float32)
 
     def _iter_features(
-        self, items: Sequence[ImageLike], report: ExtractReport, *, keep: bool, progress: Any = None
+        self,
+        items: Sequence[ImageLike],
+        report: ExtractReport,
+        *,
+        keep: bool,
+        progress: Progress | None = None,
     ) -> Iterator[tuple[int, FeatureSet | None]]:
         """Yield ``(index, features)`` in input order, reading the store or extracting batches."""
         batch: list[tuple[int, ImageInput]] = []
-        batch_size = max(1, int(getattr(self.extractor, "batch_size", 1)))
+        batch_size = batch_size_of(self.extractor)
 
         def flush() -> Iterator[tuple[int, FeatureSet | None]]:
             feats = self.extractor.extract([inp for _, inp in batch])
@@ -178,14 +250,8 @@ class FeatureSource:
                 report.cached += 1
                 if progress is not None:
                     progress.update(1)
-                yield (
-                    index,
-                    (
-                        self.store.get(self.cache_key, self.image_key(inp), device=self.device)
-                        if keep
-                        else None
-                    ),
-                )
+                stored = self.read(self.image_key(inp), device=self.device) if keep else None
+                yield index, stored
                 continue
             batch.append((index, inp))
             if len(batch) >= batch_size:
@@ -193,7 +259,9 @@ class FeatureSource:
         if batch:
             yield from flush()
 
-    def features(self, images: Sequence[ImageLike], *, progress: Any = None) -> list[FeatureSet]:
+    def features(
+        self, images: Sequence[ImageLike], *, progress: Progress | None = None
+    ) -> list[FeatureSet]:
         """Features of each image, from the store when present, else extracted (and stored)."""
         report = ExtractReport()
         out: dict[int, FeatureSet] = {}
@@ -202,11 +270,63 @@ class FeatureSource:
             out[index] = fs
         return [out[i] for i in range(len(images))]
 
-    def extract(self, images: Sequence[ImageLike], *, progress: Any = None) -> ExtractReport:
+    def extract(
+        self, images: Sequence[ImageLike], *, progress: Progress | None = None
+    ) -> ExtractReport:
         """Extract and store features of many images; unreadable images are reported, not fatal."""
-        if self.store is None:
-            raise DiffeatError("extract needs a feature store: pass store=PATH (--store PATH)")
+        self._require_store("extract")
         report = ExtractReport()
         for _ in self._iter_features(images, report, keep=False, progress=progress):
             pass
         return report
+
+
+@dataclass(frozen=True)
+class StoredFeatures:
+    """Read-only access to one extractor's stored entries that survives pickling.
+
+    It holds the store's location, never an open handle: each process (a
+    DataLoader worker started with ``spawn``) opens the store read-only on its
+    first :meth:`get`.
+    """
+
+    store_path: str | os.PathLike[str]
+    cache_key: str
+    dtype: str = "float32"
+
+    def get(self, image_key: str) -> FeatureSet:
+        """The features stored under ``image_key``, on the CPU in :attr:`dtype`."""
+        return _open_read_only(str(self.store_path)).get(
+            self.cache_key, image_key, dtype=getattr(torch, self.dtype)
+        )
+
+
+_READ_ONLY: dict[str, FeatureStorage] = {}
+
+
+def _open_read_only(path: str) -> FeatureStorage:
+    """One read-only store handle per process and path."""
+    if path not in _READ_ONLY:
+        _READ_ONLY[path] = open_store(path, mode="r")
+    return _READ_ONLY[path]
+
+
+StoreOpener = Callable[..., FeatureStorage]
+_STORE_OPENER: StoreOpener | None = None
+
+
+def set_store_opener(opener: StoreOpener) -> None:
+    """Name the class that opens a store from a path (``diffeat.store`` registers
+    :class:`~diffeat.store.FeatureStore` when it is imported; core never imports it)."""
+    global _STORE_OPENER
+    _STORE_OPENER = opener
+
+
+def open_store(path: str | os.PathLike[str], **kwargs: Any) -> FeatureStorage:
+    """Open the store at ``path`` with the registered opener."""
+    if _STORE_OPENER is None:
+        raise DiffeatError(
+            f"no feature store implementation is loaded to open {path}: import diffeat.store "
+            "(or pass store=FeatureStore(path))"
+        )
+    return _STORE_OPENER(path, **kwargs)

@@ -116,6 +116,7 @@ def eval_cmd(
     from diffeat.eval.protocols import get_protocol
     from diffeat.eval.report import results_dict, terminal_report, write_outputs
     from diffeat.eval.runner import evaluate
+    from diffeat.store import FeatureStore
 
     dataset = dataset_from_cli(dataset_name, root, split, dataset_options)
     cfg = load_config(config, collect_overrides(overrides, model, device))
@@ -124,7 +125,7 @@ def eval_cmd(
     protocol = protocol.with_changes(
         alphas=parse_alphas(alphas), thresholds=thresholds, comparison=comparison
     )
-    pipe = Pipeline(cfg, store=store_path)
+    pipe = Pipeline(cfg, store=FeatureStore(store_path) if store_path else None)
     pairs = list(itertools.islice(dataset.pairs(), limit))
     quiet = ctx.obj.get("quiet", False) if ctx.obj else False
     with tqdm(

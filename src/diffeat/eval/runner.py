@@ -32,6 +32,7 @@ from diffeat.eval.protocols import PCKProtocol
 
 if TYPE_CHECKING:
     from diffeat.core.pipeline import Pipeline
+    from diffeat.core.sources import Progress
 
 IMAGE_CACHE = 256  # decoded images kept per run (pairs come grouped by category)
 
@@ -121,7 +122,7 @@ def run_pairs(
     pairs: Iterable[Pair],
     *,
     limit: int | None = None,
-    progress: Any = None,
+    progress: Progress | None = None,
     cache_size: int = IMAGE_CACHE,
 ) -> tuple[list[PairOutcome], RunStats]:
     """Match every pair (at most ``limit``); returns the outcomes and run statistics."""
@@ -268,7 +269,7 @@ def evaluate(
     protocol: PCKProtocol,
     pairs: Iterable[Pair] | None = None,
     limit: int | None = None,
-    progress: Any = None,
+    progress: Progress | None = None,
 ) -> Evaluation:
     """Run ``pipeline`` on every pair of ``dataset`` (or on ``pairs``, already drawn from
     it) and score it with ``protocol``."""

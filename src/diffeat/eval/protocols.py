@@ -186,6 +186,7 @@ PROTOCOLS: dict[str, PCKProtocol] = {
 
 
 def get_protocol(name: str) -> PCKProtocol:
+    """The preset called ``name``, or a :class:`DiffeatError` listing the presets."""
     try:
         return PROTOCOLS[name]
     except KeyError:

@@ -4,18 +4,27 @@ from __future__ import annotations
 
 import csv
 import json
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 import pytest
 from PIL import Image
 
+from diffeat.core.datasets import (
+    DatasetCard,
+    ImageRef,
+    LazyImages,
+    Pair,
+    card_of,
+    description_of,
+    pair_images,
+)
 from diffeat.core.errors import ConfigError, DiffeatError
 from diffeat.core.options import build_options
 from diffeat.core.plugins import PluginManager
 from diffeat.plugins.datasets.cub import CUB, CUBOptions
 from diffeat.plugins.datasets.pfwillow import PFWillow, PFWillowOptions
-from diffeat.plugins.datasets.schema import Pair
 from diffeat.plugins.datasets.spair import SPair, SPairOptions
 from diffeat.plugins.datasets.synthetic import (
     Synthetic,
@@ -351,6 +360,49 @@ def test_datasets_are_registered_through_the_hook():
         build_options(reg.factory, {"pair_per_class": 3}, "dataset cub")
     with pytest.raises(ConfigError, match="split must be test, train or all"):
         build_options(reg.factory, {"split": "val"}, "dataset cub")
+
+
+def test_the_contract_is_declared_in_core_with_defaults():
+    """The card and description of a dataset: declared on :class:`Dataset`, read with its
+    defaults from a factory that does not inherit it (no probing at the call sites)."""
+    card = card_of(SPair)
+    assert card.title == SPair.title and card.default_protocol == "dift"
+    assert "  " not in card.layout and "PairAnnotation" in card.layout
+    assert card_of(CUB(CUBOptions(root="/x"))) == card_of(CUB)
+
+    class Bare:  # a third-party dataset that only yields pairs
+        def __init__(self, options: object = None) -> None:
+            self.options = options
+
+        def pairs(self) -> Iterator[Pair]:
+            return iter(())
+
+    assert card_of(Bare) == DatasetCard(title="", url="", layout="", default_protocol="dift")
+    assert description_of(Bare()) == {}
+    described = description_of(SPair(SPairOptions(root="/x")))
+    assert described["title"] == SPair.title and described["options"]["root"] == "/x"
+
+
+def test_pair_images_are_each_image_once_with_its_category(tmp_path):
+    a, b, c = (tmp_path / f"{n}.png" for n in "abc")
+    pairs = [
+        Pair("1", a, b, "cat", [[0, 0]], [[0, 0]]),
+        Pair("2", b, a, "cat", [[0, 0]], [[0, 0]]),
+        Pair("3", a, c, "dog", [[0, 0]], [[0, 0]]),
+    ]
+    refs = pair_images(pairs)
+    assert refs == [
+        ImageRef(a, "cat"),
+        ImageRef(b, "cat"),
+        ImageRef(a, "dog"),
+        ImageRef(c, "dog"),
+    ]
+    Image.new("RGB", (5, 4)).save(a)
+    lazy = LazyImages(refs)
+    assert len(lazy) == 4 and len(lazy[1:]) == 3
+    first = lazy[0]
+    assert not isinstance(first, str) and first.size == (5, 4) and first.category == "cat"
+    assert lazy[1] == str(b)  # unreadable: its path, for the pipeline to report
 
 
 # ---------------------------------------------------------------------------- make-synthetic

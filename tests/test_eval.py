@@ -12,11 +12,11 @@ import torch
 from clihelp import cli_env, pip_install, run, run_json
 
 from diffeat.core.components import MatchResult
+from diffeat.core.datasets import Pair
 from diffeat.core.pipeline import Pipeline
 from diffeat.eval.protocols import get_protocol
 from diffeat.eval.report import markdown, results_dict, terminal_report, write_outputs
 from diffeat.eval.runner import evaluate, run_pairs
-from diffeat.plugins.datasets.schema import Pair
 from diffeat.plugins.datasets.spair import SPairOptions
 from diffeat.plugins.datasets.synthetic import Synthetic, make_synthetic
 from diffeat.testing import smooth_texture

@@ -20,7 +20,7 @@ from diffeat.eval.pck import (
     summarize,
     threshold_of,
 )
-from diffeat.eval.protocols import PROTOCOLS, Protocol, get_protocol
+from diffeat.eval.protocols import PROTOCOLS, PCKProtocol, get_protocol
 
 NAN = math.nan
 
@@ -252,11 +252,11 @@ def test_overrides_and_errors():
     with pytest.raises(DiffeatError, match="unknown protocol 'dfit'"):
         get_protocol("dfit")
     with pytest.raises(DiffeatError, match="unknown threshold 'box'"):
-        Protocol("x", thresholds=("box",))
+        PCKProtocol("x", thresholds=("box",))
     with pytest.raises(DiffeatError, match="comparison"):
-        Protocol("x", comparison="==")
+        PCKProtocol("x", comparison="==")
     with pytest.raises(DiffeatError, match="alphas"):
-        Protocol("x", alphas=(0.0,))
+        PCKProtocol("x", alphas=(0.0,))
     d = get_protocol("hedlin").to_dict()
     assert d["dataset_thresholds"]["spair"] == ["bbox-source"]
     assert get_protocol("hedlin").to_dict("spair")["thresholds"] == ["bbox-source"]

@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import shlex
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
 
 from diffeat.core.errors import DiffeatError
+
+if TYPE_CHECKING:
+    from diffeat.core.datasets import Dataset
 
 
 def dataset_option(help_text: str) -> Any:
@@ -33,7 +36,7 @@ def parse_dataset_options(items: tuple[str, ...]) -> dict[str, Any]:
     return out
 
 
-def build_dataset(name: str, values: dict[str, Any]) -> Any:
+def build_dataset(name: str, values: dict[str, Any]) -> Dataset:
     """The dataset plugin ``name`` with validated options."""
     from diffeat.core.options import build_options
     from diffeat.core.plugins import get_plugin_manager
@@ -43,7 +46,7 @@ def build_dataset(name: str, values: dict[str, Any]) -> Any:
     return reg.factory(options) if options is not None else reg.factory()
 
 
-def dataset_from_cli(name: str, root: str, split: str | None, options: tuple[str, ...]) -> Any:
+def dataset_from_cli(name: str, root: str, split: str | None, options: tuple[str, ...]) -> Dataset:
     """The dataset of ``--dataset NAME --root DIR [--split S] [-o KEY=VALUE ...]``."""
     values = {"root": root, **parse_dataset_options(options)}
     if split is not None:

@@ -111,19 +111,21 @@ def eval_cmd(
     from tqdm import tqdm
 
     from diffeat.core.config import load_config
+    from diffeat.core.datasets import card_of
     from diffeat.core.pipeline import Pipeline
     from diffeat.eval.protocols import get_protocol
     from diffeat.eval.report import results_dict, terminal_report, write_outputs
     from diffeat.eval.runner import evaluate
+    from diffeat.store import FeatureStore
 
     dataset = dataset_from_cli(dataset_name, root, split, dataset_options)
     cfg = load_config(config, collect_overrides(overrides, model, device))
-    default = cfg.protocol or getattr(dataset, "default_protocol", "dift")
+    default = cfg.protocol or card_of(dataset).default_protocol
     protocol = get_protocol(protocol_name or default)
     protocol = protocol.with_changes(
         alphas=parse_alphas(alphas), thresholds=thresholds, comparison=comparison
     )
-    pipe = Pipeline(cfg, store=store_path)
+    pipe = Pipeline(cfg, store=FeatureStore(store_path) if store_path else None)
     pairs = list(itertools.islice(dataset.pairs(), limit))
     quiet = ctx.obj.get("quiet", False) if ctx.obj else False
     with tqdm(
@@ -155,6 +157,7 @@ def datasets_group(ctx: click.Context, as_json: bool) -> None:
     """Installed dataset plugins and what each expects on disk."""
     if ctx.invoked_subcommand is not None:
         return
+    from diffeat.core.datasets import card_of
     from diffeat.core.options import describe_options
     from diffeat.core.plugins import get_plugin_manager
 
@@ -162,16 +165,16 @@ def datasets_group(ctx: click.Context, as_json: bool) -> None:
     rows = []
     for name in pm.names("dataset"):
         reg = pm.get("dataset", name)
-        factory = reg.factory
+        card = card_of(reg.factory)
         rows.append(
             {
                 "name": name,
                 "plugin": reg.plugin,
-                "title": getattr(factory, "title", ""),
-                "url": getattr(factory, "url", ""),
-                "layout": " ".join(str(getattr(factory, "layout", "")).split()),
-                "default_protocol": getattr(factory, "default_protocol", ""),
-                "options": describe_options(factory),
+                "title": card.title,
+                "url": card.url,
+                "layout": card.layout,
+                "default_protocol": card.default_protocol,
+                "options": describe_options(reg.factory),
             }
         )
     if as_json:

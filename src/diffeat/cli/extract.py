@@ -2,21 +2,19 @@
 
 from __future__ import annotations
 
-from typing import Any
-
 import click
 
 from diffeat.cli.common import collect_overrides, config_options, emit_json, progress_bar
 from diffeat.cli.datasets_common import dataset_option
 from diffeat.core.config import load_config
+from diffeat.core.datasets import LazyImages, pair_images
 from diffeat.core.errors import DiffeatError
 from diffeat.core.images import list_images
 
 
-def dataset_images(name: str, root: str, split: str | None, options: tuple[str, ...]) -> Any:
+def dataset_images(name: str, root: str, split: str | None, options: tuple[str, ...]) -> LazyImages:
     """Every image of a dataset split's pairs, each once with its category (loaded lazily)."""
     from diffeat.cli.datasets_common import dataset_from_cli
-    from diffeat.train.images import LazyImages, pair_images
 
     dataset = dataset_from_cli(name, root, split, options)
     refs = pair_images(dataset.pairs())

@@ -10,11 +10,11 @@ dataset, and the reports (``results.json``, ``results.md``, tables, plots).
 from __future__ import annotations
 
 from diffeat.eval.pck import ScoredPair, correct, distances, summarize, threshold_of
-from diffeat.eval.protocols import PROTOCOLS, Protocol, get_protocol
+from diffeat.eval.protocols import PROTOCOLS, PCKProtocol, get_protocol
 
 __all__ = [
     "PROTOCOLS",
-    "Protocol",
+    "PCKProtocol",
     "ScoredPair",
     "correct",
     "distances",

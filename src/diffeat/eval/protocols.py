@@ -25,7 +25,7 @@ from diffeat.eval.pck import AVERAGES, COMPARISONS, THRESHOLDS
 
 
 @dataclass(frozen=True)
-class Protocol:
+class PCKProtocol:
     """How to score: thresholds, comparison, headline average, alphas.
 
     ``dataset_thresholds`` overrides ``thresholds`` for a dataset (by plugin
@@ -72,7 +72,7 @@ class Protocol:
         thresholds: tuple[str, ...] | None = None,
         comparison: str | None = None,
         average: str | None = None,
-    ) -> Protocol:
+    ) -> PCKProtocol:
         """A copy with command-line overrides (a threshold override applies to every dataset)."""
         changes: dict[str, Any] = {}
         if alphas:
@@ -103,10 +103,10 @@ class Protocol:
         return out
 
 
-PROTOCOLS: dict[str, Protocol] = {
+PROTOCOLS: dict[str, PCKProtocol] = {
     p.name: p
     for p in [
-        Protocol(
+        PCKProtocol(
             "dift",
             thresholds=("bbox-target",),
             comparison="<=",
@@ -121,7 +121,7 @@ PROTOCOLS: dict[str, Protocol] = {
                 "= mean over all pairs (not over categories), per point = all correct / all points"
             ),
         ),
-        Protocol(
+        PCKProtocol(
             "hedlin",
             thresholds=("bbox-target",),
             dataset_thresholds={"spair": ("bbox-source",), "pfwillow": ("kps-target",)},
@@ -138,7 +138,7 @@ PROTOCOLS: dict[str, Protocol] = {
                 "-o max_classes=3 -o pairs_per_class=0 -o min_common_parts=1"
             ),
         ),
-        Protocol(
+        PCKProtocol(
             "hyperfeatures",
             thresholds=("img", "bbox-target"),
             comparison="<=",
@@ -154,7 +154,7 @@ PROTOCOLS: dict[str, Protocol] = {
                 "categories subset (pass it with -o pair_list=FILE)"
             ),
         ),
-        Protocol(
+        PCKProtocol(
             "sd-dino",
             thresholds=("bbox-target",),
             comparison="<",
@@ -169,7 +169,7 @@ PROTOCOLS: dict[str, Protocol] = {
                 "equals the plain mean ('Average PCK')"
             ),
         ),
-        Protocol(
+        PCKProtocol(
             "pf-willow",
             thresholds=("kps-target",),
             comparison="<=",
@@ -185,7 +185,8 @@ PROTOCOLS: dict[str, Protocol] = {
 }
 
 
-def get_protocol(name: str) -> Protocol:
+def get_protocol(name: str) -> PCKProtocol:
+    """The preset called ``name``, or a :class:`DiffeatError` listing the presets."""
     try:
         return PROTOCOLS[name]
     except KeyError:

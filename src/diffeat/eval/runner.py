@@ -4,7 +4,7 @@ For each pair: load both images (decoded once per run and kept in a bounded
 in-memory cache keyed by path), tag them with the pair's category (so a
 ``{category}`` prompt template sees it, as DIFT's SPair protocol does), and
 call ``pipeline.match(source, target, visible_source_points)``. Then score
-with a :class:`~diffeat.eval.protocols.Protocol`.
+with a :class:`~diffeat.eval.protocols.PCKProtocol`.
 
 Source keypoints are clipped into the source image (``0 <= x <= W - 1``);
 the number of clipped points is reported, never hidden. Features computed
@@ -19,15 +19,20 @@ from collections import OrderedDict
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from diffeat.core.components import needs_descriptors
+from diffeat.core.datasets import Dataset, Pair, description_of
 from diffeat.core.errors import DiffeatError
 from diffeat.core.images import ImageInput, as_input
 from diffeat.eval.pck import ScoredPair, distances, summarize, threshold_of
-from diffeat.eval.protocols import Protocol
-from diffeat.plugins.datasets.schema import Pair
+from diffeat.eval.protocols import PCKProtocol
+
+if TYPE_CHECKING:
+    from diffeat.core.pipeline import Pipeline
+    from diffeat.core.sources import Progress
 
 IMAGE_CACHE = 256  # decoded images kept per run (pairs come grouped by category)
 
@@ -96,18 +101,16 @@ class ImageCache:
         return item
 
 
-def _feature_source(pipeline: Any, inp: ImageInput, seen: set[str], stats: RunStats) -> None:
+def _feature_source(pipeline: Pipeline, inp: ImageInput, seen: set[str], stats: RunStats) -> None:
     """Count whether ``inp``'s features will be computed or read from the store (read:
     stored for every extractor of the pipeline)."""
-    if not getattr(pipeline.matcher, "needs_descriptors", True):
+    if not needs_descriptors(pipeline.matcher):
         return
-    store = pipeline.store
-    if store is None:
+    if pipeline.store is None:
         stats.computed += 1
         return
     key = pipeline.image_key(inp)
-    sources = getattr(pipeline, "sources", None) or [pipeline]
-    if key in seen or all(store.has(s.cache_key, s.image_key(inp)) for s in sources):
+    if key in seen or pipeline.is_stored(inp):
         stats.read_from_store += 1  # every extractor's entry is there
     else:
         stats.computed += 1
@@ -115,11 +118,11 @@ def _feature_source(pipeline: Any, inp: ImageInput, seen: set[str], stats: RunSt
 
 
 def run_pairs(
-    pipeline: Any,
+    pipeline: Pipeline,
     pairs: Iterable[Pair],
     *,
     limit: int | None = None,
-    progress: Any = None,
+    progress: Progress | None = None,
     cache_size: int = IMAGE_CACHE,
 ) -> tuple[list[PairOutcome], RunStats]:
     """Match every pair (at most ``limit``); returns the outcomes and run statistics."""
@@ -206,7 +209,7 @@ class Evaluation:
 
     dataset: str
     dataset_info: dict[str, Any]
-    protocol: Protocol
+    protocol: PCKProtocol
     alphas: tuple[float, ...]
     thresholds: tuple[str, ...]
     outcomes: list[PairOutcome]
@@ -239,7 +242,7 @@ def scored_pairs(
 
 
 def score(
-    outcomes: list[PairOutcome], protocol: Protocol, dataset: str
+    outcomes: list[PairOutcome], protocol: PCKProtocol, dataset: str
 ) -> tuple[tuple[str, ...], list[dict[str, float]], dict[str, dict[str, Any]]]:
     """Thresholds per pair and the PCK summary per threshold kind."""
     kinds = protocol.thresholds_for(dataset)
@@ -259,14 +262,14 @@ def score(
 
 
 def evaluate(
-    pipeline: Any,
-    dataset: Any,
+    pipeline: Pipeline,
+    dataset: Dataset,
     *,
     dataset_name: str,
-    protocol: Protocol,
+    protocol: PCKProtocol,
     pairs: Iterable[Pair] | None = None,
     limit: int | None = None,
-    progress: Any = None,
+    progress: Progress | None = None,
 ) -> Evaluation:
     """Run ``pipeline`` on every pair of ``dataset`` (or on ``pairs``, already drawn from
     it) and score it with ``protocol``."""
@@ -282,17 +285,16 @@ def evaluate(
         info = pipeline.store.info()
         key = pipeline.cache_key if stats.computed or stats.read_from_store else None
         store_info = {
-            "path": str(getattr(pipeline.store, "path", "")),
+            "path": str(pipeline.store.path),
             "bytes": info.get("bytes"),
             "cache_key": key,
             "cache_key_bytes": info.get("extractors", {}).get(key, {}).get("bytes")
             if key
             else None,
         }
-    describe = getattr(dataset, "describe", None)
     return Evaluation(
         dataset=dataset_name,
-        dataset_info=describe() if describe else {},
+        dataset_info=description_of(dataset),
         protocol=protocol,
         alphas=tuple(protocol.alphas),
         thresholds=kinds,
@@ -302,6 +304,6 @@ def evaluate(
         pair_thresholds=per_pair,
         pipeline_config=pipeline.config.resolved(),
         pipeline_digest=pipeline.config.digest(),
-        pipeline_source=str(getattr(pipeline.config, "source", "")),
+        pipeline_source=str(pipeline.config.source),
         store=store_info,
     )

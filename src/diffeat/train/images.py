@@ -1,82 +1,17 @@
-"""The images of a dataset's pairs: each once, with its category, loaded only when needed.
+"""Which images of a dataset's pairs ``diffeat train`` has in the pipeline's store.
 
-Used by ``diffeat train`` (which images must be in the store) and
-``diffeat extract --dataset`` (extract them). An image is identified by its
-path and the pair's category, since a ``{category}`` prompt makes its features
-(and so its store key) depend on the category.
+The images themselves (:class:`~diffeat.core.datasets.ImageRef`, each once with
+its category, loaded only when needed) are part of the dataset contract in
+:mod:`diffeat.core.datasets`; this module adds what training needs of them:
+their store keys and sizes, and which are not stored yet.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
-from pathlib import Path
-from typing import Any, overload
+from collections.abc import Sequence
+from typing import Any
 
-from diffeat.core.errors import ImageError
-from diffeat.core.geometry import Size
-from diffeat.core.images import ImageInput, as_input
-from diffeat.plugins.datasets.schema import Pair
-
-
-@dataclass(frozen=True)
-class ImageRef:
-    """One image of a dataset as the extractor sees it: a file and the pair's category."""
-
-    path: Path
-    category: str = ""
-
-    def load(self) -> ImageInput:
-        return as_input(self.path).with_category(self.category)
-
-
-@dataclass(frozen=True)
-class ImageInfo:
-    """What training needs of an image without keeping its pixels: store key and size."""
-
-    key: str
-    size: Size
-
-
-def pair_images(pairs: Iterable[Pair]) -> list[ImageRef]:
-    """Every image of ``pairs`` once (sources and targets, first-seen order), with its category."""
-    seen: dict[ImageRef, None] = {}
-    for pair in pairs:
-        for path in (pair.source, pair.target):
-            seen.setdefault(ImageRef(Path(path), pair.category), None)
-    return list(seen)
-
-
-class LazyImages(Sequence[Any]):
-    """A sequence of images decoded on access (a pipeline's ``extract`` takes it as a list),
-    so that extracting thousands of images never holds all their pixels at once.
-
-    An unreadable image comes back as its path, so the pipeline reports it (and
-    extracts the others) instead of stopping.
-    """
-
-    def __init__(self, refs: Sequence[ImageRef]) -> None:
-        self.refs = list(refs)
-
-    def __len__(self) -> int:
-        return len(self.refs)
-
-    @overload
-    def __getitem__(self, index: int) -> ImageInput | str: ...
-
-    @overload
-    def __getitem__(self, index: slice) -> LazyImages: ...
-
-    def __getitem__(self, index: int | slice) -> ImageInput | LazyImages | str:
-        if isinstance(index, slice):
-            return LazyImages(self.refs[index])
-        ref = self.refs[index]
-        try:
-            return ref.load()
-        except ImageError:
-            # the path itself: the pipeline loads it again and reports the error per image
-            # (an unreadable file has no features, so its lost category does not matter)
-            return str(ref.path)
+from diffeat.core.datasets import ImageInfo, ImageRef
 
 
 def index_images(

@@ -37,18 +37,11 @@ import numpy as np
 import torch
 
 from diffeat.core.config import StageConfig, config_digest
+from diffeat.core.datasets import ImageInfo, ImageRef, LazyImages, Pair, pair_images
 from diffeat.core.errors import ConfigError, DiffeatError
 from diffeat.core.options import options_dict
-from diffeat.plugins.datasets.schema import Pair
 from diffeat.train.data import PairFeatures, TrainPair, pair_loader
-from diffeat.train.images import (
-    ImageInfo,
-    ImageRef,
-    LazyImages,
-    index_images,
-    missing_images,
-    pair_images,
-)
+from diffeat.train.images import index_images, missing_images
 from diffeat.train.loss import correspondence_loss, keypoint_cells
 from diffeat.train.options import TrainOptions, digest_options
 from diffeat.train.state import TrainState, apply_state, last_path, read_state, save_state

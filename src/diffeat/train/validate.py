@@ -21,10 +21,10 @@ import numpy as np
 import torch
 
 from diffeat.core.components import View
+from diffeat.core.datasets import Pair
 from diffeat.core.geometry import Size
 from diffeat.eval.pck import correct, distances, threshold_of
 from diffeat.eval.runner import ImageCache
-from diffeat.plugins.datasets.schema import Pair
 from diffeat.train.loss import correspondence_loss
 
 

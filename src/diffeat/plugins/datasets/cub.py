@@ -40,10 +40,10 @@ from pathlib import Path
 
 import numpy as np
 
+from diffeat.core.datasets import Dataset, Pair
 from diffeat.core.errors import DiffeatError
 from diffeat.core.options import opt
 from diffeat.plugins.datasets.pfwillow import image_size
-from diffeat.plugins.datasets.schema import Dataset, Pair
 
 CUB_URL = "https://www.vision.caltech.edu/datasets/cub_200_2011/ (CUB_200_2011.tgz)"
 NUM_PARTS = 15

@@ -33,9 +33,9 @@ from typing import Literal
 import numpy as np
 from PIL import Image
 
+from diffeat.core.datasets import Dataset, Pair
 from diffeat.core.errors import DiffeatError
 from diffeat.core.options import opt
-from diffeat.plugins.datasets.schema import Dataset, Pair
 
 PFWILLOW_URL = (
     "https://www.di.ens.fr/willow/research/proposalflow/ (images: dataset/PF-dataset.zip; "

@@ -27,9 +27,9 @@ from typing import Any
 
 import numpy as np
 
+from diffeat.core.datasets import Dataset, Pair
 from diffeat.core.errors import DiffeatError
 from diffeat.core.options import opt
-from diffeat.plugins.datasets.schema import Dataset, Pair
 
 SPAIR_URL = "https://cvlab.postech.ac.kr/research/SPair-71k/"
 SPLITS = {"trn": "trn", "train": "trn", "val": "val", "test": "test"}

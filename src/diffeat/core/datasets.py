@@ -1,30 +1,60 @@
-"""The one pair schema every dataset plugin yields, and the dataset contract.
+"""The dataset contract: the one pair schema every dataset plugin yields, the
+:class:`Dataset` a plugin's factory returns, and the images of a dataset's pairs.
 
 A dataset plugin is registered with ``register_datasets(register)``; its
 factory takes validated options (a dataclass ``Options`` with at least
-``root`` and ``split``) and returns an object with :meth:`Dataset.pairs`.
+``root`` and ``split``) and returns a :class:`Dataset`: an object with
+:meth:`Dataset.pairs` and :meth:`Dataset.describe`, and the class attributes
+``title``, ``url``, ``layout`` and ``default_protocol`` that ``diffeat
+datasets`` lists. The built-in datasets inherit :class:`Dataset`; a plugin
+need not, and :func:`card_of` / :func:`description_of` are the one place that
+reads these declarations from an object that does not (with the base class's
+defaults), so that nothing else probes a dataset.
 
 Coordinates follow the library convention (``diffeat.core.geometry``): points
 are ``(x, y)`` pixel indices, the centre of the top-left pixel is ``(0, 0)``.
 Boxes are ``(x0, y0, x1, y1)`` in the same coordinates; a box given with
 ``x1 < x0`` or ``y1 < y0`` is normalised (corners sorted), never rejected,
 because only its side lengths enter a PCK threshold.
+
+An image of a dataset is identified by its path and the pair's category
+(:class:`ImageRef`), since a ``{category}`` prompt makes its features (and so
+its store key) depend on the category; :func:`pair_images` lists each once and
+:class:`LazyImages` decodes them only when a pipeline asks.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol, overload
 
 import numpy as np
 
-from diffeat.core.errors import DiffeatError
+from diffeat.core.errors import DiffeatError, ImageError
+from diffeat.core.geometry import Size
+from diffeat.core.images import ImageInput, as_input
+from diffeat.core.options import options_dict
 
 Box = tuple[float, float, float, float]
-Size = tuple[int, int]  # (width, height)
+
+__all__ = [
+    "Box",
+    "Dataset",
+    "DatasetCard",
+    "DatasetOptions",
+    "ImageInfo",
+    "ImageRef",
+    "LazyImages",
+    "Pair",
+    "Size",
+    "card_of",
+    "description_of",
+    "normalise_box",
+    "pair_images",
+]
 
 
 def normalise_box(box: Sequence[float] | None) -> Box | None:
@@ -157,13 +187,30 @@ class Pair:
         )
 
 
-class Dataset:
-    """The dataset contract (built-in datasets inherit it; a plugin need not).
+class DatasetOptions(Protocol):
+    """What every dataset's ``Options`` dataclass has (plus its own fields)."""
 
-    Class attributes document the benchmark for ``diffeat datasets``:
-    ``title``, ``url`` (where to get it), ``layout`` (what the loader expects
-    under ``root``) and ``default_protocol`` (a name in
-    :mod:`diffeat.eval.protocols`).
+    #: the benchmark's folder (``--root``)
+    root: str
+    #: the split to read (``--split``)
+    split: str
+
+
+class Dataset:
+    """The dataset contract, and the base class of the built-in datasets.
+
+    A dataset yields its :class:`Pair` s from :meth:`pairs` (iterating it does
+    the same) and says what ``results.json`` records about it with
+    :meth:`describe`. Class attributes document the benchmark for ``diffeat
+    datasets``: ``title``, ``url`` (where to get it), ``layout`` (what the
+    loader expects under ``root``) and ``default_protocol`` (the name of a PCK
+    protocol, see :mod:`diffeat.eval.protocols`, that ``diffeat eval`` uses
+    when neither ``--protocol`` nor the pipeline file names one).
+
+    A plugin need not inherit this class, but must then provide :meth:`pairs`;
+    :func:`card_of` and :func:`description_of` give the defaults below for
+    whatever else it leaves out. :meth:`root_dir` and :meth:`missing` are
+    helpers for loaders: the error messages every benchmark gives alike.
     """
 
     title: str = ""
@@ -171,10 +218,11 @@ class Dataset:
     layout: str = ""
     default_protocol: str = "dift"
 
-    def __init__(self, options: Any) -> None:
+    def __init__(self, options: DatasetOptions) -> None:
         self.options = options
 
     def pairs(self) -> Iterator[Pair]:
+        """Every annotated pair of the split, in a stable order."""
         raise NotImplementedError
 
     def __iter__(self) -> Iterator[Pair]:
@@ -182,15 +230,13 @@ class Dataset:
 
     def describe(self) -> dict[str, Any]:
         """What ``results.json`` records about the dataset."""
-        from diffeat.core.options import options_dict
-
         return {"title": self.title, "url": self.url, "options": options_dict(self.options)}
 
     # -- helpers for loaders ------------------------------------------------------
 
     def root_dir(self) -> Path:
         """``options.root`` as an existing folder, or a :class:`DiffeatError` saying what to pass."""
-        raw = str(getattr(self.options, "root", "") or "")
+        raw = str(self.options.root or "")
         if not raw:
             raise DiffeatError(
                 f"the {self.title} dataset needs its folder: pass --root DIR "
@@ -205,6 +251,7 @@ class Dataset:
         return root
 
     def layout_summary(self) -> str:
+        """The first line of :attr:`layout` (``"the benchmark"`` when there is none)."""
         return self.layout.strip().splitlines()[0] if self.layout.strip() else "the benchmark"
 
     def missing(self, root: Path, what: list[str]) -> DiffeatError:
@@ -220,3 +267,96 @@ class Dataset:
             f"{self.title} at {root} is missing {listed}{hint}. Expected layout: "
             f"{' '.join(self.layout.split())} Get the benchmark from {self.url}"
         )
+
+
+@dataclass(frozen=True)
+class DatasetCard:
+    """What ``diffeat datasets`` shows of a dataset: its class attributes, whitespace-folded layout."""
+
+    title: str = Dataset.title
+    url: str = Dataset.url
+    layout: str = Dataset.layout
+    default_protocol: str = Dataset.default_protocol
+
+
+def card_of(dataset: object) -> DatasetCard:
+    """The declared ``title``, ``url``, ``layout`` and ``default_protocol`` of a dataset or
+    of its factory (a registered class), with :class:`Dataset`'s defaults for any it does not
+    declare. The one place that reads them from an object that need not inherit :class:`Dataset`.
+    """
+    return DatasetCard(
+        title=str(getattr(dataset, "title", Dataset.title)),
+        url=str(getattr(dataset, "url", Dataset.url)),
+        layout=" ".join(str(getattr(dataset, "layout", Dataset.layout)).split()),
+        default_protocol=str(getattr(dataset, "default_protocol", Dataset.default_protocol)),
+    )
+
+
+def description_of(dataset: object) -> dict[str, Any]:
+    """:meth:`Dataset.describe` of ``dataset``; ``{}`` for one that does not describe itself."""
+    describe = getattr(dataset, "describe", None)
+    return dict(describe()) if describe is not None else {}
+
+
+# -- the images of a dataset's pairs ------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ImageRef:
+    """One image of a dataset as the extractor sees it: a file and the pair's category."""
+
+    path: Path
+    category: str = ""
+
+    def load(self) -> ImageInput:
+        """The decoded image, tagged with its category (a :class:`ImageError` if unreadable)."""
+        return as_input(self.path).with_category(self.category)
+
+
+@dataclass(frozen=True)
+class ImageInfo:
+    """What training needs of an image without keeping its pixels: store key and size."""
+
+    key: str
+    size: Size
+
+
+def pair_images(pairs: Iterable[Pair]) -> list[ImageRef]:
+    """Every image of ``pairs`` once (sources and targets, first-seen order), with its category."""
+    seen: dict[ImageRef, None] = {}
+    for pair in pairs:
+        for path in (pair.source, pair.target):
+            seen.setdefault(ImageRef(Path(path), pair.category), None)
+    return list(seen)
+
+
+class LazyImages(Sequence[ImageInput | str]):
+    """A sequence of images decoded on access (a pipeline's ``extract`` takes it as a list),
+    so that extracting thousands of images never holds all their pixels at once.
+
+    An unreadable image comes back as its path, so the pipeline reports it (and
+    extracts the others) instead of stopping.
+    """
+
+    def __init__(self, refs: Sequence[ImageRef]) -> None:
+        self.refs = list(refs)
+
+    def __len__(self) -> int:
+        return len(self.refs)
+
+    @overload
+    def __getitem__(self, index: int) -> ImageInput | str: ...
+
+    @overload
+    def __getitem__(self, index: slice) -> LazyImages: ...
+
+    def __getitem__(self, index: int | slice) -> ImageInput | LazyImages | str:
+        if isinstance(index, slice):
+            return LazyImages(self.refs[index])
+        ref = self.refs[index]
+        try:
+            return ref.load()
+        except ImageError:
+            # the path itself: the pipeline loads it again and reports the error per image
+            # (an unreadable file has no features, so its lost category does not matter)
+            return str(ref.path)

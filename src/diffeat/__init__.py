@@ -14,7 +14,6 @@ __all__ = ["FeatureSet", "FeatureStore", "LayerInfo", "Pipeline", "__version__",
 
 def __getattr__(name: str):  # lazy imports keep `import diffeat` and the CLI start fast
     if name == "Pipeline":
-        import diffeat.store  # noqa: F401  (the composition root: a store path opens a FeatureStore)
         from diffeat.core.pipeline import Pipeline
 
         return Pipeline

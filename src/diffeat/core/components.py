@@ -282,6 +282,10 @@ class FeatureStorage(Protocol):
         """Image keys of the complete entries of one extractor."""
         ...
 
+    def info(self) -> dict[str, Any]:
+        """What the store holds: extractors, entry counts, bytes."""
+        ...
+
 
 # -- capability checks: the one place that looks at what a component provides -----
 

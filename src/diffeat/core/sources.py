@@ -18,7 +18,7 @@ from __future__ import annotations
 import hashlib
 import os
 import sys
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -311,22 +311,23 @@ def _open_read_only(path: str) -> FeatureStorage:
     return _READ_ONLY[path]
 
 
-StoreOpener = Callable[..., FeatureStorage]
-_STORE_OPENER: StoreOpener | None = None
-
-
-def set_store_opener(opener: StoreOpener) -> None:
-    """Name the class that opens a store from a path (``diffeat.store`` registers
-    :class:`~diffeat.store.FeatureStore` when it is imported; core never imports it)."""
-    global _STORE_OPENER
-    _STORE_OPENER = opener
+#: the entry-point group naming store implementations; diffeat's own is ``zarr``
+STORE_ENTRY_POINTS = "diffeat.stores"
+DEFAULT_STORE = "zarr"
 
 
 def open_store(path: str | os.PathLike[str], **kwargs: Any) -> FeatureStorage:
-    """Open the store at ``path`` with the registered opener."""
-    if _STORE_OPENER is None:
-        raise DiffeatError(
-            f"no feature store implementation is loaded to open {path}: import diffeat.store "
-            "(or pass store=FeatureStore(path))"
-        )
-    return _STORE_OPENER(path, **kwargs)
+    """Open the store at ``path`` with the implementation registered under the
+    ``diffeat.stores`` entry point ``zarr`` (:class:`~diffeat.store.FeatureStore`).
+
+    Core never imports the store package; it finds it as it finds plugins.
+    """
+    from importlib import metadata
+
+    for ep in metadata.entry_points(group=STORE_ENTRY_POINTS, name=DEFAULT_STORE):
+        return ep.load()(path, **kwargs)
+    raise DiffeatError(
+        f"no feature store implementation is installed to open {path} (entry point "
+        f"{STORE_ENTRY_POINTS}:{DEFAULT_STORE}); reinstall diffeat (pip install -e .) or pass "
+        "store=FeatureStore(path)"
+    )

@@ -292,7 +292,9 @@ def check_trainable(aggregator: Aggregator, features: Sequence[FeatureSet], tmp:
     network = aggregator.network_for(layers, list(first.timesteps))  # type: ignore[attr-defined]
     assert isinstance(network, torch.nn.Module), "network_for must return a torch.nn.Module"
     out = aggregator.forward_features(list(features))  # type: ignore[attr-defined]
-    assert out.ndim == 4 and out.shape[0] == len(features), f"expected [B, C, H, W], got {out.shape}"
+    assert out.ndim == 4 and out.shape[0] == len(features), (
+        f"expected [B, C, H, W], got {out.shape}"
+    )
     assert out.requires_grad, "forward_features must keep gradients (it is what training calls)"
     path = aggregator.save(tmp / "checkpoint.safetensors", extra={"train": {"step": 1}})  # type: ignore[attr-defined]
     ckpt = aggregator.read_checkpoint(path)  # type: ignore[attr-defined]
@@ -423,7 +425,9 @@ def check_match_result(result: object, n: int, target_size: Size) -> None:
     assert valid.dtype == torch.bool, f"valid: expected bools, got {valid.dtype}"
     assert torch.isfinite(pts).all(), "points: non-finite values"
     w, h = target_size
-    inside = (pts[:, 0] >= -0.5) & (pts[:, 0] <= w - 0.5) & (pts[:, 1] >= -0.5) & (pts[:, 1] <= h - 0.5)
+    inside = (
+        (pts[:, 0] >= -0.5) & (pts[:, 0] <= w - 0.5) & (pts[:, 1] >= -0.5) & (pts[:, 1] <= h - 0.5)
+    )
     assert bool(inside[valid].all()), "valid points outside the target image"
     json.dumps(result.to_json())
 
@@ -473,7 +477,9 @@ class MatcherConformance:
     def test_match_result(self) -> None:
         source, target = self.views()
         points = self.points()
-        check_match_result(self.make_matcher().match(source, target, points), len(points), target.image_size)
+        check_match_result(
+            self.make_matcher().match(source, target, points), len(points), target.image_size
+        )
 
     def test_deterministic(self) -> None:
         source, target = self.views()

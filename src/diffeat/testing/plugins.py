@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 from collections.abc import Iterator
 from dataclasses import dataclass
+from itertools import pairwise
 
 import click
 import numpy as np
@@ -109,7 +110,7 @@ class TinyPairs(Dataset):
 
     def pairs(self) -> Iterator[Pair]:
         files = list_images([self.root_dir()])
-        for i, (src, tgt) in enumerate(zip(files, files[1:])):
+        for i, (src, tgt) in enumerate(pairwise(files)):
             (sw, sh), (tw, th) = load_image(src).size, load_image(tgt).size
             rel = np.array([(x, y) for y in (0.2, 0.5, 0.8) for x in (0.2, 0.5, 0.8)])
             yield Pair(

@@ -65,7 +65,7 @@ VARIANTS: dict[str, dict[str, Any]] = {
 
 def sd15_unet_config() -> dict[str, Any]:
     """``unet/config.json`` of Stable Diffusion 1.5."""
-    from diffeat.testing_models import sd_unet_config
+    from diffeat.testing.sd import sd_unet_config
 
     return sd_unet_config(
         block_out_channels=(320, 640, 1280, 1280),
@@ -130,7 +130,7 @@ def build_sd15_random(folder: Path, seed: int = 0) -> float:
     )
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
-    from diffeat.testing_models import (
+    from diffeat.testing.sd import (
         EOS_TOKEN,
         save_stable_diffusion,
         tiny_scheduler_config,

@@ -12,7 +12,7 @@ DINOv2's 60 x 60 grid) with every model swapped for the same architecture at ful
   ``benchmarks/out/vit-random/dinov2-b14``), built there when missing;
 - the captioner's CLIP tower (open_clip's built-in ``ViT-L-14-336-quickgelu``, the whole CLIP stored as
   float16, 428M parameters, loaded as ``pretrained=<file>``) and random implicit-captioner
-  weights in ODISE's layout (``diffeat.testing_models.build_tiny_captioner`` at SD 1.5's
+  weights in ODISE's layout (``diffeat.testing.sd.build_tiny_captioner`` at SD 1.5's
   sizes: CLIP embedding 768, prompt 77 x 768, time embedding 1280): ``--model-dir``
   (default ``benchmarks/out/sd-dino-random``).
 
@@ -140,7 +140,7 @@ def build_clip_and_captioner(folder: Path, seed: int = 0) -> float:
     import torch
     from safetensors.torch import save_file
 
-    from diffeat.testing_models import build_tiny_captioner
+    from diffeat.testing.sd import build_tiny_captioner
 
     start = time.perf_counter()
     fresh_folder(folder)

@@ -33,6 +33,30 @@ def tiny_sd_v(tmp_path_factory: pytest.TempPathFactory) -> Path:
     )
 
 
+@pytest.fixture(scope="session")
+def tiny_dino_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny random DINO ViT (patch 8, trained at 32 px), built once per session."""
+    from diffeat.testing.vit import build_tiny_dino
+
+    return build_tiny_dino(tmp_path_factory.mktemp("tiny-dino") / "model")
+
+
+@pytest.fixture(scope="session")
+def tiny_dinov2_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny random DINOv2 (patch 14, 56 px position grid), built once per session."""
+    from diffeat.testing.vit import build_tiny_dinov2
+
+    return build_tiny_dinov2(tmp_path_factory.mktemp("tiny-dinov2") / "model")
+
+
+@pytest.fixture(scope="session")
+def tiny_openclip_model(tmp_path_factory: pytest.TempPathFactory) -> tuple[str, str]:
+    """A tiny random OpenCLIP model: ``(model config file, checkpoint file)``."""
+    from diffeat.testing.vit import build_tiny_openclip
+
+    return build_tiny_openclip(tmp_path_factory.mktemp("tiny-openclip") / "model")
+
+
 @pytest.fixture
 def manager() -> PluginManager:
     """A plugin manager with the built-ins and the test plugin (``color-blur``)."""

@@ -111,7 +111,7 @@ def test_sd_dino_preset_runs_on_tiny_models(tiny_sd, tmp_path):
     from pathlib import Path
 
     from diffeat.testing import build_tiny_captioner
-    from diffeat.testing_vit import build_tiny_dinov2, build_tiny_openclip
+    from diffeat.testing.vit import build_tiny_dinov2, build_tiny_openclip
 
     dino = build_tiny_dinov2(tmp_path / "dinov2")
     clip_config, clip_weights = build_tiny_openclip(tmp_path / "clip")

@@ -12,7 +12,7 @@ from diffeat.core.images import as_input
 from diffeat.core.options import build_options
 from diffeat.plugins.stable_diffusion.extractor import StableDiffusionExtractor
 from diffeat.testing import build_tiny_captioner, smooth_texture
-from diffeat.testing_vit import TINY_OPENCLIP_NAME, build_tiny_openclip
+from diffeat.testing.vit import TINY_OPENCLIP_NAME, build_tiny_openclip
 
 LAYER = "up_blocks.1.attentions.1"
 CLIP_DIM = 16  # the tiny open_clip model's embed_dim

@@ -1,4 +1,4 @@
-"""Tests for the offline tiny Stable Diffusion builders in ``diffeat.testing_models``."""
+"""Tests for the offline tiny Stable Diffusion builders in ``diffeat.testing.sd``."""
 
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ from diffusers import (
 )
 from transformers import CLIPTextModel, CLIPTokenizer, CLIPTokenizerFast
 
-from diffeat.testing_models import (
+from diffeat.testing.sd import (
     BOS_TOKEN,
     EOS_TOKEN,
     build_tiny_stable_diffusion,

@@ -18,7 +18,7 @@ from diffeat.core.images import as_input
 from diffeat.core.options import build_options
 from diffeat.plugins.vit import DinoExtractor, Dinov2Extractor, OpenClipExtractor
 from diffeat.testing import ExtractorConformance, smooth_texture
-from diffeat.testing_vit import (
+from diffeat.testing.vit import (
     TINY_OPENCLIP_NAME,
     build_tiny_dino,
     build_tiny_dinov2,

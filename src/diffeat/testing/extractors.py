@@ -1,15 +1,13 @@
-"""Offline test helpers for diffeat and for third-party plugin authors.
+"""Deterministic test extractors and test images.
 
-- :func:`build_tiny_stable_diffusion` writes a tiny random-weight Stable
-  Diffusion (same block structure as SD 1.x/2.x) into a folder, loadable with
-  the real ``from_pretrained``; nothing is downloaded.
-- :class:`ColorBlurExtractor` is a deterministic local-descriptor extractor
-  (colour blurred at several scales: invariant to shifts and flips) for
-  known-transform tests of a whole pipeline; :class:`MultiColorBlurExtractor`
-  (``color-blur-multi``) gives it several layers and timesteps, the shape of
-  the features a trainable aggregator learns from.
-- :class:`ExtractorConformance` is a pytest mixin checking that an extractor
-  honours the contract.
+- :func:`smooth_texture` is a smooth random colour field: locally distinctive,
+  no edges, so known-transform tests have something to match.
+- :class:`ColorBlurExtractor` (``color-blur``) is a deterministic
+  local-descriptor extractor (colour blurred at several scales: invariant to
+  shifts and flips) for known-transform tests of a whole pipeline;
+  :class:`MultiColorBlurExtractor` (``color-blur-multi``) gives it several
+  layers and timesteps, the shape of the features a trainable aggregator
+  learns from.
 """
 
 from __future__ import annotations
@@ -27,24 +25,15 @@ from PIL import Image
 from diffeat.core.components import Extractor
 from diffeat.core.features import FeatureSet, LayerInfo
 from diffeat.core.geometry import ImageTransform, Size
-from diffeat.core.hookspecs import Register, hookimpl
-from diffeat.core.images import ImageInput, as_input, resize, to_tensor
+from diffeat.core.images import ImageInput, resize, to_tensor
 from diffeat.core.options import opt
-from diffeat.testing_models import (
-    build_tiny_captioner,
-    build_tiny_stable_diffusion,
-    write_clip_tokenizer,
-)
 
 __all__ = [
     "ColorBlurExtractor",
-    "ExtractorConformance",
+    "ColorBlurOptions",
     "MultiColorBlurExtractor",
-    "TestPlugin",
-    "build_tiny_captioner",
-    "build_tiny_stable_diffusion",
+    "MultiColorBlurOptions",
     "smooth_texture",
-    "write_clip_tokenizer",
 ]
 
 
@@ -155,60 +144,3 @@ class MultiColorBlurExtractor(ColorBlurExtractor):
     """:class:`ColorBlurExtractor` with several layers and timesteps (``color-blur-multi``)."""
 
     Options = MultiColorBlurOptions
-
-
-class TestPlugin:
-    """A plugin object registering :class:`ColorBlurExtractor` as ``color-blur`` and
-    :class:`MultiColorBlurExtractor` as ``color-blur-multi``.
-
-    ``PluginManager().add_plugin(TestPlugin(), "testing")`` makes it available
-    to pipelines in tests.
-    """
-
-    __test__ = False  # not a pytest test class
-
-    @hookimpl
-    def register_extractors(self, register: Register) -> None:
-        register("color-blur", ColorBlurExtractor)
-        register("color-blur-multi", MultiColorBlurExtractor)
-
-
-class ExtractorConformance:
-    """Pytest mixin: subclass it and provide ``make_extractor()`` (and optionally ``images()``).
-
-    Checks that declared layers and timesteps match the output, that the
-    transform is recorded, and that extraction is deterministic.
-    """
-
-    def make_extractor(self) -> Any:  # pragma: no cover - provided by the subclass
-        raise NotImplementedError
-
-    def images(self) -> list[ImageInput]:
-        return [
-            as_input(smooth_texture((80, 60), seed=1)),
-            as_input(smooth_texture((48, 64), seed=2)),
-        ]
-
-    def test_declared_layers_match_output(self) -> None:
-        ex = self.make_extractor()
-        infos = {i.name: i for i in ex.layers()}
-        for im, fs in zip(self.images(), ex.extract(self.images())):
-            assert set(fs.layers) == set(infos)
-            for name, tensor in fs.layers.items():
-                assert tensor.shape[0] == len(ex.timesteps())
-                assert tensor.shape[1] == infos[name].channels
-                mw, mh = ex.transform_for(im.size).model_size
-                assert math.isclose(mw / tensor.shape[-1], infos[name].stride, rel_tol=1e-6)
-                assert math.isclose(mh / tensor.shape[-2], infos[name].stride, rel_tol=1e-6)
-
-    def test_transform_recorded(self) -> None:
-        ex = self.make_extractor()
-        for im, fs in zip(self.images(), ex.extract(self.images())):
-            assert fs.transform.image_size == im.size
-
-    def test_deterministic(self) -> None:
-        a = self.make_extractor().extract(self.images())
-        b = self.make_extractor().extract(self.images())
-        for fa, fb in zip(a, b):
-            for name in fa.layers:
-                torch.testing.assert_close(fa.layers[name], fb.layers[name])

@@ -1,0 +1,124 @@
+"""docs/writing-a-plugin.md cannot drift from the plugin API.
+
+Every hookspec has a reference section with its signature, every optional
+capability of ``diffeat.core.components`` has one, and every ``python`` example
+under ``## Reference`` runs and loads as a plugin.
+"""
+
+from __future__ import annotations
+
+import inspect
+import re
+import sys
+import types
+from pathlib import Path
+
+import click
+import pytest
+
+from diffeat.core import components, hookspecs
+from diffeat.core.plugins import PluginManager
+
+DOC = Path(__file__).resolve().parents[1] / "docs" / "writing-a-plugin.md"
+HEADING = re.compile(r"^(#{2,4}) (.+)$")
+CODE = re.compile(r"^```python\n(.*?)^```$", re.S | re.M)
+
+
+def reference_sections() -> dict[str, str]:
+    """``{heading: body}`` of every heading under ``## Reference`` (to the next ``## ``)."""
+    text = DOC.read_text()
+    start = text.index("\n## Reference\n")
+    end = text.find("\n## ", start + 1)
+    part = text[start : end if end != -1 else len(text)]
+    sections: dict[str, str] = {}
+    heading = ""
+    for line in part.splitlines(keepends=True):
+        m = HEADING.match(line.rstrip("\n"))
+        if m:
+            heading = m.group(2).strip()
+            sections[heading] = ""
+        elif heading:
+            sections[heading] += line
+    return sections
+
+
+def hookspec_signatures() -> dict[str, str]:
+    """``{name: "name(arg, ...)"}`` for every function marked ``@hookspec``."""
+    marker = f"{hookspecs.PROJECT}_spec"
+    return {
+        name: f"{name}({', '.join(inspect.signature(fn).parameters)})"
+        for name, fn in vars(hookspecs).items()
+        if hasattr(fn, marker)
+    }
+
+
+#: Protocols of components.py that are not a component's optional capability
+NOT_CAPABILITIES = {"FeatureStorage"}
+
+
+def capability_protocols() -> set[str]:
+    return {
+        name
+        for name, obj in vars(components).items()
+        if inspect.isclass(obj)
+        and getattr(obj, "_is_protocol", False)
+        and obj.__module__ == components.__name__
+        and name not in NOT_CAPABILITIES
+    }
+
+
+def test_every_hookspec_has_a_reference_section_with_its_signature() -> None:
+    headings = list(reference_sections())
+    specs = hookspec_signatures()
+    assert specs, "no hookspec found"
+    for signature in specs.values():
+        assert f"`{signature}`" in headings, (
+            f"docs/writing-a-plugin.md has no reference heading `{signature}` "
+            f"(headings: {headings})"
+        )
+
+
+def test_every_capability_has_a_reference_section() -> None:
+    headings = " ".join(reference_sections())
+    for protocol in sorted(capability_protocols()):
+        assert protocol in headings, f"no reference heading names {protocol}"
+    for flag in ("conditioning", "needs_descriptors"):
+        assert flag in headings, f"no reference heading names {flag}"
+
+
+def test_every_reference_section_has_an_example() -> None:
+    sections = reference_sections()
+    leaves = [h for h in sections if h not in ("Reference", "Hooks", "Optional capabilities")]
+    for heading in leaves:
+        assert CODE.search(sections[heading]), f"reference section {heading!r} has no example"
+
+
+def examples() -> list[pytest.param]:
+    return [
+        pytest.param(code, id=re.sub(r"[^a-z0-9_]+", "-", heading.lower()).strip("-"))
+        for heading, body in reference_sections().items()
+        for code in CODE.findall(body)
+    ]
+
+
+@pytest.mark.parametrize("code", examples())
+def test_reference_example_runs_and_loads(
+    code: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    module = types.ModuleType("doc_example")
+    monkeypatch.setitem(sys.modules, module.__name__, module)
+    exec(compile(code, str(DOC), "exec"), module.__dict__)
+
+    pm = PluginManager(entry_points=False)
+    record = pm.add_plugin(module, "doc-example")
+    assert record.ok, record.error
+    group = click.Group("diffeat")
+    pm.add_commands(group)
+    assert pm.records["doc-example"].ok, pm.records["doc-example"].error
+    implemented = {n for n in vars(module) if n in hookspec_signatures()}
+    assert implemented, "the example implements no hook"
+    registers = implemented - {"register_commands"}
+    assert len(record.provides) >= len(registers), "a register_* hook registered nothing"
+    if "register_commands" in implemented:
+        assert group.commands, "register_commands added no command"

@@ -11,12 +11,15 @@ from __future__ import annotations
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, overload
+from typing import TYPE_CHECKING, Any, overload
 
 from diffeat.core.errors import ImageError
 from diffeat.core.geometry import Size
 from diffeat.core.images import ImageInput, as_input
 from diffeat.plugins.datasets.schema import Pair
+
+if TYPE_CHECKING:
+    from diffeat.core.sources import FeatureSource, Progress
 
 
 @dataclass(frozen=True)
@@ -80,22 +83,18 @@ class LazyImages(Sequence[Any]):
 
 
 def index_images(
-    pipeline: Any, refs: Sequence[ImageRef], *, progress: Any = None
+    source: FeatureSource, refs: Sequence[ImageRef], *, progress: Progress | None = None
 ) -> dict[ImageRef, ImageInfo]:
-    """Store key and size of every image (each decoded once, its pixels dropped after)."""
+    """Store key (``source``'s) and size of every image (each decoded once, its pixels dropped)."""
     out: dict[ImageRef, ImageInfo] = {}
     for ref in refs:
         inp = ref.load()
-        out[ref] = ImageInfo(pipeline.image_key(inp), inp.size)
+        out[ref] = ImageInfo(source.image_key(inp), inp.size)
         if progress is not None:
             progress.update(1)
     return out
 
 
-def missing_images(
-    pipeline: Any, infos: dict[ImageRef, ImageInfo], *, cache_key: str | None = None
-) -> list[ImageRef]:
-    """The images whose features are not (completely) in the pipeline's store."""
-    store = pipeline.store
-    key = cache_key or pipeline.cache_key
-    return [ref for ref, info in infos.items() if not store.has(key, info.key)]
+def missing_images(source: FeatureSource, infos: dict[ImageRef, ImageInfo]) -> list[ImageRef]:
+    """The images whose features are not (completely) stored for ``source``'s extractor."""
+    return [ref for ref, info in infos.items() if not source.has_key(info.key)]

@@ -31,6 +31,7 @@ from diffeat.core.components import (
 )
 from diffeat.core.config import StageConfig, config_digest
 from diffeat.core.errors import ConfigError, DiffeatError
+from diffeat.core.features import FeatureSet
 from diffeat.core.options import options_dict
 from diffeat.core.sources import FeatureSource, StoredFeatures, StoreOpener
 from diffeat.plugins.datasets.schema import Pair
@@ -310,11 +311,39 @@ def _device(options: TrainOptions, aggregator: TrainableAggregator) -> torch.dev
     return device_of(aggregator)
 
 
+def _network(
+    aggregator: TrainableAggregator, source: FeatureSource, key: str, device: torch.device
+) -> tuple[torch.nn.Module, tuple[int, int]]:
+    """The network, built (seeded) or loaded by the aggregator for the features stored under
+    ``key`` (the first pair's source), in train mode on ``device``, and its descriptor grid."""
+    probe = source.read(key)
+    layers = [(name, int(t.shape[1])) for name, t in probe.layers.items()]
+    network = aggregator.network_for(layers, list(probe.timesteps)).to(device)
+    network.train()
+    return network, _descriptor_grid(aggregator, network, probe)
+
+
+def _resume_or_restart(
+    ckpt: TrainingCheckpoint | None,
+    state: TrainState,
+    network: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    last: Path,
+    log: Log,
+) -> None:
+    """Load the resume state into ``network`` and ``optimizer``, or (``--restart``) remove it."""
+    if ckpt is not None:
+        apply_state(ckpt, network, optimizer, last)
+        log(f"resuming from step {state.step} ({last})")
+    elif last.exists():  # --restart
+        log(f"starting over: replacing {last}")
+        last.unlink()
+
+
 def _descriptor_grid(
-    aggregator: TrainableAggregator, network: torch.nn.Module, source: FeatureSource, key: str
+    aggregator: TrainableAggregator, network: torch.nn.Module, features: FeatureSet
 ) -> tuple[int, int]:
-    """``(width, height)`` of the descriptors of one stored image (no gradients, eval mode)."""
-    features = source.read(key)
+    """``(width, height)`` of the descriptors of one image (no gradients, eval mode)."""
     network.eval()
     try:
         with torch.no_grad():
@@ -407,25 +436,16 @@ def prepare_training(
         pipeline, refs, extract=extract, progress=progress, log=log, missing_hint=missing_hint
     )
 
-    # the network: built (seeded) or loaded by the aggregator from the first pair's features
     source = pipeline.source
+    assert source.store is not None  # trainable_aggregator refused a pipeline without one
     device = _device(options, aggregator)
     aggregator.device = device
     first = infos[ImageRef(Path(usable[int(order[0])].source), usable[int(order[0])].category)]
-    probe = source.read(first.key)
-    layers = [(name, int(t.shape[1])) for name, t in probe.layers.items()]
-    network = aggregator.network_for(layers, list(probe.timesteps)).to(device)
-    network.train()
-    grid = _descriptor_grid(aggregator, network, source, first.key)
+    network, grid = _network(aggregator, source, first.key, device)
     optimizer = torch.optim.AdamW(
         [p for _, p in network.named_parameters()], lr=options.lr, weight_decay=options.weight_decay
     )
-    if resume_ckpt is not None:
-        apply_state(resume_ckpt, network, optimizer, last)
-        log(f"resuming from step {state.step} ({last})")
-    elif last.exists():  # --restart
-        log(f"starting over: replacing {last}")
-        last.unlink()
+    _resume_or_restart(resume_ckpt, state, network, optimizer, last, log)
 
     mode = options.point_rounding
     items = _train_items(source, [usable[i] for i in used_index], infos, grid, mode)

@@ -237,11 +237,13 @@ def time_training(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
         a, b = rng.choice(len(keys), 2, replace=False)
         cells = rng.randint(0, 64 * 64, size=(2, 12))
         pairs.append(TrainPair(f"p{i}", keys[a], keys[b], cells[0], cells[1]))
-    dataset = PairFeatures(workdir / "train.zarr", cache_key, pairs, dtype="float16")
+    from diffeat.core.sources import StoredFeatures
+
+    dataset = PairFeatures(StoredFeatures(workdir / "train.zarr", cache_key, "float16"), pairs)
     # every image read once and kept as tensors; the samples share them
     from diffeat.train.data import PairSample
 
-    held = {key: dataset.store.get(cache_key, key, dtype=torch.float16) for key in keys}
+    held = {key: dataset.reader.get(key) for key in keys}
     memory = [
         PairSample(
             i,

@@ -29,7 +29,7 @@ import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol, runtime_checkable
+from typing import Any, ClassVar, Protocol, runtime_checkable
 
 import torch
 from PIL import Image
@@ -139,10 +139,26 @@ class TrainingCheckpoint:
 class TrainableAggregator(Protocol):
     """An aggregator with a network that ``diffeat train`` trains.
 
-    Its ``Options`` name the checkpoint it loads as ``checkpoint`` (a path; empty
-    for a fresh network built from its seed).
+    What training relies on, and nothing else:
+
+    - ``checkpoint_option`` names the field of its ``Options`` (a dataclass)
+      holding the checkpoint it starts from: a path, or empty for a fresh
+      network. When that is the file a run writes (or it does not exist yet),
+      ``diffeat train`` clears it and builds the aggregator again;
+    - ``device`` is where the network computes; training sets it before
+      :meth:`network_for`;
+    - :meth:`network_for` builds (seeded) or loads the network once; training
+      optimises every one of its parameters;
+    - :meth:`forward_features` gives descriptors with gradients; every image's
+      descriptor grid must be the same (the keypoints' grid cells are computed
+      once, from the first image);
+    - :meth:`save` writes the network with the run's metadata and extra
+      tensors (the optimiser state); :meth:`read_checkpoint` reads such a
+      file back (to resume), refusing anything else with a clear message.
     """
 
+    #: the field of ``Options`` naming the checkpoint the network starts from (empty: fresh)
+    checkpoint_option: ClassVar[str]
     device: torch.device
 
     def network_for(

@@ -4,9 +4,14 @@
 - :mod:`diffeat.train.loss`: the symmetric contrastive loss and keypoint -> cell rounding;
 - :mod:`diffeat.train.images`: the images of a dataset's pairs, their keys, lazy loading;
 - :mod:`diffeat.train.data`: the pairs as a torch ``Dataset`` (spawned DataLoader workers);
-- :mod:`diffeat.train.validate`: validation PCK through the pipeline's matcher;
-- :mod:`diffeat.train.state`: the resume state next to the best checkpoint;
-- :mod:`diffeat.train.loop`: :func:`train`, the loop itself.
+- :mod:`diffeat.train.validate`: :class:`~diffeat.train.validate.Validator`, validation PCK
+  through the pipeline's matcher, scored as the evaluation scores;
+- :mod:`diffeat.train.state`: the resume state next to the best checkpoint, both written and
+  read through the trainable-aggregator capability;
+- :mod:`diffeat.train.progress`: what training needs of a progress bar;
+- :mod:`diffeat.train.prepare`: :func:`~diffeat.train.prepare.prepare_training`, everything
+  before the first step;
+- :mod:`diffeat.train.loop`: :func:`train` (prepare, then :func:`~diffeat.train.loop.run_steps`).
 
 Importing this package imports nothing heavy; the names below load on first use.
 """
@@ -26,7 +31,7 @@ __all__ = [
 ]
 
 _WHERE = {
-    "MissingFeatures": "diffeat.train.loop",
+    "MissingFeatures": "diffeat.train.prepare",
     "TrainReport": "diffeat.train.loop",
     "train": "diffeat.train.loop",
     "TrainOptions": "diffeat.train.options",

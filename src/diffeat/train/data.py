@@ -1,15 +1,16 @@
 """Training pairs as a torch ``Dataset``: stored features of both images plus keypoint cells.
 
-The dataset holds the store's *path*, never an open handle: every DataLoader
-worker opens the store read-only on first use. Workers are started with
-``spawn`` (forking a process whose zarr event-loop thread is running is not
-safe), which is why everything here is defined at module level and picklable.
-The keypoints' grid cells are computed once, in the main process.
+The dataset reads through a :class:`~diffeat.core.sources.StoredFeatures`
+(from ``FeatureSource.reader``): the store's location and the extractor's
+key, never an open handle, so every DataLoader worker opens the store
+read-only on first use. Workers are started with ``spawn`` (forking a process
+whose zarr event-loop thread is running is not safe), which is why everything
+here is defined at module level and picklable. The keypoints' grid cells are
+computed once, in the main process.
 """
 
 from __future__ import annotations
 
-import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -19,6 +20,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from diffeat.core.features import FeatureSet
+from diffeat.core.sources import StoredFeatures
 
 
 @dataclass(frozen=True)
@@ -45,57 +47,37 @@ class PairSample:
 
 
 class PairFeatures(Dataset):
-    """Stored features of training pairs, read lazily (one store handle per process).
+    """Stored features of training pairs, read lazily through ``reader``.
 
-    ``dtype`` is the dtype features are read in (``"float16"`` for a float16
-    store: half the bytes between processes; the network casts to float32 on
-    its device).
+    The reader's ``dtype`` is the dtype features are read in (``"float16"``
+    for a float16 store: half the bytes between processes; the network casts
+    to float32 on its device). The reader opens the store read-only once per
+    process, so spawned workers each get their own handle.
     """
 
     def __init__(
         self,
-        store_path: str | os.PathLike[str],
-        cache_key: str,
+        reader: StoredFeatures,
         pairs: Sequence[TrainPair],
-        dtype: str = "float32",
     ) -> None:
-        self.store_path = str(store_path)
-        self.cache_key = cache_key
+        self.reader = reader
         self.pairs = list(pairs)
-        self.dtype = dtype
-        self._store: Any = None
-
-    def __getstate__(self) -> dict[str, Any]:
-        state = dict(self.__dict__)
-        state["_store"] = None  # each process opens its own handle
-        return state
 
     def __len__(self) -> int:
         return len(self.pairs)
 
-    @property
-    def store(self) -> Any:
-        if self._store is None:
-            from diffeat.store import FeatureStore
-
-            self._store = FeatureStore(self.store_path, mode="r")
-        return self._store
-
     def __getitem__(self, index: int) -> PairSample:
         pair = self.pairs[index]
-        dtype = getattr(torch, self.dtype)
-        source = self.store.get(self.cache_key, pair.source_key, dtype=dtype)
-        target = self.store.get(self.cache_key, pair.target_key, dtype=dtype)
         return PairSample(
             index,
-            source,
-            target,
+            self.reader.get(pair.source_key),
+            self.reader.get(pair.target_key),
             torch.from_numpy(np.asarray(pair.source_cells, dtype=np.int64)),
             torch.from_numpy(np.asarray(pair.target_cells, dtype=np.int64)),
         )
 
 
-def first_item(batch: list[Any]) -> Any:
+def first_item(batch: list[PairSample]) -> PairSample:
     """The collate function of ``batch_size=1``: the sample itself, not a stacked batch."""
     return batch[0]
 

@@ -9,28 +9,27 @@ their store keys and sizes, and which are not stored yet.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING
 
 from diffeat.core.datasets import ImageInfo, ImageRef
 
+if TYPE_CHECKING:
+    from diffeat.core.sources import FeatureSource, Progress
+
 
 def index_images(
-    pipeline: Any, refs: Sequence[ImageRef], *, progress: Any = None
+    source: FeatureSource, refs: Sequence[ImageRef], *, progress: Progress | None = None
 ) -> dict[ImageRef, ImageInfo]:
-    """Store key and size of every image (each decoded once, its pixels dropped after)."""
+    """Store key (``source``'s) and size of every image (each decoded once, its pixels dropped)."""
     out: dict[ImageRef, ImageInfo] = {}
     for ref in refs:
         inp = ref.load()
-        out[ref] = ImageInfo(pipeline.image_key(inp), inp.size)
+        out[ref] = ImageInfo(source.image_key(inp), inp.size)
         if progress is not None:
             progress.update(1)
     return out
 
 
-def missing_images(
-    pipeline: Any, infos: dict[ImageRef, ImageInfo], *, cache_key: str | None = None
-) -> list[ImageRef]:
-    """The images whose features are not (completely) in the pipeline's store."""
-    store = pipeline.store
-    key = cache_key or pipeline.cache_key
-    return [ref for ref, info in infos.items() if not store.has(key, info.key)]
+def missing_images(source: FeatureSource, infos: dict[ImageRef, ImageInfo]) -> list[ImageRef]:
+    """The images whose features are not (completely) stored for ``source``'s extractor."""
+    return [ref for ref, info in infos.items() if not source.has_key(info.key)]

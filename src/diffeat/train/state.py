@@ -1,16 +1,22 @@
 """The resume state of a training run: ``OUT.last.safetensors`` next to the best checkpoint.
 
-One safetensors file (written atomically by the hyperfeatures checkpoint
-writer) holds the network's weights, the AdamW state of every parameter as
+One file, written by the trainable aggregator's ``save`` (atomically, for the
+hyperfeatures aggregator: one safetensors file), holds the network's weights, the AdamW state of every parameter as
 ``train.adamw.<param>.{exp_avg,exp_avg_sq,step}`` tensors, and JSON metadata
 ``{"train": {...}}``: the step reached, the validation history, the best
 result so far, the per-step losses, a digest of everything that shapes the
 weights, and the extractor's cache key. A run resumes only when the digest
 matches, so a resumed run ends with the weights of an uninterrupted one.
+
+The best network goes to ``OUT`` through the same ``save``, with metadata
+``{"train": {"kind": "best", ...}}``. Nothing here knows a checkpoint format:
+every file is written and read through the
+:class:`~diffeat.core.components.TrainableAggregator` capability.
 """
 
 from __future__ import annotations
 
+import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,6 +24,7 @@ from typing import Any
 
 import torch
 
+from diffeat.core.components import TrainableAggregator, TrainingCheckpoint
 from diffeat.core.errors import DiffeatError
 
 SUFFIX = ".safetensors"
@@ -105,28 +112,43 @@ def restore_optimizer(
 
 def save_state(
     path: Path,
+    aggregator: TrainableAggregator,
     network: torch.nn.Module,
     optimizer: torch.optim.Optimizer,
     state: TrainState,
     info: dict[str, Any],
 ) -> None:
-    """Write the resume state atomically (network, AdamW state, metadata)."""
-    from diffeat.plugins.hyperfeatures.checkpoint import save_checkpoint
-
+    """Write the resume state (``network``, its AdamW state, metadata) through ``aggregator``."""
     named = list(network.named_parameters())
-    save_checkpoint(
+    aggregator.save(
         path,
-        network,  # type: ignore[arg-type]
         extra={"train": {"kind": "resume-state", **info, **state.to_dict()}},
         tensors=optimizer_tensors(optimizer, named),
     )
 
 
-def read_state(path: Path) -> tuple[TrainState, Any]:
-    """The state recorded in ``path`` and the loaded checkpoint (weights not applied yet)."""
-    from diffeat.plugins.hyperfeatures.checkpoint import load_checkpoint
+def save_best(
+    out: Path, aggregator: TrainableAggregator, state: TrainState, info: dict[str, Any]
+) -> None:
+    """Write the aggregator's network as the run's best, with the history so far."""
+    meta = {
+        "kind": "best",
+        **info,
+        "step": state.step,
+        "best": state.best,
+        "history": state.history,
+        "digest": state.digest,
+        "cache_key": state.cache_key,
+    }
+    json.dumps(meta)  # fail here, not half-way through writing, on non-JSON data
+    aggregator.save(out, extra={"train": meta})
 
-    ckpt = load_checkpoint(path)
+
+def read_state(
+    aggregator: TrainableAggregator, path: Path
+) -> tuple[TrainState, TrainingCheckpoint]:
+    """The state recorded in ``path`` and the checkpoint read (weights not applied yet)."""
+    ckpt = aggregator.read_checkpoint(path)
     meta = ckpt.extra.get("train")
     if not isinstance(meta, dict) or meta.get("kind") != "resume-state":
         raise DiffeatError(
@@ -142,7 +164,10 @@ def read_state(path: Path) -> tuple[TrainState, Any]:
 
 
 def apply_state(
-    ckpt: Any, network: torch.nn.Module, optimizer: torch.optim.Optimizer, where: Path
+    ckpt: TrainingCheckpoint,
+    network: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    where: Path,
 ) -> None:
     """Load the checkpoint's weights into ``network`` and its AdamW state into ``optimizer``."""
     try:

@@ -4,11 +4,12 @@ For each pair the stored features of both images go through the network
 (no gradients), become :class:`~diffeat.core.components.View` objects as
 ``Pipeline.view`` builds them (descriptors + the features' transform), and the
 pipeline's matcher predicts the target points of the visible source points
-(clipped into the source image, as the evaluation does). PCK is the official
-``compute_pck``: a point is correct when its distance is ``<= alpha * T``,
-``T`` the longest side of the target image (``img``) or of the target box
-(``bbox``), pooled over all points of all pairs. The validation loss is the
-training loss on the same pairs.
+(clipped into the source image, as the evaluation does). Scoring is the
+evaluation's (:mod:`diffeat.eval.pck`), per point: a point is correct when its
+distance is ``<= alpha * T``, ``T`` the longest side of the target image
+(``img``) or of the target box (``bbox-target``), pooled over all points of all
+pairs (the official ``compute_pck``). The validation loss is the training loss
+on the same pairs.
 """
 
 from __future__ import annotations
@@ -20,12 +21,16 @@ from typing import Any
 import numpy as np
 import torch
 
-from diffeat.core.components import View
+from diffeat.core.components import Matcher, TrainableAggregator, View
 from diffeat.core.datasets import Pair
+from diffeat.core.features import FeatureSet
 from diffeat.core.geometry import Size
-from diffeat.eval.pck import correct, distances, threshold_of
-from diffeat.eval.runner import ImageCache
+from diffeat.core.images import ImageInput
+from diffeat.core.sources import FeatureSource
+from diffeat.eval.pck import ScoredPair, distances, headline, summarize, threshold_of
+from diffeat.eval.runner import ImageCache, pair_threshold
 from diffeat.train.loss import correspondence_loss
+from diffeat.train.progress import Bar
 
 
 @dataclass(frozen=True)
@@ -60,65 +65,116 @@ def has_boxes(items: Sequence[ValPair]) -> bool:
     return bool(items) and all(item.pair.target_bbox is not None for item in items)
 
 
-def validate(
-    pipeline: Any,
-    aggregator: Any,
-    items: Sequence[ValPair],
-    *,
-    alpha: float,
-    temperature: float,
-    device: torch.device | str = "cpu",
-    progress: Any = None,
-) -> dict[str, Any]:
-    """PCK@alpha (img and, where every pair has one, bbox) and mean loss over ``items``.
+#: the per-point average of :func:`diffeat.eval.pck.summarize` (all correct / all scored)
+PER_POINT = "per-point"
 
-    Features are read onto ``device`` (the store casts them there).
+
+@dataclass
+class _Predicted:
+    """One validated pair: its loss and the distances of its predicted target points."""
+
+    loss: float
+    distances: np.ndarray
+
+
+class Validator:
+    """PCK@alpha and loss of the network being trained, on fixed validation pairs.
+
+    ``metric`` names the number that picks the best step: ``pck_bbox`` when
+    every pair has a target box, else ``pck_img`` (``None`` without pairs).
     """
-    store, key, matcher = pipeline.store, pipeline.cache_key, pipeline.matcher
-    images = ImageCache(64)
-    hits = {"img": 0, "bbox": 0}
-    points = 0
-    losses: list[float] = []
-    boxes = has_boxes(items)
-    with torch.no_grad():
-        for item in items:
-            pair = item.pair
-            src_fs = store.get(key, item.source_key, device=device)
-            tgt_fs = store.get(key, item.target_key, device=device)
-            desc = aggregator.forward_features([src_fs, tgt_fs]).float()
-            losses.append(
-                float(
-                    correspondence_loss(
-                        desc[0],
-                        desc[1],
-                        torch.from_numpy(item.source_cells),
-                        torch.from_numpy(item.target_cells),
-                        temperature,
+
+    def __init__(
+        self,
+        source: FeatureSource,
+        matcher: Matcher,
+        aggregator: TrainableAggregator,
+        items: Sequence[ValPair],
+        *,
+        alpha: float,
+        temperature: float,
+        device: torch.device | str = "cpu",
+    ) -> None:
+        self.source = source
+        self.matcher = matcher
+        self.aggregator = aggregator
+        self.items = list(items)
+        self.alpha = alpha
+        self.temperature = temperature
+        self.device = device
+        self.boxes = has_boxes(self.items)
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    @property
+    def metric(self) -> str | None:
+        if not self.items:
+            return None
+        return "pck_bbox" if self.boxes else "pck_img"
+
+    def __call__(self, progress: Bar | None = None) -> dict[str, Any]:
+        """``{"pck_img", "pck_bbox", "loss", "pairs", "points", "alpha"}`` over every pair.
+
+        Features are read onto the validator's device (the store casts them there).
+        """
+        images = ImageCache(64)
+        scored: dict[str, list[ScoredPair]] = {"img": [], "bbox": []}
+        losses: list[float] = []
+        with torch.no_grad():
+            for item in self.items:
+                predicted = self._predict(item, images)
+                losses.append(predicted.loss)
+                pair = item.pair
+                t_img = threshold_of("img", target_size=item.target_size)
+                scored["img"].append(ScoredPair(pair.id, pair.category, predicted.distances, t_img))
+                if self.boxes:
+                    t_box = pair_threshold(pair, "bbox-target")
+                    scored["bbox"].append(
+                        ScoredPair(pair.id, pair.category, predicted.distances, t_box)
                     )
-                )
-            )
-            src_img, tgt_img = images.get(pair.source), images.get(pair.target)
-            vis = np.flatnonzero(pair.visible)
-            w, h = src_img.size
-            query = np.clip(pair.source_points[vis], 0, [w - 1, h - 1])
-            src_view = View(src_img.image, src_fs.transform, desc[0], src_fs, str(pair.source))
-            tgt_view = View(tgt_img.image, tgt_fs.transform, desc[1], tgt_fs, str(pair.target))
-            result = matcher.match(src_view, tgt_view, torch.as_tensor(query, dtype=torch.float32))
-            predicted = result.points.detach().cpu().double().numpy().reshape(-1, 2)
-            dist = distances(predicted, pair.target_points[vis])
-            points += len(dist)
-            t_img = threshold_of("img", target_size=item.target_size)
-            hits["img"] += int(correct(dist, t_img, alpha).sum())
-            if boxes:
-                t_box = threshold_of("bbox-target", target_bbox=pair.target_bbox)
-                hits["bbox"] += int(correct(dist, t_box, alpha).sum())
-            if progress is not None:
-                progress.update(1)
-    return {
-        "pck_img": hits["img"] / points if points else None,
-        "pck_bbox": (hits["bbox"] / points if points else None) if boxes else None,
-        "loss": float(np.mean(losses)) if losses else None,
-        "pairs": len(items),
-        "points": points,
-        "alpha": alpha,
-    }
+                if progress is not None:
+                    progress.update(1)
+        img = summarize(scored["img"], [self.alpha])
+        return {
+            "pck_img": headline(img, self.alpha, PER_POINT),
+            "pck_bbox": self._pck(scored["bbox"]) if self.boxes else None,
+            "loss": float(np.mean(losses)) if losses else None,
+            "pairs": len(self.items),
+            "points": img["points"],
+            "alpha": self.alpha,
+        }
+
+    def _pck(self, pairs: list[ScoredPair]) -> float | None:
+        return headline(summarize(pairs, [self.alpha]), self.alpha, PER_POINT)
+
+    def _predict(self, item: ValPair, images: ImageCache) -> _Predicted:
+        """The pair's loss and, for its visible source points, the predicted target points'
+        distances to the ground truth."""
+        pair = item.pair
+        src_fs = self.source.read(item.source_key, device=self.device)
+        tgt_fs = self.source.read(item.target_key, device=self.device)
+        desc = self.aggregator.forward_features([src_fs, tgt_fs]).float()
+        loss = correspondence_loss(
+            desc[0],
+            desc[1],
+            torch.from_numpy(item.source_cells),
+            torch.from_numpy(item.target_cells),
+            self.temperature,
+        )
+        src_img, tgt_img = images.get(pair.source), images.get(pair.target)
+        vis = np.flatnonzero(pair.visible)
+        w, h = src_img.size
+        query = np.clip(pair.source_points[vis], 0, [w - 1, h - 1])
+        result = self.matcher.match(
+            _view(src_img, src_fs, desc[0], pair.source),
+            _view(tgt_img, tgt_fs, desc[1], pair.target),
+            torch.as_tensor(query, dtype=torch.float32),
+        )
+        points = result.points.detach().cpu().double().numpy().reshape(-1, 2)
+        return _Predicted(float(loss), distances(points, pair.target_points[vis]))
+
+
+def _view(image: ImageInput, features: FeatureSet, descriptors: torch.Tensor, path: object) -> View:
+    """The matcher's view of a validation image, as ``Pipeline.view`` builds it."""
+    return View(image.image, features.transform, descriptors, features, str(path))

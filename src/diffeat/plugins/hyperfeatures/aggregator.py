@@ -10,7 +10,7 @@ from typing import Any
 
 import torch
 
-from diffeat.core.components import Aggregator
+from diffeat.core.components import Aggregator, TrainingCheckpoint
 from diffeat.core.devices import pick_device
 from diffeat.core.errors import ConfigError, DiffeatError
 from diffeat.core.features import FeatureSet
@@ -73,6 +73,8 @@ class Hyperfeatures(Aggregator):
     """
 
     Options = HyperfeaturesOptions
+    #: the option naming the checkpoint to start from (the trainable-aggregator contract)
+    checkpoint_option = "checkpoint"
 
     def __init__(self, options: HyperfeaturesOptions | None = None) -> None:
         self.options = options or HyperfeaturesOptions()
@@ -198,3 +200,12 @@ class Hyperfeatures(Aggregator):
                 "(call network_for(layers, timesteps) or aggregate some features first)"
             )
         return save_checkpoint(path, self._network, extra=extra, tensors=tensors)
+
+    def read_checkpoint(self, path: str | os.PathLike[str]) -> TrainingCheckpoint:
+        """The weights, extra tensors and metadata of a file written by :meth:`save`.
+
+        Anything else (a missing file, another format, a safetensors file
+        without diffeat metadata) is refused with :func:`load_checkpoint`'s message.
+        """
+        ckpt = load_checkpoint(path)
+        return TrainingCheckpoint(ckpt.state_dict, ckpt.tensors, ckpt.extra)

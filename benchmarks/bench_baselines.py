@@ -30,136 +30,31 @@ import argparse
 import gc
 import json
 import os
-import platform
-import shutil
 import sys
 import time
 from pathlib import Path
 from typing import Any
 
-ROOT = Path(__file__).resolve().parent
-sys.path.insert(0, str(ROOT))
+from _common import (
+    EXAMPLES,
+    cpu_seconds,
+    cuda_peaks,
+    device_sync,
+    machine_info,
+    peak_rss_mib,
+    reset_peak_rss,
+    rss_mib,
+    synthetic_images,
+    write_json,
+)
+from _models import VIT_BASELINES as BASELINES
+from _models import VIT_DIR, build_vit
 
-from bench_dift import cpu_seconds, peak_rss_mib, reset_peak_rss, rss_mib  # noqa: E402
-
-EXAMPLES = ROOT.parent / "examples"
-DEFAULT_MODEL_DIR = ROOT / "out" / "vit-random"
-MARKER = ".bench_complete.json"
-RECIPE_VERSION = 1
-BASELINES = ("dino-vitb8", "dinov2-b14", "openclip-vith14")
-
-
-# -- the models ----------------------------------------------------------------------------------
-
-
-def dino_vitb8_config() -> dict[str, Any]:
-    """``config.json`` of facebook/dino-vitb8 (ViT-B/8)."""
-    return {
-        "image_size": 224,
-        "patch_size": 8,
-        "num_channels": 3,
-        "hidden_size": 768,
-        "num_hidden_layers": 12,
-        "num_attention_heads": 12,
-        "intermediate_size": 3072,
-        "hidden_act": "gelu",
-        "layer_norm_eps": 1e-6,
-        "qkv_bias": True,
-    }
-
-
-def dinov2_base_config() -> dict[str, Any]:
-    """``config.json`` of facebook/dinov2-base (ViT-B/14, 518 px position grid)."""
-    return {
-        "image_size": 518,
-        "patch_size": 14,
-        "num_channels": 3,
-        "hidden_size": 768,
-        "num_hidden_layers": 12,
-        "num_attention_heads": 12,
-        "mlp_ratio": 4,
-        "hidden_act": "gelu",
-        "layer_norm_eps": 1e-6,
-        "layerscale_value": 1.0,
-        "use_swiglu_ffn": False,
-        "qkv_bias": True,
-    }
-
-
-def marker_complete(folder: Path, recipe: int = RECIPE_VERSION) -> bool:
-    """True when ``folder`` holds a finished build of recipe version ``recipe``."""
-    try:
-        return json.loads((folder / MARKER).read_text()).get("recipe") == recipe
-    except (OSError, ValueError):
-        return False
-
-
-def fresh_folder(folder: Path) -> None:
-    """An empty ``folder`` (a half-built one is removed first)."""
-    if folder.exists():
-        shutil.rmtree(folder)
-    folder.mkdir(parents=True)
-
-
-def write_marker(folder: Path, recipe: int = RECIPE_VERSION, **facts: Any) -> None:
-    """Mark ``folder`` as a finished build of ``recipe``, with ``facts`` (build_s, ...)."""
-    marker = {"recipe": recipe, **facts}
-    (folder / MARKER).write_text(json.dumps(marker, indent=2) + "\n")
-
-
-def build_model(name: str, folder: Path) -> str:
-    """Build ``name``'s architecture with random weights into ``folder`` (once); return the
-    extractor's ``model`` value."""
-    import torch
-
-    if marker_complete(folder):
-        return str(folder)
-    start = time.perf_counter()
-    fresh_folder(folder)
-    torch.manual_seed(0)
-    if name == "dino-vitb8":
-        from transformers import ViTConfig, ViTModel
-
-        model: Any = ViTModel(ViTConfig(**dino_vitb8_config()), add_pooling_layer=False)
-        model.save_pretrained(folder, safe_serialization=True)
-    elif name == "dinov2-b14":
-        from transformers import Dinov2Config, Dinov2Model
-
-        model = Dinov2Model(Dinov2Config(**dinov2_base_config()))
-        model.save_pretrained(folder, safe_serialization=True)
-    elif name == "openclip-vith14":
-        import open_clip
-        from safetensors.torch import save_file
-
-        cfg = open_clip.get_model_config("ViT-H-14")
-        model = open_clip.create_model("ViT-H-14", pretrained=None)
-        state = {k: v.detach().half().contiguous() for k, v in model.state_dict().items()}
-        save_file(state, str(folder / "open_clip_model.safetensors"))
-        local = {
-            "model_cfg": cfg,
-            "preprocess_cfg": {
-                "mean": list(open_clip.OPENAI_DATASET_MEAN),
-                "std": list(open_clip.OPENAI_DATASET_STD),
-            },
-        }
-        (folder / "open_clip_config.json").write_text(json.dumps(local, indent=2) + "\n")
-    else:
-        raise ValueError(name)
-    params = sum(p.numel() for p in model.parameters())
-    seconds = time.perf_counter() - start
-    write_marker(folder, parameters=params, build_s=seconds)
-    print(f"[{name}] built {params / 1e6:.0f}M parameters in {seconds:.0f} s", file=sys.stderr)
-    return str(folder)
+#: the seed of the first synthetic image (the warm-up one)
+IMAGE_SEED = 2000
 
 
 # -- measuring -----------------------------------------------------------------------------------
-
-
-def bench_images(n: int) -> list[Any]:
-    from diffeat.core.images import as_input
-    from diffeat.testing import smooth_texture
-
-    return [as_input(smooth_texture((640, 480), seed=2000 + i, cells=12)) for i in range(n)]
 
 
 def run_baseline(name: str, model: str, args: argparse.Namespace) -> dict[str, Any]:
@@ -176,10 +71,7 @@ def run_baseline(name: str, model: str, args: argparse.Namespace) -> dict[str, A
     cfg = load_config(EXAMPLES / f"{name}.toml", overrides)
     ex = cfg.extractor.build()
     cuda = ex.device.type == "cuda"
-
-    def sync() -> None:
-        if cuda:
-            torch.cuda.synchronize()
+    sync = device_sync(cuda)
 
     def log(msg: str) -> None:
         print(f"[{name}] {msg}", file=sys.stderr, flush=True)
@@ -191,7 +83,7 @@ def run_baseline(name: str, model: str, args: argparse.Namespace) -> dict[str, A
     rss_loaded = rss_mib()
     log(f"loaded in {load_s:.1f} s, RSS {rss_loaded or 0:.0f} MiB")
     b = args.batch_size
-    images = bench_images(b * (args.images + 1))
+    images = synthetic_images(b * (args.images + 1), IMAGE_SEED)
     sync()
     t = time.perf_counter()
     ex.extract(images[:b])
@@ -234,34 +126,10 @@ def run_baseline(name: str, model: str, args: argparse.Namespace) -> dict[str, A
         "layer_shape": shape,
     }
     if cuda:
-        result["cuda_max_allocated_mib"] = torch.cuda.max_memory_allocated() / 2**20
-        result["cuda_max_reserved_mib"] = torch.cuda.max_memory_reserved() / 2**20
-        result["gpu"] = torch.cuda.get_device_name(ex.device)
+        result.update(cuda_peaks(ex.device))
     del ex
     gc.collect()
     return result
-
-
-def machine() -> dict[str, Any]:
-    import torch
-
-    cpu = platform.processor()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return {
-        "platform": platform.platform(),
-        "python": platform.python_version(),
-        "cpu": cpu,
-        "cpu_count": os.cpu_count(),
-        "torch": torch.__version__,
-        "torch_threads": torch.get_num_threads(),
-        "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
-    }
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -272,13 +140,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
     p.add_argument("--threads", type=int, default=0, help="torch.set_num_threads (0: default)")
     p.add_argument("--only", nargs="+", choices=BASELINES, default=list(BASELINES))
-    p.add_argument("--model-dir", type=Path, default=DEFAULT_MODEL_DIR)
+    p.add_argument("--model-dir", type=Path, default=VIT_DIR)
     p.add_argument("--json", type=Path, default=None, help="write the results here")
     args = p.parse_args(argv)
 
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     import torch
 
+    info = machine_info()  # before --threads: it records torch's default thread count
     if args.threads:
         torch.set_num_threads(args.threads)
     from diffeat.plugins.modelfiles import quiet_transformers
@@ -286,7 +155,7 @@ def main(argv: list[str] | None = None) -> int:
     quiet_transformers()
     results = {}
     for name in args.only:
-        model = build_model(name, args.model_dir / name)
+        model = build_vit(name, args.model_dir / name)
         results[name] = run_baseline(name, model, args)
 
     cuda = any("cuda_max_allocated_mib" in r for r in results.values())
@@ -306,11 +175,10 @@ def main(argv: list[str] | None = None) -> int:
             + (f"{r.get('cuda_max_allocated_mib', 0):>8.0f} MiB" if cuda else "")
         )
     if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        out = {"machine": machine(), "args": {**vars(args), "model_dir": str(args.model_dir)}}
+        out = {"machine": info, "args": {**vars(args), "model_dir": str(args.model_dir)}}
         out["args"]["json"] = str(args.json)
         out["results"] = results
-        args.json.write_text(json.dumps(out, indent=2) + "\n")
+        write_json(args.json, out)
         print(f"wrote {args.json}")
     return 0
 

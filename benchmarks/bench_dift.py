@@ -36,8 +36,6 @@ import argparse
 import gc
 import json
 import os
-import platform
-import shutil
 import subprocess
 import sys
 import tempfile
@@ -47,185 +45,31 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-ROOT = Path(__file__).resolve().parent
-DEFAULT_MODEL_DIR = ROOT / "out" / "sd15-random"
-MARKER = ".bench_complete.json"
-#: Bump when the built model changes, so old folders are rebuilt.
-RECIPE_VERSION = 1
+from _common import (
+    cpu_seconds,
+    cuda_peaks,
+    device_sync,
+    fmt,
+    machine_info,
+    marker_facts,
+    maxrss_mib,
+    peak_rss_mib,
+    reset_peak_rss,
+    rss_mib,
+    synthetic_images,
+    write_json,
+)
+from _models import SD15_DIR, build_sd15_random, sd15_is_complete
+
 LAYER = "up_blocks.1"
+#: the seed of the first synthetic image (the warm-up one)
+IMAGE_SEED = 1000
 
 #: Options of the ``stable-diffusion`` extractor that differ between the two variants.
 VARIANTS: dict[str, dict[str, Any]] = {
     "dift": {},  # the defaults: encode_per_copy=False, stop_early=True
     "naive": {"encode_per_copy": True, "stop_early": False},
 }
-
-# -- the model -------------------------------------------------------------------------------
-
-
-def sd15_unet_config() -> dict[str, Any]:
-    """``unet/config.json`` of Stable Diffusion 1.5."""
-    from diffeat.testing.sd import sd_unet_config
-
-    return sd_unet_config(
-        block_out_channels=(320, 640, 1280, 1280),
-        norm_num_groups=32,
-        cross_attention_dim=768,
-        attention_head_dim=8,
-        use_linear_projection=False,
-        sample_size=64,
-    )
-
-
-def sd_vae_config() -> dict[str, Any]:
-    """``vae/config.json`` of Stable Diffusion 1.x / 2.x."""
-    return {
-        "in_channels": 3,
-        "out_channels": 3,
-        "down_block_types": ("DownEncoderBlock2D",) * 4,
-        "up_block_types": ("UpDecoderBlock2D",) * 4,
-        "block_out_channels": (128, 256, 512, 512),
-        "layers_per_block": 2,
-        "act_fn": "silu",
-        "latent_channels": 4,
-        "norm_num_groups": 32,
-        "sample_size": 512,
-        "scaling_factor": 0.18215,
-    }
-
-
-def sd15_text_config(bos: int, eos: int, pad: int) -> dict[str, Any]:
-    """``text_encoder/config.json`` of Stable Diffusion 1.5 (OpenAI CLIP ViT-L/14 text tower)."""
-    return {
-        "vocab_size": 49408,
-        "hidden_size": 768,
-        "intermediate_size": 3072,
-        "num_hidden_layers": 12,
-        "num_attention_heads": 12,
-        "max_position_embeddings": 77,
-        "projection_dim": 768,
-        "hidden_act": "quick_gelu",
-        "layer_norm_eps": 1e-5,
-        "bos_token_id": bos,
-        "eos_token_id": eos,
-        "pad_token_id": pad,
-    }
-
-
-def model_is_complete(folder: Path) -> bool:
-    try:
-        marker = json.loads((folder / MARKER).read_text())
-    except (OSError, ValueError):
-        return False
-    return marker.get("recipe") == RECIPE_VERSION
-
-
-def build_sd15_random(folder: Path, seed: int = 0) -> float:
-    """Build SD 1.5 with random weights into ``folder`` (offline); return the seconds it took."""
-    import torch
-    from diffusers import (
-        AutoencoderKL,
-        DDIMScheduler,
-        UNet2DConditionModel,
-    )
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
-
-    from diffeat.testing.sd import (
-        EOS_TOKEN,
-        save_stable_diffusion,
-        tiny_scheduler_config,
-        write_clip_tokenizer,
-    )
-
-    start = time.perf_counter()
-    if folder.exists():
-        shutil.rmtree(folder)  # half-built (no marker) or an older recipe
-    folder.mkdir(parents=True)
-    tokenizer = CLIPTokenizer.from_pretrained(
-        write_clip_tokenizer(folder / "tokenizer", pad_token=EOS_TOKEN)
-    )
-    text_config = CLIPTextConfig(
-        **sd15_text_config(tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.pad_token_id)
-    )
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        unet = UNet2DConditionModel(**sd15_unet_config())
-        torch.manual_seed(seed + 1)
-        vae = AutoencoderKL(**sd_vae_config())
-        torch.manual_seed(seed + 2)
-        text_encoder = CLIPTextModel(text_config)
-    scheduler = DDIMScheduler(**tiny_scheduler_config("epsilon"))  # SD's DDIM config
-    save_stable_diffusion(folder, unet, vae, text_encoder, tokenizer, scheduler)
-    params = {
-        n: sum(p.numel() for p in m.parameters())
-        for n, m in (("unet", unet), ("vae", vae), ("text_encoder", text_encoder))
-    }
-    seconds = time.perf_counter() - start
-    marker = {
-        "recipe": RECIPE_VERSION,
-        "seed": seed,
-        "parameters": params,
-        "build_s": seconds,
-        "vocab_size_tokenizer": len(tokenizer),
-    }
-    (folder / MARKER).write_text(json.dumps(marker, indent=2) + "\n")
-    return seconds
-
-
-# -- memory ----------------------------------------------------------------------------------
-
-
-def _proc_status_kib(field: str) -> int | None:
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    except OSError:
-        pass
-    return None
-
-
-def rss_mib() -> float | None:
-    kib = _proc_status_kib("VmRSS")
-    if kib is not None:
-        return kib / 1024
-    try:
-        import psutil
-
-        return psutil.Process().memory_info().rss / 2**20
-    except ImportError:
-        return None
-
-
-def reset_peak_rss() -> bool:
-    """Reset the kernel's RSS high-water mark (Linux >= 4.0); False where that is impossible."""
-    try:
-        Path("/proc/self/clear_refs").write_text("5")
-    except OSError:
-        return False
-    return True
-
-
-def peak_rss_mib() -> float:
-    """``VmHWM`` (resettable) where available, else ``ru_maxrss`` (whole process)."""
-    kib = _proc_status_kib("VmHWM")
-    return kib / 1024 if kib is not None else maxrss_mib()
-
-
-def cpu_seconds() -> float:
-    """User + system CPU seconds of this process so far."""
-    import resource
-
-    ru = resource.getrusage(resource.RUSAGE_SELF)
-    return ru.ru_utime + ru.ru_stime
-
-
-def maxrss_mib() -> float:
-    import resource
-
-    ru = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return ru / 2**20 if sys.platform == "darwin" else ru / 1024  # bytes on macOS, KiB on Linux
-
 
 # -- stage timing -----------------------------------------------------------------------------
 
@@ -313,14 +157,6 @@ STAGE_ORDER = [
 # -- one variant (runs in a subprocess) -------------------------------------------------------
 
 
-def bench_images(n: int) -> list[Any]:
-    """``n`` deterministic synthetic 640 x 480 images (index 0 is the warm-up image)."""
-    from diffeat.core.images import as_input
-    from diffeat.testing import smooth_texture
-
-    return [as_input(smooth_texture((640, 480), seed=1000 + i, cells=12)) for i in range(n)]
-
-
 def run_variant(args: argparse.Namespace) -> dict[str, Any]:
     import torch
 
@@ -344,7 +180,7 @@ def run_variant(args: argparse.Namespace) -> dict[str, Any]:
     opts = build_options(StableDiffusionExtractor, values, f"bench_dift[{name}]")
     ext = StableDiffusionExtractor(opts)
     cuda = ext.device.type == "cuda"
-    sync: Callable[[], None] = torch.cuda.synchronize if cuda else (lambda: None)
+    sync = device_sync(cuda)
 
     def log(msg: str) -> None:
         print(f"[{name}] {msg}", file=sys.stderr, flush=True)
@@ -361,7 +197,7 @@ def run_variant(args: argparse.Namespace) -> dict[str, Any]:
 
     use_stages = args.stages == "on" or (args.stages == "auto" and not cuda)
     timer = StageTimer(stage_modules(parts), sync) if use_stages else None
-    images = bench_images(args.images + 1)
+    images = synthetic_images(args.images + 1, IMAGE_SEED)
 
     sync()
     t = time.perf_counter()
@@ -422,9 +258,7 @@ def run_variant(args: argparse.Namespace) -> dict[str, Any]:
         "all_finite": all_finite,
     }
     if cuda:
-        result["cuda_max_allocated_mib"] = torch.cuda.max_memory_allocated() / 2**20
-        result["cuda_max_reserved_mib"] = torch.cuda.max_memory_reserved() / 2**20
-        result["gpu"] = torch.cuda.get_device_name(ext.device)
+        result.update(cuda_peaks(ext.device))
     if timer:
         per = {k: v / len(per_image) for k, v in timer.seconds.items()}
         groups: dict[str, float] = defaultdict(float)
@@ -438,58 +272,6 @@ def run_variant(args: argparse.Namespace) -> dict[str, Any]:
 
 
 # -- the driver -------------------------------------------------------------------------------
-
-
-def machine_info() -> dict[str, Any]:
-    import torch
-
-    try:
-        affinity = len(os.sched_getaffinity(0))
-    except AttributeError:
-        affinity = None
-    cpu_model = platform.processor()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu_model = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    mem = _proc_meminfo_mib("MemTotal")
-    return {
-        "platform": platform.platform(),
-        "python": platform.python_version(),
-        "cpu": cpu_model,
-        "cpu_count": os.cpu_count(),
-        "cpu_affinity": affinity,
-        "memory_mib": mem,
-        "torch": torch.__version__,
-        "torch_threads_default": torch.get_num_threads(),
-        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
-        "omp_num_threads": os.environ.get("OMP_NUM_THREADS"),
-        "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
-        "diffusers": _version("diffusers"),
-        "transformers": _version("transformers"),
-    }
-
-
-def _proc_meminfo_mib(field: str) -> float | None:
-    try:
-        for line in Path("/proc/meminfo").read_text().splitlines():
-            if line.startswith(field + ":"):
-                return int(line.split()[1]) / 1024
-    except OSError:
-        pass
-    return None
-
-
-def _version(dist: str) -> str | None:
-    from importlib import metadata
-
-    try:
-        return metadata.version(dist)
-    except metadata.PackageNotFoundError:
-        return None
 
 
 def compare_features(a_files: list[str], b_files: list[str]) -> dict[str, float]:
@@ -542,10 +324,6 @@ def child_command(args: argparse.Namespace, extra: list[str]) -> list[str]:
     if args.threads:
         cmd += ["--threads", str(args.threads)]
     return cmd + extra
-
-
-def fmt(value: float | None, spec: str) -> str:
-    return "-" if value is None else format(value, spec)
 
 
 def print_report(results: dict[str, dict[str, Any]], summary: dict[str, Any]) -> None:
@@ -611,7 +389,7 @@ def drive(args: argparse.Namespace) -> None:
     print(f"command: {' '.join([Path(sys.executable).name, *sys.argv])}", flush=True)
 
     build_s = None
-    if model_is_complete(args.model_dir):
+    if sd15_is_complete(args.model_dir):
         print(f"model: {args.model_dir} (cached)", flush=True)
     else:
         print(f"model: building SD 1.5 (random weights) into {args.model_dir} ...", flush=True)
@@ -625,7 +403,7 @@ def drive(args: argparse.Namespace) -> None:
             ],
             check=True,
         )
-        build_s = json.loads((args.model_dir / MARKER).read_text())["build_s"]
+        build_s = marker_facts(args.model_dir)["build_s"]
         print(f"model: built in {build_s:.0f} s", flush=True)
 
     results: dict[str, dict[str, Any]] = {}
@@ -666,8 +444,7 @@ def drive(args: argparse.Namespace) -> None:
             "results": results,
             **summary,
         }
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(data, indent=2) + "\n")
+        write_json(args.json, data)
         print(f"results written to {args.json}")
 
 
@@ -678,7 +455,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument(
         "--model-dir",
         type=Path,
-        default=DEFAULT_MODEL_DIR,
+        default=SD15_DIR,
         help="where the random-weight SD 1.5 is built once and cached (default: %(default)s)",
     )
     p.add_argument(

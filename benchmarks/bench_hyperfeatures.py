@@ -30,25 +30,17 @@ per image, and training speed reading features from the store against reading fr
 from __future__ import annotations
 
 import argparse
-import json
 import shutil
-import sys
 import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
-ROOT = Path(__file__).resolve().parent
-sys.path.insert(0, str(ROOT))
+from _common import device_sync, machine_info, synthetic_images, write_json
+from _models import SD15_DIR, build_sd15_random, sd15_is_complete
 
-from bench_dift import (  # noqa: E402  (benchmarks/ is not a package)
-    DEFAULT_MODEL_DIR,
-    bench_images,
-    build_sd15_random,
-    machine_info,
-    model_is_complete,
-)
-
+#: the seed of the first synthetic image: bench_dift.py's images
+IMAGE_SEED = 1000
 CONV2 = "up_blocks.*.resnets.*.conv2"
 KEPT_50 = [-1, 60, 160, 260, 360, 460, 560, 660, 760, 860, 960]
 
@@ -113,21 +105,15 @@ def bare_inversion(ex: Any, image: Any) -> None:
         float(x.sum())  # wait for the device
 
 
-def sync(device: str) -> None:
-    import torch
-
-    if device.startswith("cuda"):
-        torch.cuda.synchronize()
-
-
 def time_inversion(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
     import torch
 
     from diffeat.store import FeatureStore
 
     pipe = make_pipeline(args, workdir / "extract.zarr")
+    sync = device_sync(args.device.startswith("cuda"))
     ex = pipe.extractor
-    images = bench_images(args.images + 1)
+    images = synthetic_images(args.images + 1, IMAGE_SEED)
     _ = ex.parts  # load before timing
     store = FeatureStore(workdir / "inv.zarr")
     cache_key = "bench-hyperfeatures"
@@ -150,17 +136,17 @@ def time_inversion(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
     times: dict[str, list[float]] = {name: [] for name in variants}
     for im in images[1:]:
         for name, fn in variants.items():  # interleaved, so drift hits every variant alike
-            sync(args.device)
+            sync()
             start = time.perf_counter()
             fn(im)
-            sync(args.device)
+            sync()
             times[name].append(time.perf_counter() - start)
     # diffeat extract's path over all timed images at once
     pipe.extract(images[:1])  # warm-up (and the store's first write)
-    sync(args.device)
+    sync()
     start = time.perf_counter()
     report = pipe.extract(images[1:])
-    sync(args.device)
+    sync()
     times["pipeline"] = [(time.perf_counter() - start) / max(1, report.computed)]
     info = store.entry_info(cache_key, images[1].key)
     result: dict[str, Any] = {
@@ -256,6 +242,7 @@ def time_training(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
     ]
 
     device = args.device
+    sync = device_sync(device.startswith("cuda"))
     agg = Hyperfeatures(build_options(Hyperfeatures, {"device": device}, "bench"))
     shapes = real_shapes()
     network = agg.network_for([(n, c) for n, (c, _, _) in shapes.items()], KEPT_50)
@@ -276,11 +263,11 @@ def time_training(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
         it = iter(samples)
         for _ in range(2):  # warm-up steps (and, with workers, their start-up)
             step(next(it))
-        sync(device)
+        sync()
         start = time.perf_counter()
         for _ in range(n):
             step(next(it))
-        sync(device)
+        sync()
         return n / (time.perf_counter() - start)
 
     speeds = {
@@ -325,7 +312,7 @@ def print_report(summary: dict[str, Any]) -> None:
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    ap.add_argument("--model-dir", type=Path, default=DEFAULT_MODEL_DIR)
+    ap.add_argument("--model-dir", type=Path, default=SD15_DIR)
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
     ap.add_argument("--steps", type=int, default=50, help="DDIM inversion steps")
@@ -349,7 +336,7 @@ def main(argv: list[str] | None = None) -> None:
     workdir = Path(tempfile.mkdtemp(prefix="bench-hf-"))
     try:
         if not args.skip_inversion:
-            if not model_is_complete(args.model_dir):
+            if not sd15_is_complete(args.model_dir):
                 print(f"building SD 1.5 with random weights in {args.model_dir} ...", flush=True)
                 summary["model_build_s"] = build_sd15_random(args.model_dir)
             summary["inversion"] = time_inversion(args, workdir)
@@ -359,8 +346,7 @@ def main(argv: list[str] | None = None) -> None:
         shutil.rmtree(workdir, ignore_errors=True)
     print_report(summary)
     if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(summary, indent=2) + "\n")
+        write_json(args.json, summary)
 
 
 if __name__ == "__main__":

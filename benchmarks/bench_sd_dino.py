@@ -66,31 +66,29 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-ROOT = Path(__file__).resolve().parent
-sys.path.insert(0, str(ROOT))
-
-from bench_baselines import DEFAULT_MODEL_DIR as VIT_DIR  # noqa: E402
-from bench_baselines import (  # noqa: E402
-    MARKER,
-    build_model,
-    fresh_folder,
-    marker_complete,
-    write_marker,
-)
-from bench_dift import DEFAULT_MODEL_DIR as SD15_DIR  # noqa: E402
-from bench_dift import (  # noqa: E402
+from _common import (
+    EXAMPLES,
+    OUT,
+    ROOT,
     cpu_seconds,
+    cuda_peaks,
+    device_sync,
     fmt,
+    fresh_folder,
     machine_info,
+    marker_complete,
+    marker_facts,
     maxrss_mib,
-    model_is_complete,
     peak_rss_mib,
     reset_peak_rss,
     rss_mib,
+    write_json,
+    write_marker,
 )
+from _models import SD15_DIR, VIT_DIR, build_vit, sd15_is_complete, vit_is_complete
 
-PRESET = ROOT.parent / "examples" / "sd-dino.toml"
-DEFAULT_MODEL_DIR = ROOT / "out" / "sd-dino-random"
+PRESET = EXAMPLES / "sd-dino.toml"
+DEFAULT_MODEL_DIR = OUT / "sd-dino-random"
 DEFAULT_DINO_DIR = VIT_DIR / "dinov2-b14"
 #: Bump when the built files change, so old folders are rebuilt.
 RECIPE_VERSION = 1
@@ -178,16 +176,16 @@ def build_clip_and_captioner(folder: Path, seed: int = 0) -> float:
 def ensure_models(args: argparse.Namespace) -> dict[str, Any]:
     """Build what is missing; return the model paths and the build seconds of each."""
     built: dict[str, float] = {}
-    if not model_is_complete(args.sd_dir):
+    if not sd15_is_complete(args.sd_dir):
         print(f"model: building SD 1.5 (random weights) into {args.sd_dir} ...", flush=True)
         bench_dift = ROOT / "bench_dift.py"
         cmd = [sys.executable, str(bench_dift), "--model-dir", str(args.sd_dir), "--build-only"]
         subprocess.run(cmd, check=True)  # its own process: the parent stays small
-        built["sd15"] = json.loads((args.sd_dir / MARKER).read_text())["build_s"]
-    if not model_is_complete(args.dino_dir):
+        built["sd15"] = marker_facts(args.sd_dir)["build_s"]
+    if not vit_is_complete(args.dino_dir):
         print(f"model: building DINOv2 ViT-B/14 (random weights) into {args.dino_dir} ...")
-        build_model("dinov2-b14", args.dino_dir)
-        built["dinov2"] = json.loads((args.dino_dir / MARKER).read_text())["build_s"]
+        build_vit("dinov2-b14", args.dino_dir)
+        built["dinov2"] = marker_facts(args.dino_dir)["build_s"]
     if not marker_complete(args.model_dir, RECIPE_VERSION):
         print(f"model: building {CLIP_ARCH} + captioner (random) into {args.model_dir} ...")
         built["clip_captioner"] = build_clip_and_captioner(args.model_dir)
@@ -350,7 +348,7 @@ def run_config(args: argparse.Namespace) -> dict[str, Any]:
     pipe = Pipeline.from_file(PRESET, overrides=overrides, store=None)
     ext = _source(pipe, "sd").extractor
     cuda = ext.device.type == "cuda"
-    sync: Callable[[], None] = torch.cuda.synchronize if cuda else (lambda: None)
+    sync = device_sync(cuda)
 
     def log(msg: str) -> None:
         print(f"[{name}] {msg}", file=sys.stderr, flush=True)
@@ -416,10 +414,7 @@ def run_config(args: argparse.Namespace) -> dict[str, Any]:
         "matched_points_finite": finite_points,
     }
     if cuda:
-        result["cuda_max_allocated_mib"] = torch.cuda.max_memory_allocated() / 2**20
-        result["cuda_max_reserved_mib"] = torch.cuda.max_memory_reserved() / 2**20
-        result["cuda_max_allocated_warmup_mib"] = cuda_warm
-        result["gpu"] = torch.cuda.get_device_name(ext.device)
+        result.update(cuda_peaks(ext.device), cuda_max_allocated_warmup_mib=cuda_warm)
     return result
 
 
@@ -579,8 +574,7 @@ def drive(args: argparse.Namespace) -> None:
             "results": results,
             **summary,
         }
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(data, indent=2) + "\n")
+        write_json(args.json, data)
         print(f"results written to {args.json}")
 
 

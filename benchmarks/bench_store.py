@@ -26,13 +26,11 @@ slows a round down; ``--json`` also has every round). The page cache is flushed
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import shutil
 import statistics
 import tempfile
 import time
-from collections.abc import Callable
 from functools import partial
 from pathlib import Path
 
@@ -45,6 +43,8 @@ from zarr.storage import LocalStore
 from diffeat.core.features import FeatureSet
 from diffeat.store import FeatureStore
 from diffeat.store.format import CHUNK_KEY_ENCODING, DIMENSION_NAMES, blosc_codec
+
+from _common import timed, write_json
 
 HYPER_SHAPES = [(1280, 8, 8)] * 3 + [(1280, 16, 16)] * 3 + [(640, 32, 32)] * 3 + [(320, 64, 64)] * 3
 CASES = {
@@ -71,12 +71,6 @@ def make_features(case: str, seed: int) -> FeatureSet:
         f"layer{i:02d}": feature_map(t, *shape, gen) for i, shape in enumerate(spec["shapes"])
     }
     return FeatureSet(layers, spec["timesteps"], {"transform": {"image_size": [512, 512]}})
-
-
-def timed(fn: Callable[[], object]) -> float:
-    start = time.perf_counter()
-    fn()
-    return time.perf_counter() - start
 
 
 class Round:
@@ -260,7 +254,7 @@ def main(argv: list[str] | None = None) -> None:
     )
     print_table(results)
     if args.json:
-        args.json.write_text(json.dumps(results, indent=2))
+        write_json(args.json, results)
 
 
 if __name__ == "__main__":

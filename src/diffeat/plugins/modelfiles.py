@@ -2,9 +2,11 @@
 
 A model is a hub id or a local folder. Hub ids are resolved to a local snapshot
 first (downloaded when online, read from the cache when offline), so the model
-identity is always a fingerprint of the files actually loaded. The
-fingerprinting and the offline hint are the Stable Diffusion extractor's own
-(imported from there, so both extractors key the store the same way).
+identity is always a fingerprint of the files actually loaded.
+
+A neutral module: every built-in plugin (Stable Diffusion, the ViTs) imports it,
+so they all fingerprint files and word the offline hint the same way, and none
+of them imports another.
 """
 
 from __future__ import annotations
@@ -15,7 +17,6 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 from diffeat.core.errors import ModelLoadError
-from diffeat.plugins.stable_diffusion.loading import _file_fingerprint, _offline_hint
 
 __all__ = [
     "file_fingerprint",
@@ -26,15 +27,33 @@ __all__ = [
     "quiet_transformers",
 ]
 
+_SAMPLE_BLOCK = 1 << 20
+_SAMPLES = 16
+
 
 def file_fingerprint(path: Path) -> str:
     """sha256 of a small file; of the size and 16 evenly spread 1 MiB blocks of a large one."""
-    return _file_fingerprint(Path(path))
+    path = Path(path)
+    size = path.stat().st_size
+    h = hashlib.sha256(str(size).encode())
+    with path.open("rb") as fh:
+        if size <= _SAMPLE_BLOCK * _SAMPLES:
+            h.update(fh.read())
+        else:
+            step = (size - _SAMPLE_BLOCK) // (_SAMPLES - 1)
+            for i in range(_SAMPLES):
+                fh.seek(i * step)
+                h.update(fh.read(_SAMPLE_BLOCK))
+    return h.hexdigest()
 
 
 def offline_hint(model: str) -> str:
     """How to use ``model`` without network access (download elsewhere, pass the folder)."""
-    return _offline_hint(model)
+    return (
+        f"To use it without network access, download it where the hub is reachable "
+        f"(`hf download {model} --local-dir DIR`), copy DIR here, and pass the folder: "
+        f'model = "DIR" in the [extractor] table or --model DIR.'
+    )
 
 
 def files_fingerprint(files: Iterable[Path], root: Path | None = None) -> str:

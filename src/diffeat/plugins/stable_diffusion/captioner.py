@@ -28,13 +28,13 @@ import contextlib
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from diffeat.core.errors import ModelLoadError
+from diffeat.plugins.openclip_models import OpenClipTower
 
 #: the name prefix of these tensors in ODISE's checkpoint
 ODISE_PREFIX = "backbone.feature_extractor."
@@ -194,29 +194,20 @@ class ImplicitCaptioner:
         return states.to(empty_prompt.device), offsets.to(empty_prompt.device)
 
 
-def clip_tower(model: str, pretrained: str, device: str) -> Any:
-    """The captioner's CLIP tower as an ``openclip`` extractor (not yet loaded), at the
-    tower's own input size as ODISE runs it; open_clip resolves ``model``/``pretrained``."""
-    from diffeat.plugins.vit.openclip import OpenClipExtractor, OpenClipOptions
-
-    clip = OpenClipExtractor(
-        OpenClipOptions(model=model, pretrained=pretrained, device=device, dtype="float32")
-    )
-    size = clip.source.model_cfg.get("vision_cfg", {}).get("image_size", 224)
-    size = int(size[0] if isinstance(size, (list, tuple)) else size)
-    clip.options.image_size = [size, size]
-    return clip
+def clip_tower(model: str, pretrained: str, device: str) -> OpenClipTower:
+    """The captioner's CLIP tower (not yet loaded), at the tower's own input size as ODISE
+    runs it; open_clip resolves ``model``/``pretrained`` as the ``openclip`` extractor does."""
+    return OpenClipTower(model, pretrained, device)
 
 
 def build_captioner(
-    path: str | Path, clip: Any, prompt_shape: tuple[int, int], time_dim: int
+    path: str | Path, clip: OpenClipTower, prompt_shape: tuple[int, int], time_dim: int
 ) -> ImplicitCaptioner:
     """The captioner of the weights at ``path`` on the tower ``clip`` (:func:`clip_tower`),
     checked against a text encoder giving ``prompt_shape`` and a time embedding of ``time_dim``."""
-    clip_dim = int(clip.source.model_cfg.get("embed_dim", 0))
-    weights = load_captioner_weights(path, prompt_shape, time_dim, clip_dim).to(clip.device)
+    weights = load_captioner_weights(path, prompt_shape, time_dim, clip.embed_dim).to(clip.device)
     mean, std = clip.normalisation()
-    return ImplicitCaptioner(weights, clip.model, clip.model_size[0], tuple(mean), tuple(std))
+    return ImplicitCaptioner(weights, clip.model, clip.size, tuple(mean), tuple(std))
 
 
 @contextlib.contextmanager

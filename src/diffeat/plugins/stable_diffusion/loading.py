@@ -3,7 +3,8 @@
 A model is a hub id (``stabilityai/stable-diffusion-2-1``) or a local folder.
 Hub ids are resolved to a local snapshot first (downloaded when online, from
 the cache when offline), so the model identity is always a fingerprint of the
-files actually loaded.
+files actually loaded (hub snapshots and file fingerprints come from
+:mod:`diffeat.plugins.modelfiles`, shared with the other extractors).
 """
 
 from __future__ import annotations
@@ -18,6 +19,12 @@ from typing import Any
 import torch
 
 from diffeat.core.errors import ModelLoadError
+from diffeat.plugins.modelfiles import (
+    file_fingerprint,
+    hub_snapshot,
+    is_hub_id,
+    quiet_transformers,
+)
 
 COMPONENTS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
 _HUB_PATTERNS = [
@@ -31,16 +38,11 @@ _HUB_PATTERNS = [
     "tokenizer/*",
     "scheduler/*",
 ]
-_SAMPLE_BLOCK = 1 << 20
-_SAMPLES = 16
+_UNET_WEIGHTS = "unet/diffusion_pytorch_model.safetensors"
 
-
-def _offline_hint(model: str) -> str:
-    return (
-        f"To use it without network access, download it where the hub is reachable "
-        f"(`hf download {model} --local-dir DIR`), copy DIR here, and pass the folder: "
-        f'model = "DIR" in the [extractor] table or --model DIR.'
-    )
+#: the shared fingerprint under its former private name, until extractor.py imports
+#: :func:`diffeat.plugins.modelfiles.file_fingerprint` (being removed in issue 10)
+_file_fingerprint = file_fingerprint
 
 
 def resolve_model_dir(model: str, revision: str = "") -> Path:
@@ -53,37 +55,11 @@ def resolve_model_dir(model: str, revision: str = "") -> Path:
                 f"expected model_index.json, unet/, vae/, text_encoder/, tokenizer/, scheduler/"
             )
         return path
-    if path.exists() or model.startswith((".", "/", "~")) or model.count("/") != 1:
+    if not is_hub_id(model):
         raise ModelLoadError(
             f"model {model!r} is neither a folder nor a hub id of the form 'owner/name'"
         )
-    try:
-        from huggingface_hub import snapshot_download
-
-        local = snapshot_download(
-            repo_id=model, revision=revision or None, allow_patterns=_HUB_PATTERNS
-        )
-    except Exception as exc:
-        raise ModelLoadError(
-            f"cannot load model {model!r} from the hub ({type(exc).__name__}: "
-            f"{str(exc).splitlines()[0] if str(exc) else ''}). {_offline_hint(model)}"
-        ) from None
-    return Path(local)
-
-
-def _file_fingerprint(path: Path) -> str:
-    """sha256 of small files; of the size and 16 evenly spread 1 MiB blocks of large ones."""
-    size = path.stat().st_size
-    h = hashlib.sha256(str(size).encode())
-    with path.open("rb") as fh:
-        if size <= _SAMPLE_BLOCK * _SAMPLES:
-            h.update(fh.read())
-        else:
-            step = (size - _SAMPLE_BLOCK) // (_SAMPLES - 1)
-            for i in range(_SAMPLES):
-                fh.seek(i * step)
-                h.update(fh.read(_SAMPLE_BLOCK))
-    return h.hexdigest()
+    return hub_snapshot(model, revision, [_HUB_PATTERNS], [_UNET_WEIGHTS])
 
 
 def model_fingerprint(folder: Path, components: tuple[str, ...] = COMPONENTS) -> str:
@@ -95,7 +71,7 @@ def model_fingerprint(folder: Path, components: tuple[str, ...] = COMPONENTS) ->
             continue
         for f in sorted(p for p in sub.rglob("*") if p.is_file()):
             h.update(f.relative_to(folder).as_posix().encode())
-            h.update(_file_fingerprint(f).encode())
+            h.update(file_fingerprint(f).encode())
     return h.hexdigest()[:32]
 
 
@@ -123,12 +99,10 @@ def _load(cls: Any, folder: Path, sub: str, **kwargs: Any) -> Any:
 def _quiet_libraries() -> None:
     """Silence per-file progress bars and advisory warnings of diffusers/transformers loading."""
     import diffusers
-    import transformers
 
     diffusers.utils.logging.disable_progress_bar()
     diffusers.utils.logging.set_verbosity_error()
-    transformers.utils.logging.disable_progress_bar()
-    transformers.utils.logging.set_verbosity_error()
+    quiet_transformers()
 
 
 def load_parts(

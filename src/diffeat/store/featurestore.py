@@ -41,6 +41,7 @@ from diffeat.store.format import (
     group_json,
     parse_group_json,
     timestep_json,
+    to_bytes,
     to_json_value,
     torch_dtype,
 )
@@ -434,18 +435,21 @@ class FeatureStore:
         # entry folder was just emptied and its group written), data through zarr.
         store = self._store
         layer = f"{prefix}/{name}"
+        features_path = f"{layer}/{FEATURES_ARRAY}"
+        steps_path = f"{layer}/{TIMESTEP_ARRAY}"
+        features_doc = features_json(array.shape, self.dtype)
+        steps_doc = timestep_json(array.shape[0])
         await _gather_all(
             [
                 store.write(f"{layer}/zarr.json", group_json({})),
-                store.write_array(
-                    f"{layer}/{FEATURES_ARRAY}",
-                    features_json(array.shape, self.dtype),
-                    array,
-                    write_empty_chunks=True,
-                ),
-                store.write_array(
-                    f"{layer}/{TIMESTEP_ARRAY}", timestep_json(array.shape[0]), timesteps
-                ),
+                store.write(f"{features_path}/zarr.json", to_bytes(features_doc)),
+                store.write(f"{steps_path}/zarr.json", to_bytes(steps_doc)),
+            ]
+        )
+        await _gather_all(
+            [
+                store.write_chunks(features_path, features_doc, array, write_empty_chunks=True),
+                store.write_chunks(steps_path, steps_doc, timesteps),
             ]
         )
 

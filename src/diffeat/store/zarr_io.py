@@ -40,7 +40,7 @@ from zarr.buffer import default_buffer_prototype
 from zarr.codecs import BloscCodec
 from zarr.storage import LocalStore, StorePath
 
-from diffeat.store.format import blosc_json, to_bytes
+from diffeat.store.format import blosc_json
 
 __all__ = [
     "FAST_PATH_ENV",
@@ -214,7 +214,7 @@ class ZarrFolder:
         """The names directly below ``prefix`` (``""``: the root), files and folders."""
         return [name async for name in self._store.list_dir(prefix)]
 
-    async def write_array(
+    async def write_chunks(
         self,
         path: str,
         metadata: dict[str, Any],
@@ -222,13 +222,12 @@ class ZarrFolder:
         *,
         write_empty_chunks: bool = False,
     ) -> None:
-        """Write the array at ``path``: its ``zarr.json`` (``metadata`` as the store's
-        bytes) and then ``data``, whole. No existence checks, no parent groups.
+        """Write ``data`` whole into the array at ``path``, whose ``zarr.json`` the caller
+        has already written from the document ``metadata`` (``to_bytes(metadata)``).
 
         ``write_empty_chunks=True`` writes chunks that hold only the fill value too
         (and skips zarr's check for them).
         """
-        await self.write(f"{path}/zarr.json", to_bytes(metadata))
         if data.size == 0:
             return
         config = {"write_empty_chunks": write_empty_chunks}

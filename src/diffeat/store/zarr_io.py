@@ -30,12 +30,13 @@ import contextlib
 import os
 import re
 import threading
-from collections.abc import Coroutine, Iterator
+from collections.abc import Callable, Coroutine, Iterator
 from pathlib import Path
 from typing import Any, TypeVar
 
 import numpy as np
 import zarr
+from zarr.abc.buffer import Buffer
 from zarr.buffer import default_buffer_prototype
 from zarr.codecs import BloscCodec
 from zarr.storage import LocalStore, StorePath
@@ -75,7 +76,10 @@ def _major_minor(version: str) -> tuple[int, int] | None:
     return (int(match[1]), int(match[2])) if match else None
 
 
-def _load_internals() -> tuple[Any, Any] | None:
+_Internals = tuple[Callable[[Coroutine[Any, Any, Any]], Any], type[zarr.AsyncArray]]
+
+
+def _load_internals() -> _Internals | None:
     """``(zarr.core.sync.sync, zarr.AsyncArray)`` when the installed zarr is a tested release."""
     version = _major_minor(zarr_version())
     low, high = FAST_PATH_ZARR
@@ -168,7 +172,7 @@ def run(coro: Coroutine[Any, Any, T]) -> T:
 # ---------------------------------------------------------------- files and arrays
 
 
-def _buffer(data: bytes) -> Any:
+def _buffer(data: bytes) -> Buffer:
     return default_buffer_prototype().buffer.from_bytes(data)
 
 
@@ -245,7 +249,7 @@ class ZarrFolder:
         return await array.getitem(...)
 
 
-def _with_config(array: Any, config: dict[str, Any]) -> Any:
+def _with_config(array: zarr.AsyncArray, config: dict[str, Any]) -> zarr.AsyncArray:
     """``array`` with the runtime ``config`` (zarr.AsyncArray.with_config from zarr 3.1.6 on;
     before, the public constructor with the opened array's own metadata, as it does)."""
     with_config = getattr(array, "with_config", None)

@@ -12,6 +12,7 @@ import sys
 import textwrap
 import time
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -21,7 +22,7 @@ import zarr
 
 from diffeat.core.errors import StoreError
 from diffeat.core.features import FeatureSet
-from diffeat.store import FeatureStore, InvalidKeyError, MissingEntry
+from diffeat.store import FeatureStore, InvalidKeyError, MissingEntry, zarr_io
 
 INFO = {
     "plugin": "dift",
@@ -52,9 +53,14 @@ def assert_float16_equal(got: FeatureSet, want: FeatureSet) -> None:
         torch.testing.assert_close(got.layers[name], tensor.half().float(), rtol=0, atol=0)
 
 
-@pytest.fixture
-def store(tmp_path: Path) -> FeatureStore:
-    return FeatureStore(tmp_path / "features.zarr")
+@pytest.fixture(params=["fast", "public"])
+def store(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[FeatureStore]:
+    """A new store, used through zarr_io's fast path and through its public-API path."""
+    fast = request.param == "fast"
+    if fast and not zarr_io.fast_path_supported():
+        pytest.skip(f"zarr {zarr_io.zarr_version()} is not a release the fast path was tested with")
+    with zarr_io.use_fast_path(fast):
+        yield FeatureStore(tmp_path / "features.zarr")
 
 
 # ---------------------------------------------------------------- roundtrip

@@ -10,7 +10,8 @@ The on-disk format is specified in ``docs/store-format.md``. In short::
 
 Every image writes its own files only, so any number of processes may write
 different images into one store at once. All zarr I/O of one call runs as one
-batch of coroutines on zarr's event loop (layers read and written concurrently).
+batch of coroutines on one event loop (layers read and written concurrently);
+every zarr call goes through :mod:`diffeat.store.zarr_io`.
 """
 
 from __future__ import annotations
@@ -45,6 +46,7 @@ from diffeat.store.format import (
     torch_dtype,
 )
 from diffeat.store.keys import check_key, check_layer_key, is_valid_key
+from diffeat.store.zarr_io import ZarrFolder, run
 
 if TYPE_CHECKING:
     import xarray
@@ -100,18 +102,6 @@ def _complete_attrs(raw: bytes | None) -> dict[str, Any] | None:
     return attrs
 
 
-def _sync(coro):
-    from zarr.core.sync import sync
-
-    return sync(coro)
-
-
-def _buffer(data: bytes):
-    from zarr.core.buffer import default_buffer_prototype
-
-    return default_buffer_prototype().buffer.from_bytes(data)
-
-
 class FeatureStore:
     """A folder of extracted features in zarr v3 format.
 
@@ -147,8 +137,6 @@ class FeatureStore:
     # ------------------------------------------------------------------ opening
 
     def _open(self) -> int:
-        from zarr.storage import LocalStore
-
         path = self.path
         if path.exists() and not path.is_dir():
             raise StoreError(f"{path} is a file, not a feature store folder: choose another path")
@@ -157,7 +145,7 @@ class FeatureStore:
                 f"no feature store at {path}: the folder does not exist (check the path, or "
                 "extract features into it first)"
             )
-        self._store = LocalStore(path, read_only=self.mode == "r")
+        self._store = ZarrFolder(path, read_only=self.mode == "r")
         raw = self._read_now("zarr.json")
         if raw is None:
             if self.mode == "r":
@@ -174,7 +162,7 @@ class FeatureStore:
                     "store: choose a new or empty folder"
                 )
             root = group_json({ROOT_ATTR: {"format_version": FORMAT_VERSION}})
-            _sync(self._store.set_if_not_exists("zarr.json", _buffer(root)))
+            run(self._store.write_if_absent("zarr.json", root))
             raw = self._read_now("zarr.json")
         attrs = parse_group_json(raw)
         if attrs is None:
@@ -208,18 +196,11 @@ class FeatureStore:
     # ------------------------------------------------------------------ low level
 
     async def _aread(self, key: str) -> bytes | None:
-        from zarr.core.buffer import default_buffer_prototype
-
-        buf = await self._store.get(key, prototype=default_buffer_prototype())
-        return None if buf is None else buf.to_bytes()
+        return await self._store.read(key)
 
     def _read_now(self, key: str) -> bytes | None:
-        """Read one small file without the event-loop round trip where the store allows."""
-        get_sync = getattr(self._store, "get_sync", None)  # LocalStore, zarr >= 3.1
-        if get_sync is None:
-            return _sync(self._aread(key))
-        buf = get_sync(key)
-        return None if buf is None else buf.to_bytes()
+        """Read one small file without the event-loop round trip where zarr allows."""
+        return self._store.read_now(key)
 
     def _entry_now(self, prefix: str) -> dict[str, Any] | None:
         return _complete_attrs(self._read_now(f"{prefix}/zarr.json"))
@@ -229,7 +210,7 @@ class FeatureStore:
         return _complete_attrs(await self._aread(f"{prefix}/zarr.json"))
 
     async def _alist(self, prefix: str) -> list[str]:
-        names = [name async for name in self._store.list_dir(prefix)]
+        names = await self._store.list_dir(prefix)
         return sorted(n for n in names if is_valid_key(n))
 
     def _check_writable(self) -> None:
@@ -264,7 +245,7 @@ class FeatureStore:
         if not isinstance(info, dict):
             raise StoreError(f"extractor info of cache key {cache_key!r} must be a dict")
         key = f"{cache_key}/zarr.json"
-        current = parse_group_json(_sync(self._acreate_group(key, info)))
+        current = parse_group_json(run(self._acreate_group(key, info)))
         self._known_groups.add(cache_key)
         if current == info:
             return
@@ -278,19 +259,19 @@ class FeatureStore:
                 stacklevel=2,
             )
         # (re)write: the group was created empty by put(), or its info changed, or damaged
-        _sync(self._store.set(key, _buffer(group_json(info))))
+        run(self._store.write(key, group_json(info)))
 
     async def _acreate_group(self, key: str, attributes: dict[str, Any]) -> bytes | None:
         """Create a group ``zarr.json`` unless one exists (atomically); return what is there."""
         raw = await self._aread(key)
         if raw is None:
-            await self._store.set_if_not_exists(key, _buffer(group_json(attributes)))
+            await self._store.write_if_absent(key, group_json(attributes))
             raw = await self._aread(key)
         return raw
 
     def extractors(self) -> dict[str, dict[str, Any]]:
         """``cache_key -> info`` for every cache key in the store (``{}`` if never registered)."""
-        return _sync(self._aextractors())
+        return run(self._aextractors())
 
     async def _aextractors(self) -> dict[str, dict[str, Any]]:
         keys = await self._alist("")
@@ -311,7 +292,7 @@ class FeatureStore:
     def entries(self, cache_key: str) -> list[str]:
         """The image keys of the complete entries under ``cache_key``, sorted."""
         check_key(cache_key, "cache key")
-        complete, _ = _sync(self._ascan(cache_key))
+        complete, _ = run(self._ascan(cache_key))
         return complete
 
     async def _ascan(self, cache_key: str) -> tuple[list[str], list[str]]:
@@ -352,7 +333,7 @@ class FeatureStore:
         incomplete (invisible) entry, never a complete one with missing chunks.
         """
         self._check_writable()
-        _sync(self._adelete(self._prefix(cache_key, image_key)))
+        run(self._adelete(self._prefix(cache_key, image_key)))
 
     async def _adelete(self, prefix: str) -> None:
         await self._store.delete(f"{prefix}/zarr.json")
@@ -400,7 +381,7 @@ class FeatureStore:
         }
         timesteps = np.asarray(features.timesteps, dtype=np.int64)
         try:
-            _sync(self._aput(cache_key, prefix, arrays, timesteps, attrs))
+            run(self._aput(cache_key, prefix, arrays, timesteps, attrs))
         except OSError as exc:
             raise StoreError(f"writing {prefix} into {self.path} failed: {exc}") from exc
 
@@ -425,12 +406,12 @@ class FeatureStore:
     ) -> None:
         store = self._store
         if cache_key not in self._known_groups:
-            await store.set_if_not_exists(f"{cache_key}/zarr.json", _buffer(group_json({})))
+            await store.write_if_absent(f"{cache_key}/zarr.json", group_json({}))
             self._known_groups.add(cache_key)
         marker = f"{prefix}/zarr.json"
         await self._adelete(prefix)
         try:
-            await store.set(marker, _buffer(group_json(attrs)))
+            await store.write(marker, group_json(attrs))
             await _gather_all(
                 self._awrite_layer(prefix, n, a, timesteps) for n, a in arrays.items()
             )
@@ -445,36 +426,32 @@ class FeatureStore:
                 "one wrote it: give each image key to one writer only"
             )
         attrs[COMPLETE_ATTR] = True
-        await store.set(marker, _buffer(group_json(attrs)))
+        await store.write(marker, group_json(attrs))
 
     async def _awrite_layer(
         self, prefix: str, name: str, array: np.ndarray, timesteps: np.ndarray
     ) -> None:
         # Metadata is written directly (no existence checks, no parent creation: the
         # entry folder was just emptied and its group written), data through zarr.
-        from zarr import AsyncArray
-        from zarr.storage import StorePath
-
         store = self._store
         layer = f"{prefix}/{name}"
+        features_path = f"{layer}/{FEATURES_ARRAY}"
+        steps_path = f"{layer}/{TIMESTEP_ARRAY}"
         features_doc = features_json(array.shape, self.dtype)
         steps_doc = timestep_json(array.shape[0])
         await _gather_all(
             [
-                store.set(f"{layer}/zarr.json", _buffer(group_json({}))),
-                store.set(f"{layer}/{FEATURES_ARRAY}/zarr.json", _buffer(to_bytes(features_doc))),
-                store.set(f"{layer}/{TIMESTEP_ARRAY}/zarr.json", _buffer(to_bytes(steps_doc))),
+                store.write(f"{layer}/zarr.json", group_json({})),
+                store.write(f"{features_path}/zarr.json", to_bytes(features_doc)),
+                store.write(f"{steps_path}/zarr.json", to_bytes(steps_doc)),
             ]
         )
-        if array.shape[0] == 0:
-            return
-        features = AsyncArray(
-            features_doc,
-            StorePath(store, f"{layer}/{FEATURES_ARRAY}"),
-            config={"write_empty_chunks": True},
+        await _gather_all(
+            [
+                store.write_chunks(features_path, features_doc, array, write_empty_chunks=True),
+                store.write_chunks(steps_path, steps_doc, timesteps),
+            ]
         )
-        steps = AsyncArray(steps_doc, StorePath(store, f"{layer}/{TIMESTEP_ARRAY}"))
-        await _gather_all([features.setitem(..., array), steps.setitem(..., timesteps)])
 
     # ------------------------------------------------------------------ reading
 
@@ -500,7 +477,7 @@ class FeatureStore:
         dtype = torch.float32 if dtype is None else dtype
         on_cpu = device.type == "cpu"
         for _attempt in range(3):
-            got = _sync(self._aget(cache_key, image_key, prefix, names, dtype if on_cpu else None))
+            got = run(self._aget(cache_key, image_key, prefix, names, dtype if on_cpu else None))
             if got is not None:
                 break
         else:
@@ -552,13 +529,9 @@ class FeatureStore:
         return attrs, dict(zip(names, tensors))
 
     async def _aread_layer(self, prefix: str, name: str, cast: torch.dtype | None) -> torch.Tensor:
-        from zarr import AsyncArray
-        from zarr.storage import StorePath
-
         path = f"{prefix}/{name}/{FEATURES_ARRAY}"
         try:
-            array = await AsyncArray.open(StorePath(self._store, path), zarr_format=3)
-            data = await array.getitem(...)
+            data = await self._store.read_array(path)
         except Exception as exc:
             raise StoreError(
                 f"{self.path}/{path} is damaged ({type(exc).__name__}: {exc}); delete the entry "
@@ -581,7 +554,7 @@ class FeatureStore:
                                     "entries": <complete>, "incomplete": <count>,
                                     "bytes": <on disk>}}}
         """
-        return _sync(self._ainfo())
+        return run(self._ainfo())
 
     async def _ainfo(self) -> dict[str, Any]:
         extractors = await self._aextractors()

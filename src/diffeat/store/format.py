@@ -49,9 +49,10 @@ def blosc_json(storage_dtype: str) -> dict[str, Any]:
 
 
 def blosc_codec(storage_dtype: str):  # -> zarr.codecs.BloscCodec, for plain-zarr comparisons
-    from zarr.codecs import BloscCodec
+    """Kept for benchmarks/bench_store.py: see :func:`diffeat.store.zarr_io.blosc_codec`."""
+    from diffeat.store.zarr_io import blosc_codec
 
-    return BloscCodec.from_dict(blosc_json(storage_dtype))
+    return blosc_codec(storage_dtype)
 
 
 def array_json(

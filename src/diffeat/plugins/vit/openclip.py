@@ -43,8 +43,8 @@ from torch import nn
 
 from diffeat.core.errors import ConfigError, ModelLoadError
 from diffeat.core.options import opt
-from diffeat.plugins.capture import HookTarget, first_tensor
 from diffeat.plugins.modelfiles import files_fingerprint, hub_snapshot, is_hub_id
+from diffeat.plugins.module_capture import HookTarget, first_tensor
 from diffeat.plugins.vit.common import (
     DType,
     Facet,

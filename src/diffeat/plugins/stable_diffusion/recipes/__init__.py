@@ -7,14 +7,14 @@ from diffeat.plugins.stable_diffusion.recipes.base import DdimRecipe, Recipe
 from diffeat.plugins.stable_diffusion.recipes.generation import Generation
 from diffeat.plugins.stable_diffusion.recipes.inversion import Inversion
 
-#: the recipe of each ``mode`` value
-RECIPES: dict[str, Recipe] = {r.mode: r for r in (AddNoise(), Inversion(), Generation())}
+#: the recipe class of each ``mode`` value
+RECIPES: dict[str, type[Recipe]] = {r.mode: r for r in (AddNoise, Inversion, Generation)}
 
 
 def recipe_for(mode: str) -> Recipe:
-    """The recipe of ``mode`` (one of :data:`RECIPES`)."""
+    """A recipe of ``mode`` (one of :data:`RECIPES`); each extractor holds its own."""
     try:
-        return RECIPES[mode]
+        return RECIPES[mode]()
     except KeyError:
         raise ValueError(f"mode must be one of {', '.join(RECIPES)}, got {mode!r}") from None
 

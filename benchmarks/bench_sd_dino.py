@@ -286,7 +286,7 @@ def instrument(pipe: Any, watch: Stopwatch) -> None:
     watch.wrap(dino, "features", "dino")
     ext = sd.extractor
     watch.wrap(ext, "encode", "sd.vae_encode")
-    watch.wrap(ext, "noised_passes", "sd.unet")
+    watch.wrap(ext.recipe, "run", "sd.unet")
     if ext.captioner is not None:
         watch.wrap(ext.captioner, "condition", "sd.captioner")
     watch.wrap(pipe.aggregator, "fuse_pair", "fuse", keep=True)

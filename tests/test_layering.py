@@ -22,15 +22,11 @@ ABOVE_CORE = ("plugins", "store", "cli", "train", "eval", "testing", "viz")
 #: in issue 10; the lead empties these sets when the fixes are merged
 KNOWN_CORE: set[tuple[str, str]] = set()
 KNOWN_PLUGINS: set[tuple[str, str]] = set()
-KNOWN_PRIVATE = {
-    # extractor.py should import the public file_fingerprint of diffeat.plugins.modelfiles
-    ("diffeat.plugins.stable_diffusion.extractor", "diffeat.plugins.stable_diffusion.loading",
-     "_file_fingerprint"),
-}  # fmt: skip
+KNOWN_PRIVATE: set[tuple[str, str, str]] = set()
 
 #: modules directly in plugins/ that register nothing and that any plugin may import:
 #: shared helpers (a renamed helper module goes here under its new name)
-NEUTRAL = {"modelfiles", "capture", "module_hooks", "openclip_models"}
+NEUTRAL = {"modelfiles", "module_capture", "openclip_models"}
 
 
 @dataclass(frozen=True)

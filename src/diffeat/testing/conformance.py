@@ -46,10 +46,10 @@ from diffeat.core.components import (
     is_trainable,
     needs_descriptors,
 )
+from diffeat.core.datasets import Dataset, Pair
 from diffeat.core.features import FeatureSet
 from diffeat.core.geometry import ImageTransform, Size
 from diffeat.core.images import ImageInput, as_input, load_image
-from diffeat.core.datasets import Dataset, Pair
 from diffeat.testing.extractors import (
     ColorBlurExtractor,
     ColorBlurOptions,

@@ -21,11 +21,11 @@ import numpy as np
 import torch
 
 from diffeat.core.components import Aggregator, Matcher, MatchResult, View
+from diffeat.core.datasets import Dataset, Pair
 from diffeat.core.features import FeatureSet
 from diffeat.core.hookspecs import Register, hookimpl
 from diffeat.core.images import list_images, load_image
 from diffeat.core.options import opt
-from diffeat.core.datasets import Dataset, Pair
 from diffeat.testing.extractors import ColorBlurExtractor, MultiColorBlurExtractor
 
 __all__ = [

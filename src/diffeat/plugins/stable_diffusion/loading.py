@@ -40,10 +40,6 @@ _HUB_PATTERNS = [
 ]
 _UNET_WEIGHTS = "unet/diffusion_pytorch_model.safetensors"
 
-#: the shared fingerprint under its former private name, until extractor.py imports
-#: :func:`diffeat.plugins.modelfiles.file_fingerprint` (being removed in issue 10)
-_file_fingerprint = file_fingerprint
-
 
 def resolve_model_dir(model: str, revision: str = "") -> Path:
     """A local folder for ``model`` (a folder path, or a hub id resolved to its snapshot)."""

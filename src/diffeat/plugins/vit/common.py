@@ -38,7 +38,7 @@ from diffeat.core.features import FeatureSet, LayerInfo
 from diffeat.core.geometry import ImageTransform, Size
 from diffeat.core.images import ImageInput, fit_image, fit_transform
 from diffeat.core.options import opt
-from diffeat.plugins.capture import HookTarget, ModuleCapture
+from diffeat.plugins.module_capture import HookTarget, ModuleCapture
 
 FACETS = ("token", "key", "query", "value")
 Facet = Literal["token", "key", "query", "value"]

@@ -21,13 +21,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from diffeat.core.errors import ConfigError, ModelLoadError
-from diffeat.plugins.capture import HookTarget, first_tensor
 from diffeat.plugins.modelfiles import (
     files_fingerprint,
     hub_snapshot,
     is_hub_id,
     quiet_transformers,
 )
+from diffeat.plugins.module_capture import HookTarget, first_tensor
 from diffeat.plugins.vit.common import (
     IMAGENET_MEAN,
     IMAGENET_STD,

@@ -40,7 +40,7 @@ from torch import nn
 
 from diffeat.core.errors import ConfigError
 from diffeat.core.options import opt
-from diffeat.plugins.capture import HookTarget, first_tensor
+from diffeat.plugins.module_capture import HookTarget, first_tensor
 from diffeat.plugins.openclip_models import (
     HF_HUB,
     LOCAL_DIR,

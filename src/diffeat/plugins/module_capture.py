@@ -1,4 +1,4 @@
-"""Capturing module outputs (or inputs) with hooks, stopping the forward once all are in.
+"""Capturing named submodules' outputs (or inputs) with hooks, stopping the forward once all are in.
 
 Models are never modified or re-implemented: hooks sit on their public
 submodules, and a private exception ends the forward early when no deeper
@@ -73,6 +73,8 @@ class ModuleCapture:
         return hook
 
     def run(self, forward: Callable[[], Any]) -> dict[str, torch.Tensor]:
+        """Call ``forward()`` (ended early once all are in, with ``stop_early``) and return
+        the captured tensors by name; a target that never ran is an error."""
         self.outputs = {}
         try:
             forward()
@@ -87,6 +89,3 @@ class ModuleCapture:
 def first_tensor(output: Any) -> torch.Tensor:
     """The tensor of a module output (transformers 4.x layers return tuples)."""
     return output[0] if isinstance(output, (tuple, list)) else output
-
-
-# -- the extractor -------------------------------------------------------------------------------

@@ -21,7 +21,13 @@ import pytest
 from click.testing import CliRunner
 
 from diffeat.core import hookspecs
-from diffeat.core.components import Extractor, is_fusing, is_pair_fusing, is_trainable
+from diffeat.core.components import (
+    Extractor,
+    is_fusing,
+    is_generating,
+    is_pair_fusing,
+    is_trainable,
+)
 from diffeat.core.options import build_options
 from diffeat.core.pipeline import Pipeline
 from diffeat.core.plugins import PluginManager, reset_plugin_manager
@@ -174,6 +180,7 @@ def test_extractor_conformance(name: str, variant: str, request: pytest.FixtureR
 
     images = default_images()[: spec.images]
     check_extractor(make, images, extracts=spec.extracts, generates=spec.generates)
+    assert is_generating(make()) == spec.generates  # the capability is declared truthfully
 
 
 def test_generation_mode_refuses_given_images(tiny_sd: Path) -> None:
@@ -211,11 +218,6 @@ def test_aggregator_conformance(name: str, tmp_path: Path) -> None:
 @pytest.mark.parametrize("name", sorted(AGGREGATOR_CAPABILITIES))
 def test_aggregator_declares_its_capability(name: str) -> None:
     aggregator = build("aggregator", name, AGGREGATOR_OPTIONS[name])
-    if name == "hyperfeatures" and not is_trainable(aggregator):
-        pytest.xfail(
-            "hyperfeatures has no read_checkpoint yet, so it does not satisfy "
-            "TrainableAggregator (issue 10 section 2: train goes through the capability)"
-        )
     assert AGGREGATOR_CAPABILITIES[name](aggregator)
     assert is_fusing(aggregator) == (name == "fuse")
 

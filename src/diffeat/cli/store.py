@@ -2,18 +2,21 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING
 
 import click
 
 from diffeat.cli.common import emit_json
+
+if TYPE_CHECKING:
+    from diffeat.store import FeatureStore
 
 
 def _mb(n: float) -> str:
     return f"{n / 1e6:.1f} MB"
 
 
-def _open(path: str) -> Any:
+def _open(path: str) -> FeatureStore:
     from diffeat.store import FeatureStore
 
     return FeatureStore(path, mode="r")

@@ -6,7 +6,7 @@ import dataclasses
 import json
 import shlex
 import sys
-from typing import Any
+from typing import TYPE_CHECKING
 
 import click
 
@@ -14,13 +14,17 @@ from diffeat.cli.common import collect_overrides, config_options, emit_json
 from diffeat.cli.datasets_common import dataset_option
 from diffeat.core.errors import ConfigError
 
+if TYPE_CHECKING:
+    from diffeat.train.loop import TrainReport
+    from diffeat.train.progress import Bar, ProgressFactory
+
 NO_VALIDATION = ("none", "")
 
 
-def _bars(quiet: bool) -> Any:
+def _bars(quiet: bool) -> ProgressFactory:
     from tqdm import tqdm
 
-    def make(*, total: int, desc: str, unit: str = "it", initial: int = 0) -> Any:
+    def make(*, total: int, desc: str, unit: str = "it", initial: int = 0) -> Bar:
         return tqdm(
             total=total,
             desc=desc,
@@ -35,7 +39,7 @@ def _bars(quiet: bool) -> Any:
     return make
 
 
-def _summary(report: Any) -> str:
+def _summary(report: TrainReport) -> str:
     done = f"{report.steps} steps"
     if report.resumed:
         done += f" (resumed from step {report.start_step})"
@@ -131,7 +135,7 @@ def train_cmd(
     if steps is not None:
         options = dataclasses.replace(options, steps=steps)
     pipe = Pipeline(cfg, store=FeatureStore(store_path))
-    trainable_aggregator(pipe)  # refuse an untrainable pipeline before reading any dataset
+    aggregator = trainable_aggregator(pipe)  # refuse an untrainable pipeline before any dataset
 
     train_pairs = list(dataset_from_cli(dataset_name, root, split, dataset_options).pairs())
     if not train_pairs:
@@ -178,7 +182,7 @@ def train_cmd(
     if not training_stage(cfg.aggregator, report.out)[1]:  # the config does not name OUT yet
         click.echo(
             f"use it: diffeat eval {shlex.quote(config)} "
-            f"--set aggregator.checkpoint={shlex.quote(str(report.out))} ...",
+            f"--set aggregator.{aggregator.checkpoint_option}={shlex.quote(str(report.out))} ...",
             err=True,
         )
 

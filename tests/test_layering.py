@@ -121,6 +121,40 @@ def test_plugins_do_not_import_each_other():
     assert KNOWN_PLUGINS <= set(bad), "a known violation is gone: drop it from KNOWN_PLUGINS"
 
 
+#: what each middle layer may not import (docs/architecture.md, "Layers")
+FORBIDDEN = {
+    "store": {"plugins", "train", "eval", "cli", "testing"},
+    "train": {"plugins", "store", "cli", "testing"},
+    "eval": {"plugins", "store", "cli", "testing", "train"},
+}
+
+
+@pytest.mark.parametrize("layer", sorted(FORBIDDEN))
+def test_middle_layers_import_only_downwards(layer):
+    """store sits on core only; train and eval reach features through core's FeatureSource."""
+    bad = [
+        _where(i)
+        for i in ALL_IMPORTS
+        if _layer(i.importer) == layer and _layer(i.target) in FORBIDDEN[layer]
+    ]
+    assert bad == []
+
+
+def test_zarr_is_imported_by_the_store_adapter_only():
+    users = set()
+    for name, path in MODULES.items():
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Import):
+                names = [a.name for a in node.names]
+            elif isinstance(node, ast.ImportFrom) and node.level == 0:
+                names = [node.module or ""]
+            else:
+                continue
+            if any(n == "zarr" or n.startswith("zarr.") for n in names):
+                users.add(name)
+    assert users == {"diffeat.store.zarr_io"}
+
+
 @pytest.mark.parametrize("neutral", sorted(NEUTRAL))
 def test_neutral_plugin_modules_import_no_plugin(neutral):
     """A shared helper that imported a plugin would tie every plugin using it to that one."""

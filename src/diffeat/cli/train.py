@@ -179,7 +179,9 @@ def train_cmd(
         emit_json(report.to_dict())
         return
     click.echo(_summary(report))
-    if not training_stage(cfg.aggregator, report.out)[1]:  # the config does not name OUT yet
+    if not training_stage(cfg.aggregator, report.out, aggregator)[
+        1
+    ]:  # the config does not name OUT yet
         click.echo(
             f"use it: diffeat eval {shlex.quote(config)} "
             f"--set aggregator.{aggregator.checkpoint_option}={shlex.quote(str(report.out))} ...",

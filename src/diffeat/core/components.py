@@ -291,7 +291,11 @@ class FeatureStorage(Protocol):
     def put(
         self, cache_key: str, image_key: str, features: FeatureSet, *, source: str | None = None
     ) -> None:
-        """Write an entry; it reads as complete only once fully written."""
+        """Write an entry; it reads as complete only once fully written.
+
+        ``features`` may be on any device (the extractor's): a store casts to
+        its ``dtype`` there and copies to the host itself.
+        """
         ...
 
     def entries(self, cache_key: str) -> list[str]:

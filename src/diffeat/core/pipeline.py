@@ -204,12 +204,11 @@ class Pipeline:
     def views(self, source: ImageLike, target: ImageLike) -> tuple[View, View]:
         """Both views of a pair; an aggregator with ``fuse_pair`` (PCA per pair) sees both."""
         src, tgt = as_input(source), as_input(target)
-        aggregator = self.aggregator
-        if (
-            needs_descriptors(self.matcher)
-            and self._combines_parts()
-            and isinstance(aggregator, PairFusingAggregator)
-        ):
+        if needs_descriptors(self.matcher) and self._combines_parts():
+            aggregator = self.aggregator
+        else:
+            aggregator = None
+        if isinstance(aggregator, PairFusingAggregator):
             src_parts, tgt_parts = self.parts([src, tgt])
             (sd, st), (td, tt) = aggregator.fuse_pair(src_parts, tgt_parts)
             name = self.source.name

@@ -18,7 +18,7 @@ from __future__ import annotations
 import hashlib
 import os
 import sys
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -190,7 +190,7 @@ class FeatureSource:
     def reader(self, dtype: str = "float32") -> StoredFeatures:
         """A picklable read-only handle on this extractor's entries, for worker processes."""
         store = self._require_store("reading features")
-        return StoredFeatures(store.path, self.cache_key, dtype)
+        return StoredFeatures(store.path, self.cache_key, dtype, opener=type(store))
 
     # -- writing --------------------------------------------------------------------
 
@@ -285,30 +285,33 @@ class FeatureSource:
 class StoredFeatures:
     """Read-only access to one extractor's stored entries that survives pickling.
 
-    It holds the store's location, never an open handle: each process (a
-    DataLoader worker started with ``spawn``) opens the store read-only on its
-    first :meth:`get`.
+    It holds the store's location and class (pickled by reference), never an
+    open handle: each process (a DataLoader worker started with ``spawn``)
+    opens the store read-only, as ``opener(path, mode="r")``, on its first
+    :meth:`get`. Without an ``opener`` the ``diffeat.stores`` entry point is used.
     """
 
     store_path: str | os.PathLike[str]
     cache_key: str
     dtype: str = "float32"
+    opener: Callable[..., FeatureStorage] | None = None
 
     def get(self, image_key: str) -> FeatureSet:
         """The features stored under ``image_key``, on the CPU in :attr:`dtype`."""
-        return _open_read_only(str(self.store_path)).get(
-            self.cache_key, image_key, dtype=getattr(torch, self.dtype)
-        )
+        return self._store().get(self.cache_key, image_key, dtype=getattr(torch, self.dtype))
+
+    def _store(self) -> FeatureStorage:
+        """One read-only handle per process, store class and path."""
+        key = (self.opener, str(self.store_path))
+        if key not in _READ_ONLY:
+            if self.opener is not None:
+                _READ_ONLY[key] = self.opener(self.store_path, mode="r")
+            else:
+                _READ_ONLY[key] = open_store(self.store_path, mode="r")
+        return _READ_ONLY[key]
 
 
-_READ_ONLY: dict[str, FeatureStorage] = {}
-
-
-def _open_read_only(path: str) -> FeatureStorage:
-    """One read-only store handle per process and path."""
-    if path not in _READ_ONLY:
-        _READ_ONLY[path] = open_store(path, mode="r")
-    return _READ_ONLY[path]
+_READ_ONLY: dict[tuple[object, str], FeatureStorage] = {}
 
 
 #: the entry-point group naming store implementations; diffeat's own is ``zarr``

@@ -193,3 +193,16 @@ def get_protocol(name: str) -> PCKProtocol:
         raise DiffeatError(
             f"unknown protocol {name!r}: use one of {', '.join(PROTOCOLS)}"
         ) from None
+
+
+def __getattr__(name: str) -> object:  # the former name, kept working for a while
+    if name == "Protocol":
+        import warnings
+
+        warnings.warn(
+            "diffeat.eval.protocols.Protocol is now PCKProtocol",
+            DeprecationWarning,
+            stacklevel=2,
+        )
+        return PCKProtocol
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

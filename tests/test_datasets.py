@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import math
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -29,6 +30,7 @@ from diffeat.plugins.datasets.spair import SPair, SPairOptions
 from diffeat.plugins.datasets.synthetic import (
     Synthetic,
     apply_homography,
+    assign_kind,
     make_synthetic,
     random_homography,
 )
@@ -467,6 +469,78 @@ def test_make_synthetic_writes_exact_ground_truth(tmp_path):
     with pytest.raises(DiffeatError, match="no images found"):
         (tmp_path / "nothing").mkdir()
         make_synthetic(tmp_path / "y", [tmp_path / "nothing"])
+
+
+def _pair_fingerprints(out: Path) -> list[tuple[str, str, str]]:
+    """Per pair: (source image, kind, a digest of everything that makes the pair: source
+    image name, target pixels and both keypoint lists)."""
+    import hashlib
+
+    rows = []
+    for f in sorted((out / "PairAnnotation" / "test").glob("*.json")):
+        data = json.loads(f.read_text())
+        target = out / "JPEGImages" / data["category"] / data["trg_imname"]
+        digest = hashlib.sha256(target.read_bytes())
+        digest.update(json.dumps([data["src_imname"], data["src_kps"], data["trg_kps"]]).encode())
+        rows.append((data["src_imname"], data["diffeat_transform"]["kind"], digest.hexdigest()))
+    return rows
+
+
+@pytest.mark.parametrize("kinds", [("homography", "flip"), ("identity", "flip", "homography")])
+@pytest.mark.parametrize("n", range(1, 8))
+def test_make_synthetic_every_image_meets_every_kind(tmp_path, n, kinds):
+    """With 5 images and kinds (homography, flip), image i used to get the same kind in every
+    round: 2 flip pairs repeated 4 times each. Now each image meets each kind, and no two pairs
+    are byte-identical, even with more pairs than images x kinds."""
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    for i in range(n):
+        smooth_texture((24, 20), seed=i).save(photos / f"p{i}.png")
+    m = len(kinds)
+    pairs = n * m + n  # one more round: the extra pairs must not repeat identity / flip pairs
+    report = make_synthetic(
+        tmp_path / "bench", [photos], pairs=pairs, seed=0, kinds=list(kinds), ext="png", points=6
+    )
+    rows = _pair_fingerprints(tmp_path / "bench")
+    assert len(rows) == pairs and report.duplicates == 0
+    met: dict[str, set[str]] = {}
+    for image, kind, _ in rows[: n * m]:
+        met.setdefault(image, set()).add(kind)
+    assert len(met) == n and all(seen == set(kinds) for seen in met.values()), met
+    digests = [d for _, _, d in rows]
+    assert len(set(digests)) == len(digests)
+    assert sum(report.kinds.values()) == pairs
+
+
+def test_make_synthetic_duplicates_only_when_unavoidable(tmp_path):
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    for i in range(2):
+        smooth_texture((24, 20), seed=i).save(photos / f"p{i}.png")
+    # identity and flip only: 2 images give 4 distinct pairs; 6 pairs repeat 2 (counted)
+    report = make_synthetic(
+        tmp_path / "a", [photos], pairs=6, kinds=["identity", "flip"], ext="png", points=6
+    )
+    assert report.duplicates == 2 and report.kinds == {"identity": 3, "flip": 3}
+    assert report.to_dict()["duplicates"] == 2
+    # small translations repeat easily (20 px: shifts of -2..2): a repeat is drawn again
+    report = make_synthetic(
+        tmp_path / "b", [photos / "p0.png"], pairs=10, kinds=["translate"], ext="png", points=10
+    )
+    digests = [d for _, _, d in _pair_fingerprints(tmp_path / "b")]
+    assert report.duplicates == 0 and len(set(digests)) == 10
+
+
+def test_kind_assignment_keeps_the_original_where_it_was_right():
+    """The original rule kinds[(k + k // n) mod m] met every kind when gcd(n + 1, m) == 1:
+    those seeds keep their pairs."""
+    for n in range(1, 9):
+        for m in range(1, 5):
+            kinds = ["homography", "translate", "identity", "flip"][:m]
+            if math.gcd(n + 1, m) != 1:
+                continue
+            for k in range(n * m):
+                assert assign_kind(k, n, kinds) == kinds[(k + k // n) % m], (n, m, k)
 
 
 def test_homography_kinds_are_what_they_say():

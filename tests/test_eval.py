@@ -16,7 +16,7 @@ from diffeat.core.datasets import Pair
 from diffeat.core.pipeline import Pipeline
 from diffeat.eval.protocols import get_protocol
 from diffeat.eval.report import markdown, results_dict, terminal_report, write_outputs
-from diffeat.eval.runner import evaluate, run_pairs
+from diffeat.eval.runner import Evaluation, evaluate, run_pairs, score
 from diffeat.plugins.datasets.spair import SPairOptions
 from diffeat.plugins.datasets.synthetic import Synthetic, make_synthetic
 from diffeat.testing import smooth_texture
@@ -160,6 +160,99 @@ def test_runner_passes_visible_clipped_points_and_the_category(tmp_path):
     assert d[:2].tolist() == [0, 0] and math.isnan(d[2])
     # sizes missing from the annotation are read from the files: the img threshold works
     assert pairs[0].target_size == (40, 30)
+
+
+class Scripted:
+    """A stand-in pipeline that answers each pair with scripted points and validity."""
+
+    def __init__(self, answers: list[tuple[list[list[float]], list[bool]]]) -> None:
+        self.answers = list(answers)
+        self.store = None
+        self.matcher = object()
+
+    def match(self, source, target, points):
+        pts, valid = self.answers.pop(0)
+        assert len(pts) == len(points)
+        return MatchResult(
+            torch.tensor(pts, dtype=torch.float64),
+            torch.ones(len(pts)),
+            torch.tensor(valid, dtype=torch.bool),
+        )
+
+
+def test_unusable_predictions_count_wrong_and_are_recorded(tmp_path):
+    """A matcher that gives up (NaN, or valid = False) must not raise its own score.
+
+    Target box 0..39 x 0..29 in a 40 x 30 image: T = 39, alpha 0.1, limit 3.9 px.
+    p1: an exact hit; a NaN; an exact hit marked invalid; a point 0.75 px outside the image
+    (scored by distance, correct); a 20 px miss; an invisible keypoint. p2: one NaN.
+    Official: p1 2/5, p2 0/1 -> per image 0.2, per point 2/6. (Dropping the unusable ones,
+    as before, gave p1 2/3 or 3/4 and left p2 out.)"""
+    img = tmp_path / "a.png"
+    smooth_texture((40, 30)).save(img)
+    nan = math.nan
+    gt = [[5, 5], [10, 10], [15, 15], [0, 12], [10, 20], [7, 7]]
+    box = (0, 0, 39, 29)
+    pairs = [
+        Pair("p1", img, img, "cat", gt, gt, [True] * 5 + [False], box, box),
+        Pair("p2", img, img, "cat", [[3, 3]], [[3, 3]], None, box, box),
+    ]
+    answers = [
+        (
+            [[5, 5], [nan, nan], [15, 15], [-0.75, 12], [30, 20]],
+            [True, True, False, True, True],
+        ),
+        ([[nan, 4.0]], [True]),
+    ]
+    outcomes, stats = run_pairs(Scripted(answers), pairs)
+    assert stats.invalid_predictions == 3 and stats.outside_image_predictions == 1
+    protocol = get_protocol("dift")
+    kinds, per_pair, summaries = score(outcomes, protocol, "spair")
+    summary = summaries["bbox-target"]
+    assert (summary["pairs"], summary["points"], summary["invalid_points"]) == (2, 6, 3)
+    at = summary["by_alpha"]["0.1"]
+    assert at["per_image"] == pytest.approx(0.2) and at["per_point"] == pytest.approx(2 / 6)
+    assert at["categories"]["cat"]["invalid_points"] == 3
+    ev = Evaluation(
+        "spair", {}, protocol, protocol.alphas, kinds, outcomes, stats, summaries, per_pair
+    )
+    data = results_dict(ev)
+    assert data["run"]["invalid_predictions"] == 3
+    assert data["run"]["outside_image_predictions"] == 1
+    assert data["summary"]["bbox-target"]["invalid_points"] == 3
+    assert data["protocol"]["arithmetic"] == "divide"
+    assert data["protocol"]["invalid_predictions"] == "wrong"
+    p1, p2 = data["pairs"]
+    assert p1["invalid"] == [False, True, True, False, False, None]
+    assert p1["invalid_points"] == 2 and p1["outside_image_points"] == 1
+    assert p1["correct"]["bbox-target"]["0.1"] == [True, False, False, True, False, None]
+    assert p1["distances"][1] is None and p1["distances"][3] == 0.75
+    assert p2["invalid"] == [True] and p2["correct"]["bbox-target"]["0.1"] == [False]
+    text = terminal_report(ev)
+    assert "without a usable prediction" in text and "correct if distance / T <= alpha" in text
+
+
+def test_training_validation_counts_unusable_predictions_wrong(tmp_path):
+    """Training validation scores with the evaluation's PCK: a NaN or invalid prediction is
+    wrong there too (it was left out before). 40 x 30 image, T_img = 40, limit 4 px."""
+    from types import SimpleNamespace
+
+    from diffeat.train.validate import Validator, ValPair
+
+    img = tmp_path / "a.png"
+    smooth_texture((40, 30)).save(img)
+    gt = [[5, 5], [10, 10], [15, 15], [20, 20]]
+    pair = Pair("p", img, img, "cat", gt, gt, target_size=(40, 30))
+    nan = math.nan
+    matcher = Scripted([([[5, 5], [nan, nan], [15, 15], [21, 20]], [True, True, False, True])])
+    source = SimpleNamespace(read=lambda key, device=None: SimpleNamespace(transform=None))
+    aggregator = SimpleNamespace(forward_features=lambda sets: torch.ones(2, 3, 2, 2))
+    cells = np.zeros(4, dtype=np.int64)
+    item = ValPair(pair, "a", "a", cells, cells, (40, 30))
+    validator = Validator(source, matcher, aggregator, [item], alpha=0.1, temperature=0.07)
+    out = validator()
+    assert out["pck_img"] == pytest.approx(2 / 4)  # the exact hit and the 1 px miss
+    assert out["points"] == 4 and out["invalid_points"] == 2 and out["pck_bbox"] is None
 
 
 def test_several_thresholds_and_overrides(manager, tmp_path):

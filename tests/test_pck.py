@@ -16,6 +16,7 @@ from diffeat.eval.pck import (
     format_alpha,
     headline,
     keypoint_extent,
+    outside_image,
     pck_curve,
     summarize,
     threshold_of,
@@ -260,3 +261,108 @@ def test_overrides_and_errors():
     d = get_protocol("hedlin").to_dict()
     assert d["dataset_thresholds"]["spair"] == ["bbox-source"]
     assert get_protocol("hedlin").to_dict("spair")["thresholds"] == ["bbox-source"]
+
+
+# -- predictions without a usable point, outside the image, and the arithmetic ----------------
+
+
+def test_a_nan_prediction_counts_wrong_not_dropped():
+    """Two pairs, T = 100, alpha 0.1 (limit 10 px). Pair A: hits at 0 and 5 px and a NaN
+    prediction; pair B: one NaN prediction only. The official evaluators divide by every
+    annotated keypoint: A = 2/3, B = 0/1; per image (2/3 + 0) / 2 = 1/3, per point 2/4.
+    (Dropping the NaN ones would give 1.0 and 1.0: the matcher that gives up wins.)"""
+    gt = [[10.0, 10.0], [20.0, 20.0], [30.0, 30.0]]
+    pred_a = [[10.0, 10.0], [23.0, 24.0], [NAN, NAN]]
+    d_a = distances(pred_a, gt)
+    assert d_a[:2].tolist() == [0.0, 5.0] and d_a[2] == math.inf
+    d_b = distances([[NAN, 3.0]], [[1.0, 1.0]])
+    pairs = [ScoredPair("A", "cat", d_a, 100.0), ScoredPair("B", "cat", d_b, 100.0)]
+    s = summarize(pairs, [0.1])
+    assert (s["pairs"], s["points"], s["invalid_points"], s["pairs_without_points"]) == (2, 4, 2, 0)
+    a = s["by_alpha"]["0.1"]
+    assert a["per_image"] == pytest.approx(1 / 3)
+    assert a["per_point"] == pytest.approx(2 / 4) and a["correct"] == 2
+    assert a["categories"]["cat"]["invalid_points"] == 2
+    assert pairs[0].invalid == 1 and pairs[0].scored == 3
+    # an infinite coordinate is unusable as well, and wrong under every test
+    assert distances([[math.inf, 0.0]], [[0.0, 0.0]])[0] == math.inf
+    for comparison in ("<=", "<"):
+        for arithmetic in ("multiply", "divide"):
+            assert correct([math.inf], 100, 0.1, comparison, arithmetic).tolist() == [False]
+            assert correct([math.inf], 0.0, 0.1, comparison, arithmetic).tolist() == [False]
+
+
+def test_a_prediction_marked_invalid_counts_wrong():
+    """valid = False: the matcher gave up on that point; its coordinates (an exact hit here)
+    are not scored, the keypoint counts wrong. T = 50, alpha 0.1: limit 5 px."""
+    gt = [[5.0, 5.0], [8.0, 8.0]]
+    pred = [[5.0, 5.0], [8.0, 8.0]]  # both exact
+    d = distances(pred, gt, valid=[True, False])
+    assert d.tolist() == [0.0, math.inf]
+    s = summarize([ScoredPair("p", "cat", d, 50.0)], [0.1])
+    assert s["by_alpha"]["0.1"]["per_point"] == pytest.approx(1 / 2)
+    assert s["invalid_points"] == 1
+    # invisible keypoints stay unscored, whatever the prediction says
+    d2 = distances(pred, gt, visible=[False, True], valid=[False, False])
+    assert math.isnan(d2[0]) and d2[1] == math.inf
+    with pytest.raises(ValueError, match="validity has 1 entries for 2 points"):
+        distances(pred, gt, valid=[True])
+
+
+def test_a_prediction_outside_the_image_is_scored_by_its_distance():
+    """The official evaluators never check bounds: a point outside the image is scored by its
+    distance. A 40 x 30 image spans x in [-0.5, 39.5], y in [-0.5, 29.5]."""
+    pred = [[-0.75, 10.0], [39.5, 29.5], [100.0, 10.0], [NAN, NAN], [20.0, 30.0]]
+    assert outside_image(pred, (40, 30)).tolist() == [True, False, True, False, True]
+    assert outside_image(pred, None).tolist() == [False] * 5
+    gt = [[0.0, 10.0], [39.0, 29.0], [39.0, 10.0], [1.0, 1.0], [20.0, 29.0]]
+    d = distances(pred, gt)
+    assert d[0] == 0.75 and d[2] == 61.0 and d[4] == 1.0
+    # T = 20, alpha 0.1: limit 2 px; the first point (0.75 px outside) is correct, the far one
+    # is not, the NaN one counts wrong
+    assert correct(d, 20, 0.1).tolist() == [True, True, False, False, True]
+
+
+# Found by a search over random fractional predictions at alpha * T from integer keypoints
+# (seed 1): `d / T <= alpha` and `d <= alpha * T` disagree in float64 for these.
+DIVIDE_FAILS = (41.0, [122.0, 85.0], [120.39219438528451, 88.7715992768704])
+MULTIPLY_FAILS = (155.0, [47.0, 16.0], [54.02265462091724, 2.1821737572326594])
+
+
+def test_divide_and_multiply_differ_for_fractional_predictions():
+    for (t, gt, pred), divide_ok in ((DIVIDE_FAILS, False), (MULTIPLY_FAILS, True)):
+        d = float(distances([pred], [gt])[0])
+        assert (d / t <= 0.1) is divide_ok and (d <= 0.1 * t) is not divide_ok  # plain Python
+        assert correct([d], t, 0.1, "<=", "divide").tolist() == [divide_ok]
+        assert correct([d], t, 0.1, "<=", "multiply").tolist() == [not divide_ok]
+        s = summarize([ScoredPair("p", "c", [d], t)], [0.1], "<=", "divide")
+        assert s["arithmetic"] == "divide"
+        assert s["by_alpha"]["0.1"]["per_point"] == float(divide_ok)
+    assert repr(float(distances([DIVIDE_FAILS[2]], [DIVIDE_FAILS[1]])[0])) == "4.1000000000000005"
+    # integers at the boundary agree: 10 / 100 <= 0.1 and 10 <= 0.1 * 100
+    for arithmetic in ("multiply", "divide"):
+        assert correct([10.0, 10.5], 100, 0.1, "<=", arithmetic).tolist() == [True, False]
+        assert correct([10.0], 100, 0.1, "<", arithmetic).tolist() == [False]
+    # a zero T: multiply counts exact hits with <=, divide nothing (0 / 0 is NaN)
+    assert correct([0.0], 0.0, 0.1, "<=", "multiply").tolist() == [True]
+    assert correct([0.0], 0.0, 0.1, "<=", "divide").tolist() == [False]
+    with pytest.raises(ValueError, match="arithmetic must be 'multiply' or 'divide'"):
+        correct([1.0], 10, 0.1, "<=", "ratio")
+
+
+def test_each_preset_compares_as_its_official_script():
+    assert get_protocol("dift").arithmetic == "divide"  # eval_spair.py: dist / threshold <= 0.1
+    for name in ("hedlin", "hyperfeatures", "sd-dino", "pf-willow"):
+        assert get_protocol(name).arithmetic == "multiply", name
+    assert get_protocol("dift").test() == "distance / T <= alpha"
+    assert get_protocol("sd-dino").test() == "distance < alpha * T"
+    d = get_protocol("dift").to_dict()
+    assert d["arithmetic"] == "divide" and d["invalid_predictions"] == "wrong"
+    t, gt, pred = DIVIDE_FAILS
+    dist = distances([pred], [gt])
+    assert get_protocol("dift").correct(dist, t, 0.1).tolist() == [False]
+    assert get_protocol("hyperfeatures").correct(dist, t, 0.1).tolist() == [True]
+    changed = get_protocol("hyperfeatures").with_changes(arithmetic="divide")
+    assert changed.arithmetic == "divide" and changed.name == "hyperfeatures (modified)"
+    with pytest.raises(DiffeatError, match="arithmetic must be one of multiply, divide"):
+        PCKProtocol("x", arithmetic="ratio")

@@ -1,8 +1,20 @@
 """PCK@alpha (percentage of correct keypoints) with every protocol option.
 
-A predicted keypoint is correct when its distance to the ground truth is
-``<=`` (or, strictly, ``<``) ``alpha * T``, where the reference length ``T``
-of a pair is one of:
+A predicted keypoint is correct when its distance ``d`` to the ground truth is
+within ``alpha`` of the reference length ``T``. Two settings decide the exact
+test, as the official evaluators differ in both:
+
+- the comparison, ``<=`` or (strictly) ``<``;
+- the arithmetic: ``multiply`` tests ``d <= alpha * T`` (the CATs/DHPF-derived
+  evaluators, Diffusion Hyperfeatures, SD-DINO); ``divide`` tests
+  ``d / T <= alpha`` (DIFT's ``eval_spair.py``). They are not the same test in
+  floating point: for ``T = 41`` and ``d = 4.1000000000000005``,
+  ``d <= 0.1 * 41`` holds and ``d / 41 <= 0.1`` does not, and for
+  ``T = 155``, ``d = 15.500000000000002`` the other way round. Such distances
+  come from fractional (sub-pixel) predictions; integer (argmax) predictions
+  against integer keypoints and boxes rarely reach them.
+
+The reference length ``T`` of a pair is one of:
 
 - ``bbox-target``: ``max(w, h)`` of the target bounding box (DIFT, SD-DINO,
   Hyperfeatures' ``alpha_bbox``);
@@ -14,10 +26,19 @@ of a pair is one of:
 
 A box with ``x1 < x0`` or ``y1 < y0`` is normalised: only ``|x1 - x0|`` and
 ``|y1 - y0|`` enter. A threshold must be finite and ``>= 0`` (a zero one
-counts only exact hits with ``<=`` and nothing with ``<``).
+counts only exact hits with ``<=`` and ``multiply``, nothing otherwise).
 
-Only keypoints visible in both images are scored; a distance of ``NaN``
-marks a keypoint that is not. Averages:
+Which keypoints are scored is decided by the ground truth alone: every
+keypoint visible in both images. A distance of ``NaN`` marks one that is not.
+A scored keypoint whose prediction is unusable (a non-finite coordinate, or
+marked ``valid = False`` by the matcher) has the distance ``+inf``: it counts
+as wrong under every threshold, as in every official evaluator (none of them
+leaves a keypoint out because of its prediction), and it is counted
+(``invalid``). A prediction outside the image is scored by its distance, as
+the official evaluators do (they never check bounds); moving it onto the image
+could only bring it closer to a ground truth inside the image.
+
+Averages:
 
 - per image: the mean over pairs of each pair's fraction correct (pairs with
   no scored keypoint are left out, and counted);
@@ -28,7 +49,7 @@ marks a keypoint that is not. Averages:
   pairs (SD-DINO's "Weighted PCK": on the full SPair-71k test set its fixed
   weights are exactly the categories' pair counts).
 
-Everything is plain numpy; values are fractions in ``[0, 1]``.
+Everything is plain numpy in float64; values are fractions in ``[0, 1]``.
 """
 
 from __future__ import annotations
@@ -42,6 +63,9 @@ import numpy as np
 
 Comparison = Literal["<=", "<"]
 COMPARISONS: tuple[str, ...] = ("<=", "<")
+Arithmetic = Literal["multiply", "divide"]
+#: ``multiply``: ``d <= alpha * T``; ``divide``: ``d / T <= alpha`` (see the module doc)
+ARITHMETICS: tuple[str, ...] = ("multiply", "divide")
 THRESHOLDS: tuple[str, ...] = ("bbox-target", "bbox-source", "img", "kps-target", "kps-source")
 AVERAGES: tuple[str, ...] = (
     "per-image",
@@ -106,13 +130,30 @@ def threshold_of(
     raise ValueError(f"unknown PCK threshold {kind!r}: use one of {', '.join(THRESHOLDS)}")
 
 
-def distances(predicted: Any, target: Any, visible: Any = None) -> np.ndarray:
-    """Euclidean distances ``[N]``; ``NaN`` where ``visible`` is false or a value is missing."""
+def usable_predictions(predicted: Any, valid: Any = None) -> np.ndarray:
+    """Which predictions ``[N, 2]`` can be scored: finite coordinates and (if given) ``valid``."""
+    pred = np.asarray(predicted, dtype=np.float64).reshape(-1, 2)
+    ok = np.isfinite(pred).all(axis=1)
+    if valid is not None:
+        flags = np.asarray(valid, dtype=bool).reshape(-1)
+        if len(flags) != len(ok):
+            raise ValueError(f"validity has {len(flags)} entries for {len(ok)} points")
+        ok &= flags
+    return ok
+
+
+def distances(predicted: Any, target: Any, visible: Any = None, valid: Any = None) -> np.ndarray:
+    """Euclidean distances ``[N]``: ``NaN`` where ``visible`` is false (not scored), ``+inf``
+    where the keypoint is scored but the prediction is unusable (a non-finite coordinate, or
+    ``valid`` false): such a keypoint counts as wrong."""
     pred = np.asarray(predicted, dtype=np.float64).reshape(-1, 2)
     gt = np.asarray(target, dtype=np.float64).reshape(-1, 2)
     if pred.shape != gt.shape:
         raise ValueError(f"{len(pred)} predicted points for {len(gt)} ground-truth points")
-    d = np.linalg.norm(pred - gt, axis=1)
+    usable = usable_predictions(pred, valid)
+    with np.errstate(invalid="ignore", over="ignore"):
+        d = np.linalg.norm(np.where(usable[:, None], pred, 0.0) - gt, axis=1)
+    d = np.where(usable, d, np.inf)
     if visible is not None:
         mask = np.asarray(visible, dtype=bool).reshape(-1)
         if len(mask) != len(d):
@@ -121,9 +162,25 @@ def distances(predicted: Any, target: Any, visible: Any = None) -> np.ndarray:
     return d
 
 
-def _check(threshold: float, alpha: float, comparison: str) -> None:
+def outside_image(predicted: Any, size: Sequence[float] | None) -> np.ndarray:
+    """Which predictions lie outside an image of ``size`` ``(w, h)``: beyond its pixels'
+    area ``[-0.5, w - 0.5] x [-0.5, h - 0.5]`` (pixel centres are integers). Non-finite
+    predictions are not "outside" (they are unusable); no size: nothing is outside."""
+    pred = np.asarray(predicted, dtype=np.float64).reshape(-1, 2)
+    if size is None:
+        return np.zeros(len(pred), dtype=bool)
+    w, h = (float(v) for v in list(size)[:2])
+    with np.errstate(invalid="ignore"):
+        out = (pred[:, 0] < -0.5) | (pred[:, 0] > w - 0.5) | (pred[:, 1] < -0.5)
+        out |= pred[:, 1] > h - 0.5
+    return out & np.isfinite(pred).all(axis=1)
+
+
+def _check(threshold: float, alpha: float, comparison: str, arithmetic: str) -> None:
     if comparison not in COMPARISONS:
         raise ValueError(f"comparison must be '<=' or '<', got {comparison!r}")
+    if arithmetic not in ARITHMETICS:
+        raise ValueError(f"arithmetic must be 'multiply' or 'divide', got {arithmetic!r}")
     if not (isinstance(alpha, (int, float)) and math.isfinite(alpha) and alpha > 0):
         raise ValueError(f"alpha must be a positive number, got {alpha!r}")
     if not (math.isfinite(threshold) and threshold >= 0):
@@ -131,21 +188,33 @@ def _check(threshold: float, alpha: float, comparison: str) -> None:
 
 
 def correct(
-    dist: Any, threshold: float, alpha: float, comparison: Comparison | str = "<="
+    dist: Any,
+    threshold: float,
+    alpha: float,
+    comparison: Comparison | str = "<=",
+    arithmetic: Arithmetic | str = "multiply",
 ) -> np.ndarray:
-    """Which keypoints are correct: ``dist <= alpha * threshold`` (or ``<``); NaN -> False."""
+    """Which keypoints are correct: ``dist <= alpha * threshold`` (``multiply``) or
+    ``dist / threshold <= alpha`` (``divide``), or with ``<``; ``NaN`` and ``inf`` -> False."""
     threshold = float(threshold)
-    _check(threshold, alpha, comparison)
+    _check(threshold, alpha, comparison, arithmetic)
     d = np.asarray(dist, dtype=np.float64)
-    limit = alpha * threshold
-    with np.errstate(invalid="ignore"):
-        ok = d <= limit if comparison == "<=" else d < limit
-    return ok & ~np.isnan(d)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        if arithmetic == "divide":
+            lhs, rhs = d / threshold, float(alpha)
+        else:
+            lhs, rhs = d, alpha * threshold
+        ok = lhs <= rhs if comparison == "<=" else lhs < rhs
+    return ok & np.isfinite(d)
 
 
 @dataclass
 class ScoredPair:
-    """What PCK needs of one pair: its category, distances (NaN: not scored) and ``T``."""
+    """What PCK needs of one pair: its category, distances and ``T``.
+
+    A distance of ``NaN`` marks a keypoint that is not scored; ``+inf`` one that is scored
+    but has no usable prediction (it counts as wrong; see :func:`distances`).
+    """
 
     id: str
     category: str
@@ -158,7 +227,13 @@ class ScoredPair:
 
     @property
     def scored(self) -> int:
+        """Keypoints scored (visible in both images), usable prediction or not."""
         return int((~np.isnan(self.distances)).sum())
+
+    @property
+    def invalid(self) -> int:
+        """Scored keypoints without a usable prediction (counted as wrong)."""
+        return int(np.isposinf(self.distances).sum())
 
 
 def _mean(values: list[float]) -> float | None:
@@ -171,23 +246,29 @@ def _weighted(values: list[tuple[float, int]]) -> float | None:
 
 
 def summarize(
-    pairs: Sequence[ScoredPair], alphas: Sequence[float], comparison: Comparison | str = "<="
+    pairs: Sequence[ScoredPair],
+    alphas: Sequence[float],
+    comparison: Comparison | str = "<=",
+    arithmetic: Arithmetic | str = "multiply",
 ) -> dict[str, Any]:
     """PCK of ``pairs`` at each alpha: per image, per point, per category, mean of categories.
 
-    Returns ``{"comparison", "alphas", "pairs", "points", "pairs_without_points",
-    "by_alpha": {"<alpha>": {"per_image", "per_point", "category_mean_per_image",
-    "category_mean_per_point", "category_weighted_per_point", "correct", "categories":
-    {category: {"per_image",
-    "per_point", "pairs", "points", "correct"}}}}}``; an average over nothing is
-    ``None``.
+    Returns ``{"comparison", "arithmetic", "alphas", "pairs", "points", "invalid_points",
+    "pairs_without_points", "by_alpha": {"<alpha>": {"per_image", "per_point",
+    "category_mean_per_image", "category_mean_per_point", "category_weighted_per_point",
+    "correct", "categories": {category: {"per_image", "per_point", "pairs", "points",
+    "invalid_points", "correct"}}}}}``; an average over nothing is ``None``.
+    ``invalid_points`` counts the scored keypoints without a usable prediction: they are
+    in ``points`` and never in ``correct``.
     """
     scored = [p for p in pairs if p.scored > 0]
     out: dict[str, Any] = {
         "comparison": comparison,
+        "arithmetic": arithmetic,
         "alphas": [float(a) for a in alphas],
         "pairs": len(scored),
         "points": int(sum(p.scored for p in scored)),
+        "invalid_points": int(sum(p.invalid for p in scored)),
         "pairs_without_points": len(pairs) - len(scored),
         "by_alpha": {},
     }
@@ -195,7 +276,7 @@ def summarize(
     for alpha in alphas:
         per_pair: list[tuple[str, int, int]] = []  # (category, correct, scored)
         for p in scored:
-            ok = correct(p.distances, p.threshold, alpha, comparison)
+            ok = correct(p.distances, p.threshold, alpha, comparison, arithmetic)
             per_pair.append((p.category, int(ok.sum()), p.scored))
         cats: dict[str, Any] = {}
         for cat in categories:
@@ -205,6 +286,7 @@ def summarize(
                 "per_point": sum(c for c, _ in rows) / sum(n for _, n in rows),
                 "pairs": len(rows),
                 "points": sum(n for _, n in rows),
+                "invalid_points": sum(p.invalid for p in scored if p.category == cat),
                 "correct": sum(c for c, _ in rows),
             }
         total = sum(n for _, _, n in per_pair)
@@ -235,9 +317,10 @@ def pck_curve(
     alphas: Sequence[float],
     comparison: Comparison | str = "<=",
     average: str = "per-point",
+    arithmetic: Arithmetic | str = "multiply",
 ) -> list[float | None]:
     """PCK at each alpha under one average (for PCK-vs-alpha plots)."""
-    summary = summarize(pairs, alphas, comparison)
+    summary = summarize(pairs, alphas, comparison, arithmetic)
     return [headline(summary, a, average) for a in alphas]
 
 

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import numpy as np
 
-from diffeat.eval.pck import correct, format_alpha, pck_curve
+from diffeat.eval.pck import format_alpha, pck_curve
 from diffeat.eval.runner import Evaluation
 
 CORRECT = "#1a9850"
@@ -31,7 +31,9 @@ def pck_vs_alpha(ev: Evaluation, path: str | Path) -> Path:
     for kind in ev.thresholds:
         scored = ev.scored(kind)
         for average, style in (("per-image", "-"), ("per-point", "--")):
-            values = pck_curve(scored, alphas, ev.protocol.comparison, average)
+            values = pck_curve(
+                scored, alphas, ev.protocol.comparison, average, ev.protocol.arithmetic
+            )
             ys = [np.nan if v is None else 100 * v for v in values]
             ax.plot(alphas, ys, style, label=f"{kind}, {average}")
     for alpha in ev.alphas:
@@ -78,9 +80,7 @@ def category_bars(ev: Evaluation, path: str | Path) -> Path:
 def _fraction_correct(ev: Evaluation, index: int) -> float:
     kind, alpha = ev.thresholds[0], ev.alphas[0]
     outcome = ev.outcomes[index]
-    ok = correct(
-        outcome.distances(), ev.pair_thresholds[index][kind], alpha, ev.protocol.comparison
-    )
+    ok = ev.protocol.correct(outcome.distances(), ev.pair_thresholds[index][kind], alpha)
     return float(ok.sum()) / max(1, outcome.pair.num_visible)
 
 
@@ -117,7 +117,7 @@ def qualitative_grid(ev: Evaluation, path: str | Path, count: int = 6) -> Path:
         vis = pair.visible
         dist = outcome.distances()
         t = ev.pair_thresholds[index][kind]
-        ok = correct(dist, t, alpha, ev.protocol.comparison)
+        ok = ev.protocol.correct(dist, t, alpha)
         colors = [CORRECT if o else WRONG for o in ok[vis]]
         ax_s, ax_t = axes[row]
         ax_s.imshow(load_image(pair.source))

@@ -6,13 +6,18 @@ categories for every threshold of the protocol; the protocol also names the
 The reported numbers below are from ``METHODS.md`` (each paper's table);
 reproducing them also needs the paper's pipeline (``examples/*.toml``).
 
-| preset | threshold | `<=`/`<` | headline | alphas | reproduces |
+| preset | threshold | test | headline | alphas | reproduces |
 |---|---|---|---|---|---|
-| `dift` | target bbox | `<=` | per image (per point also printed) | 0.1 | DIFT SPair-71k PCK@0.1(bbox): 52.9 per image, 59.5 per point (SD 2.1) |
-| `hedlin` | SPair: *source* bbox; PF-Willow: target keypoint extent; CUB: target bbox | `<=` | per image | 0.05, 0.1 | Hedlin et al.: SPair 28.9 / 45.4, PF-Willow 53.0 / 84.3, CUB 61.6 / 77.5 |
-| `hyperfeatures` | target image (`alpha_img`) and target bbox (`alpha_bbox`) | `<=` | per point | 0.1 | Diffusion Hyperfeatures: SPair 72.56 (img) / 64.61 (bbox); CUB 82.29 / 69.42 |
-| `sd-dino` | target bbox | `<` | pair-weighted mean of categories of per-point PCK | 0.1, 0.05, 0.01 | SD-DINO SPair PCK@0.1 about 64 |
-| `pf-willow` | target keypoint extent | `<=` | per image | 0.05, 0.1 | the usual PF-Willow `alpha_bbox` protocol |
+| `dift` | target bbox | `d / T <= a` | per image (per point also printed) | 0.1 | DIFT SPair-71k PCK@0.1(bbox): 52.9 per image, 59.5 per point (SD 2.1) |
+| `hedlin` | SPair: *source* bbox; PF-Willow: target keypoint extent; CUB: target bbox | `d <= a * T` | per image | 0.05, 0.1 | Hedlin et al.: SPair 28.9 / 45.4, PF-Willow 53.0 / 84.3, CUB 61.6 / 77.5 |
+| `hyperfeatures` | target image (`alpha_img`) and target bbox (`alpha_bbox`) | `d <= a * T` | per point | 0.1 | Diffusion Hyperfeatures: SPair 72.56 (img) / 64.61 (bbox); CUB 82.29 / 69.42 |
+| `sd-dino` | target bbox | `d < a * T` | pair-weighted mean of categories of per-point PCK | 0.1, 0.05, 0.01 | SD-DINO SPair PCK@0.1 about 64 |
+| `pf-willow` | target keypoint extent | `d <= a * T` | per image | 0.05, 0.1 | the usual PF-Willow `alpha_bbox` protocol |
+
+In every preset, as in every official evaluator, a scored keypoint whose
+prediction is unusable (``NaN``/``inf`` coordinates or ``valid = False``)
+counts as wrong: the official scripts divide by the number of annotated
+keypoints, and a comparison with ``NaN`` is false.
 """
 
 from __future__ import annotations
@@ -20,14 +25,18 @@ from __future__ import annotations
 from dataclasses import dataclass, field, replace
 from typing import Any
 
+import numpy as np
+
 from diffeat.core.errors import DiffeatError
-from diffeat.eval.pck import AVERAGES, COMPARISONS, THRESHOLDS
+from diffeat.eval.pck import ARITHMETICS, AVERAGES, COMPARISONS, THRESHOLDS, correct
 
 
 @dataclass(frozen=True)
 class PCKProtocol:
-    """How to score: thresholds, comparison, headline average, alphas.
+    """How to score: thresholds, comparison and its arithmetic, headline average, alphas.
 
+    ``arithmetic`` is ``multiply`` (``d <= alpha * T``) or ``divide`` (``d / T <= alpha``):
+    the two differ for some fractional distances (see :mod:`diffeat.eval.pck`).
     ``dataset_thresholds`` overrides ``thresholds`` for a dataset (by plugin
     name), for papers whose reference length differs per benchmark.
     """
@@ -35,6 +44,7 @@ class PCKProtocol:
     name: str
     thresholds: tuple[str, ...] = ("bbox-target",)
     comparison: str = "<="
+    arithmetic: str = "multiply"
     average: str = "per-image"
     alphas: tuple[float, ...] = (0.1,)
     dataset_thresholds: dict[str, tuple[str, ...]] = field(default_factory=dict)
@@ -53,6 +63,11 @@ class PCKProtocol:
                 raise DiffeatError(f"protocol {self.name!r}: no threshold")
         if self.comparison not in COMPARISONS:
             raise DiffeatError(f"protocol {self.name!r}: comparison must be '<=' or '<'")
+        if self.arithmetic not in ARITHMETICS:
+            raise DiffeatError(
+                f"protocol {self.name!r}: arithmetic must be one of {', '.join(ARITHMETICS)}, "
+                f"got {self.arithmetic!r}"
+            )
         if self.average not in AVERAGES:
             raise DiffeatError(
                 f"protocol {self.name!r}: average must be one of {', '.join(AVERAGES)}"
@@ -72,6 +87,7 @@ class PCKProtocol:
         thresholds: tuple[str, ...] | None = None,
         comparison: str | None = None,
         average: str | None = None,
+        arithmetic: str | None = None,
     ) -> PCKProtocol:
         """A copy with command-line overrides (a threshold override applies to every dataset)."""
         changes: dict[str, Any] = {}
@@ -84,15 +100,31 @@ class PCKProtocol:
             changes["comparison"] = comparison
         if average:
             changes["average"] = average
+        if arithmetic:
+            changes["arithmetic"] = arithmetic
         if not changes:
             return self
         return replace(self, **changes, name=f"{self.name} (modified)")
+
+    def correct(self, dist: np.ndarray, threshold: float, alpha: float) -> np.ndarray:
+        """Which of the distances ``dist`` are correct at ``alpha`` under this protocol's
+        comparison and arithmetic (``NaN``: not scored and ``inf``: unusable -> False)."""
+        return correct(dist, threshold, alpha, self.comparison, self.arithmetic)
+
+    def test(self) -> str:
+        """The test in words: ``d / T <= alpha`` or ``d <= alpha * T`` (``<`` if strict)."""
+        if self.arithmetic == "divide":
+            return f"distance / T {self.comparison} alpha"
+        return f"distance {self.comparison} alpha * T"
 
     def to_dict(self, dataset: str | None = None) -> dict[str, Any]:
         out = {
             "name": self.name,
             "thresholds": list(self.thresholds_for(dataset) if dataset else self.thresholds),
             "comparison": self.comparison,
+            "arithmetic": self.arithmetic,
+            "test": self.test(),
+            "invalid_predictions": "wrong",
             "average": self.average,
             "alphas": list(self.alphas),
             "reproduces": self.reproduces,
@@ -110,6 +142,7 @@ PROTOCOLS: dict[str, PCKProtocol] = {
             "dift",
             thresholds=("bbox-target",),
             comparison="<=",
+            arithmetic="divide",
             average="per-image",
             alphas=(0.1,),
             reproduces=(
@@ -117,8 +150,9 @@ PROTOCOLS: dict[str, PCKProtocol] = {
                 "(SD 2.1, t=261, up_ft_index 1, ensemble 8; examples/dift-sd21.toml)"
             ),
             notes=(
-                "eval_spair.py: threshold max(w, h) of the target box, dist / T <= 0.1; per image "
-                "= mean over all pairs (not over categories), per point = all correct / all points"
+                "eval_spair.py: threshold max(w, h) of the target box, dist / T <= 0.1 (a division, "
+                "in float64); per image = mean over all pairs (not over categories), per point = "
+                "all correct / all points; every annotated keypoint is counted"
             ),
         ),
         PCKProtocol(
@@ -133,8 +167,8 @@ PROTOCOLS: dict[str, PCKProtocol] = {
                 "PF-Willow 53.0 / 84.3, CUB 61.6 / 77.5"
             ),
             notes=(
-                "CATs-style evaluator (mean of per-pair PCK, <=); on SPair the reference length "
-                "is the source box. Their CUB test set is every test pair of classes 1-3: "
+                "CATs-style evaluator (mean of per-pair PCK; torch.le(dist, T * alpha) in float32, "
+                "in their 512x512 frame); on SPair the reference length is the source box. Their CUB test set is every test pair of classes 1-3: "
                 "-o max_classes=3 -o pairs_per_class=0 -o min_common_parts=1"
             ),
         ),
@@ -150,7 +184,7 @@ PROTOCOLS: dict[str, PCKProtocol] = {
             ),
             notes=(
                 "compute_pck: distances <= alpha * max(target image size) or max(target box "
-                "side); pooled over all points. Their SPair test set is a 20 pairs x 18 "
+                "side) (numpy, float64); pooled over all points. Their SPair test set is a 20 pairs x 18 "
                 "categories subset (pass it with -o pair_list=FILE)"
             ),
         ),
@@ -162,8 +196,8 @@ PROTOCOLS: dict[str, PCKProtocol] = {
             alphas=(0.1, 0.05, 0.01),
             reproduces="SD-DINO (Zhang et al. 2023) SPair-71k PCK@0.1 about 64 (all test pairs)",
             notes=(
-                "pck_spair_pascal.py: err < alpha * max(target box side), per point within a "
-                "category, then the categories weighted by their pair counts ('Weighted PCK', "
+                "pck_spair_pascal.py: err < alpha * max(target box side) (torch float32, in their "
+                "padded 840 px frame), per point within a category, then the categories weighted by their pair counts ('Weighted PCK', "
                 "the paper's setting: all test pairs, --SAMPLE 0). Its default run samples 20 "
                 "pairs per category (-o sample_per_category=20, seed 42), where the weighting "
                 "equals the plain mean ('Average PCK')"
@@ -177,7 +211,8 @@ PROTOCOLS: dict[str, PCKProtocol] = {
             alphas=(0.05, 0.1),
             reproduces="the PF-Willow alpha_bbox protocol (target keypoint extent) at 0.05 and 0.1",
             notes=(
-                "DHPF / CATs get_pckthres: max(w, h) of the target keypoints' extent; "
+                "DHPF / CATs get_pckthres: max(w, h) of the target keypoints' extent, "
+                "torch.le(dist, T * alpha); "
                 "CNNGeometric/NCNet used the source keypoints (threshold kps-source)"
             ),
         ),

@@ -3,8 +3,9 @@
 ``results.json`` keeps every setting (the resolved pipeline config and its
 digest, the dataset and its options, the protocol), the run statistics
 (features computed vs read from the store, stored bytes, time per pair), the
-PCK summaries and, per pair, the predictions and the correctness of each
-keypoint under every threshold and alpha. PCK values are fractions in
+PCK summaries (with the number of scored keypoints that had no usable
+prediction, counted wrong) and, per pair, the predictions and the correctness
+of each keypoint under every threshold and alpha. PCK values are fractions in
 ``[0, 1]`` in JSON and percentages in tables.
 """
 
@@ -18,7 +19,7 @@ from typing import Any
 
 import numpy as np
 
-from diffeat.eval.pck import correct, format_alpha
+from diffeat.eval.pck import format_alpha
 from diffeat.eval.runner import Evaluation
 
 AVERAGE_LABEL = {
@@ -55,6 +56,8 @@ def pair_records(ev: Evaluation) -> list[dict[str, Any]]:
     for outcome, thresholds in zip(ev.outcomes, ev.pair_thresholds):
         pair = outcome.pair
         dist = outcome.distances()
+        invalid = outcome.invalid()
+        outside = outcome.outside()
         correctness: dict[str, dict[str, list[bool | None]]] = {}
         for kind in ev.thresholds:
             t = thresholds[kind]
@@ -63,7 +66,7 @@ def pair_records(ev: Evaluation) -> list[dict[str, Any]]:
                 if math.isnan(t):
                     ok = [None] * len(dist)
                 else:
-                    hits = correct(dist, t, alpha, ev.protocol.comparison)
+                    hits = ev.protocol.correct(dist, t, alpha)
                     ok = [bool(h) if not math.isnan(d) else None for h, d in zip(hits, dist)]
                 correctness[kind][format_alpha(alpha)] = ok
         record = pair.to_dict()
@@ -73,6 +76,9 @@ def pair_records(ev: Evaluation) -> list[dict[str, Any]]:
                 "scores": np.round(outcome.scores, 6),
                 "valid": outcome.valid,
                 "distances": np.round(dist, 4),
+                "invalid": [bool(b) if not math.isnan(d) else None for b, d in zip(invalid, dist)],
+                "invalid_points": int(invalid.sum()),
+                "outside_image_points": int(outside.sum()),
                 "thresholds": thresholds,
                 "correct": correctness,
                 "seconds": round(outcome.seconds, 5),
@@ -172,8 +178,8 @@ def _settings_lines(ev: Evaluation) -> list[str]:
     feats = stats["features"]
     lines = [
         f"dataset: {ev.dataset} ({ev.dataset_info.get('title', '')}), {stats['pairs']} pairs",
-        f"protocol: {p.name}; threshold {', '.join(ev.thresholds)}; distance {p.comparison} "
-        f"alpha * T; headline {AVERAGE_LABEL[p.average]}",
+        f"protocol: {p.name}; threshold {', '.join(ev.thresholds)}; correct if {p.test()}; "
+        f"headline {AVERAGE_LABEL[p.average]}",
         f"pipeline: {ev.pipeline_source or '<memory>'} (digest {ev.pipeline_digest[:16]})",
         f"features: {feats['computed']} computed, {feats['read_from_store']} read from the store"
         if ev.store
@@ -188,6 +194,16 @@ def _settings_lines(ev: Evaluation) -> list[str]:
         )
     if stats["clipped_source_points"]:
         lines.append(f"clipped source points: {stats['clipped_source_points']}")
+    if stats["invalid_predictions"]:
+        lines.append(
+            f"keypoints without a usable prediction (NaN or marked invalid; counted wrong): "
+            f"{stats['invalid_predictions']}"
+        )
+    if stats["outside_image_predictions"]:
+        lines.append(
+            f"predictions outside the target image (scored by distance): "
+            f"{stats['outside_image_predictions']}"
+        )
     if stats["size_mismatches"]:
         lines.append(
             f"image size differs from the annotation: {len(stats['size_mismatches'])} time(s)"

@@ -7,7 +7,11 @@ call ``pipeline.match(source, target, visible_source_points)``. Then score
 with a :class:`~diffeat.eval.protocols.PCKProtocol`.
 
 Source keypoints are clipped into the source image (``0 <= x <= W - 1``);
-the number of clipped points is reported, never hidden. Features computed
+the number of clipped points is reported, never hidden. A prediction without a
+usable point (``NaN``/``inf`` coordinates or ``valid = False``) is scored as
+wrong and counted (``invalid_predictions``); a prediction outside the target
+image is scored by its distance, as the official evaluators do, and counted
+(``outside_image_predictions``). Features computed
 versus read from the pipeline's store are counted per image use.
 """
 
@@ -27,7 +31,7 @@ from diffeat.core.components import needs_descriptors
 from diffeat.core.datasets import Dataset, Pair, description_of
 from diffeat.core.errors import DiffeatError
 from diffeat.core.images import ImageInput, as_input
-from diffeat.eval.pck import ScoredPair, distances, summarize, threshold_of
+from diffeat.eval.pck import ScoredPair, distances, outside_image, summarize, threshold_of
 from diffeat.eval.protocols import PCKProtocol
 
 if TYPE_CHECKING:
@@ -49,7 +53,19 @@ class PairOutcome:
     clipped: int = 0
 
     def distances(self) -> np.ndarray:
-        return distances(self.predicted, self.pair.target_points, self.pair.visible)
+        """Distances to the ground truth: ``NaN`` where not scored (not visible in both
+        images), ``+inf`` where scored without a usable prediction (counts as wrong)."""
+        return distances(self.predicted, self.pair.target_points, self.pair.visible, self.valid)
+
+    def invalid(self) -> np.ndarray:
+        """``[N]``: scored keypoints without a usable prediction (counted as wrong)."""
+        return np.isposinf(self.distances())
+
+    def outside(self) -> np.ndarray:
+        """``[N]``: scored keypoints whose usable prediction lies outside the target image
+        (scored by their distance)."""
+        scored = np.isfinite(self.distances())
+        return outside_image(self.predicted, self.pair.target_size) & scored
 
 
 @dataclass
@@ -59,6 +75,8 @@ class RunStats:
     computed: int = 0
     read_from_store: int = 0
     clipped_source_points: int = 0
+    invalid_predictions: int = 0
+    outside_image_predictions: int = 0
     image_loads: int = 0
     seconds: float = 0.0
     match_seconds: list[float] = field(default_factory=list)
@@ -71,6 +89,8 @@ class RunStats:
             "pairs_without_points": self.pairs_without_points,
             "features": {"computed": self.computed, "read_from_store": self.read_from_store},
             "clipped_source_points": self.clipped_source_points,
+            "invalid_predictions": self.invalid_predictions,
+            "outside_image_predictions": self.outside_image_predictions,
             "images_decoded": self.image_loads,
             "seconds_total": round(self.seconds, 4),
             "seconds_per_pair_mean": float(times.mean()) if len(times) else None,
@@ -179,7 +199,10 @@ def run_pairs(
         else:
             stats.pairs_without_points += 1
         stats.clipped_source_points += clipped
-        outcomes.append(PairOutcome(pair, predicted, scores, valid, seconds, clipped))
+        outcome = PairOutcome(pair, predicted, scores, valid, seconds, clipped)
+        stats.invalid_predictions += int(outcome.invalid().sum())
+        stats.outside_image_predictions += int(outcome.outside().sum())
+        outcomes.append(outcome)
         if progress is not None:
             progress.update(1)
     stats.seconds = time.perf_counter() - start
@@ -254,7 +277,10 @@ def score(
         per_pair.append(values)
     summaries = {
         kind: summarize(
-            scored_pairs(outcomes, per_pair, kind), protocol.alphas, protocol.comparison
+            scored_pairs(outcomes, per_pair, kind),
+            protocol.alphas,
+            protocol.comparison,
+            protocol.arithmetic,
         )
         for kind in kinds
     }

@@ -8,8 +8,10 @@ pipeline's matcher predicts the target points of the visible source points
 evaluation's (:mod:`diffeat.eval.pck`), per point: a point is correct when its
 distance is ``<= alpha * T``, ``T`` the longest side of the target image
 (``img``) or of the target box (``bbox-target``), pooled over all points of all
-pairs (the official ``compute_pck``). The validation loss is the training loss
-on the same pairs.
+pairs (the official ``compute_pck``). A point the matcher gives no usable
+prediction for (``NaN`` coordinates or ``valid = False``) counts as wrong, as
+in the evaluation; their number is reported (``invalid_points``). The
+validation loss is the training loss on the same pairs.
 """
 
 from __future__ import annotations
@@ -114,7 +116,8 @@ class Validator:
         return "pck_bbox" if self.boxes else "pck_img"
 
     def __call__(self, progress: Bar | None = None) -> dict[str, Any]:
-        """``{"pck_img", "pck_bbox", "loss", "pairs", "points", "alpha"}`` over every pair.
+        """``{"pck_img", "pck_bbox", "loss", "pairs", "points", "invalid_points", "alpha"}``
+        over every pair.
 
         Features are read onto the validator's device (the store casts them there).
         """
@@ -142,6 +145,7 @@ class Validator:
             "loss": float(np.mean(losses)) if losses else None,
             "pairs": len(self.items),
             "points": img["points"],
+            "invalid_points": img["invalid_points"],
             "alpha": self.alpha,
         }
 
@@ -172,7 +176,8 @@ class Validator:
             torch.as_tensor(query, dtype=torch.float32),
         )
         points = result.points.detach().cpu().double().numpy().reshape(-1, 2)
-        return _Predicted(float(loss), distances(points, pair.target_points[vis]))
+        valid = result.valid.detach().cpu().numpy().reshape(-1).astype(bool)
+        return _Predicted(float(loss), distances(points, pair.target_points[vis], valid=valid))
 
 
 def _view(image: ImageInput, features: FeatureSet, descriptors: torch.Tensor, path: object) -> View:

@@ -41,6 +41,10 @@ from diffeat.core.images import list_images, load_image
 from diffeat.plugins.datasets.spair import SPairLayoutDataset
 
 KINDS = ("identity", "translate", "flip", "homography")
+#: kinds whose transform is drawn at random: the only ones that give an image a new pair
+#: once it has met every kind (identity and flip of one image are always the same pair)
+RANDOM_KINDS = ("translate", "homography")
+REDRAWS = 50  # draws of a random kind that repeats an earlier pair of the image, at most
 MARGIN = 2.0
 FILL = (127, 127, 127)
 
@@ -64,6 +68,7 @@ class SyntheticReport:
     images: int = 0
     kinds: dict[str, int] = field(default_factory=dict)
     categories: list[str] = field(default_factory=list)
+    duplicates: int = 0
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -72,6 +77,7 @@ class SyntheticReport:
             "images": self.images,
             "kinds": self.kinds,
             "categories": self.categories,
+            "duplicates": self.duplicates,
         }
 
 
@@ -101,6 +107,39 @@ def random_homography(kind: str, size: tuple[int, int], rng: np.random.Generator
         t = rng.uniform(-0.08, 0.08, size=2) * np.array([w, h])
         return _shift(cx + t[0], cy + t[1]) @ persp @ rot @ _shift(-cx, -cy)
     raise DiffeatError(f"unknown transform kind {kind!r}: use one of {', '.join(KINDS)}")
+
+
+def kind_step(images: int, kinds: int) -> int:
+    """The shift of the kind cycle per round: the smallest ``c >= images + 1`` coprime to
+    ``kinds`` (``images + 1`` reproduces the original assignment wherever that one already
+    met every kind)."""
+    step = images + 1
+    while math.gcd(step, kinds) != 1:
+        step += 1
+    return step
+
+
+def assign_kind(k: int, images: int, kinds: Sequence[str]) -> str:
+    """The kind of pair ``k``, whose image is ``k mod images`` (see :func:`make_synthetic`).
+
+    In round ``r = k // images`` image ``i`` gets ``kinds[(i + r * c) mod m]`` with
+    ``c`` coprime to ``m = len(kinds)``: over any ``m`` consecutive rounds each image meets
+    every kind once, and each round spreads the kinds evenly over the images. After the
+    first ``m`` rounds an identity or flip would repeat a pair byte for byte: such a pair
+    takes a random kind of ``kinds`` instead (if there is one).
+    """
+    m = len(kinds)
+    i, r = k % images, k // images
+    kind = kinds[(i + r * kind_step(images, m)) % m]
+    randoms = [x for x in kinds if x in RANDOM_KINDS]
+    if r >= m and kind not in RANDOM_KINDS and randoms:
+        kind = randoms[(i + r) % len(randoms)]
+    return kind
+
+
+def _pair_key(index: int, matrix: np.ndarray) -> tuple[int, bytes]:
+    """What makes a pair: its source image and the transform (keypoints come with the image)."""
+    return index, (np.round(matrix, 9) + 0.0).tobytes()  # + 0.0: no -0.0
 
 
 def apply_homography(matrix: np.ndarray, points: np.ndarray) -> np.ndarray:
@@ -177,11 +216,13 @@ def make_synthetic(
 ) -> SyntheticReport:
     """Write ``pairs`` synthetic pairs made from the images in ``sources`` to ``out``.
 
-    Pair ``k`` uses source image ``k mod n`` (images sorted by path) and kind
-    ``kinds[(k + k // n) mod len(kinds)]``, so every image meets every kind; all
-    randomness comes from ``seed``. The
-    category of an image is the first folder under the ``--from`` folder it
-    sits in, else ``category``.
+    Pair ``k`` uses source image ``k mod n`` (images sorted by path) and the kind
+    :func:`assign_kind` gives it: with ``pairs >= n * len(kinds)`` every image meets every
+    kind, and no two pairs are the same unless only identity / flip are asked for more
+    than once per image (counted in ``duplicates``); a random draw that repeats an
+    earlier pair of its image is drawn again. All randomness comes from ``seed``. The
+    category of an image is the first folder under the ``--from`` folder it sits in,
+    else ``category``.
     """
     out = Path(out)
     kinds = [k.strip() for k in kinds if k.strip()]
@@ -251,11 +292,17 @@ def make_synthetic(
         return prepared[index]
 
     listing: list[str] = []
+    made: set[tuple[int, bytes]] = set()
     for k in range(pairs):
-        src = prepare(k % len(files))
-        kind = kinds[(k + k // len(files)) % len(kinds)]
+        index = k % len(files)
+        src = prepare(index)
+        kind = assign_kind(k, len(files), kinds)
         image: Image.Image = src["image"]
         matrix = random_homography(kind, image.size, rng)
+        for _ in range(REDRAWS if kind in RANDOM_KINDS else 0):
+            if _pair_key(index, matrix) not in made:
+                break
+            matrix = random_homography(kind, image.size, rng)  # e.g. a translation seen before
         target = warp_image(image, matrix)
         mapped = apply_homography(matrix, src["kps"])
         keep = _inside(mapped, target.size) & _inside(src["kps"], image.size)
@@ -263,6 +310,9 @@ def make_synthetic(
             kind, matrix, target = "identity", np.eye(3), image.copy()
             mapped = src["kps"].copy()
             keep = np.ones(len(mapped), dtype=bool)
+        if _pair_key(index, matrix) in made:
+            report.duplicates += 1
+        made.add(_pair_key(index, matrix))
         b = src["box"]
         corners = apply_homography(
             matrix, np.array([[b[0], b[1]], [b[2], b[1]], [b[2], b[3]], [b[0], b[3]]])

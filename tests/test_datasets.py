@@ -549,6 +549,7 @@ def test_inside_root_keeps_symlinked_folders(tmp_path):
         ("src_imname", "../../../secret.jpg"),
         ("trg_imname", "/etc/passwd"),
         ("category", "../../.."),
+        ("category", "/etc"),
     ],
 )
 def test_spair_refuses_annotation_paths_outside_the_root(tmp_path, field, value):
@@ -562,6 +563,8 @@ def test_spair_refuses_annotation_paths_outside_the_root(tmp_path, field, value)
         list(SPair(SPairOptions(root=str(root))).pairs())
     message = str(info.value)
     assert str(ann) in message and "outside the dataset root" in message and str(root) in message
+    if value.startswith("/"):
+        assert f"the path {value!r} points outside" in message
 
 
 def test_synthetic_refuses_annotation_paths_outside_the_root(tmp_path):

@@ -94,7 +94,7 @@ def inside_root(root: Path, relative: str | os.PathLike[str] | Sequence[str], wh
         or "\0" in text
     )
     if escapes:
-        shown = parts[-1] if len(parts) > 1 and _absolute(parts[-1]) else text
+        shown = next((part for part in parts if _absolute(part)), text)
         raise DiffeatError(
             f"{what}: the path {shown!r} points outside the dataset root {root}; annotation "
             "paths must be relative and stay under the root (is this annotation file damaged, "

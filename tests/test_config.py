@@ -1,11 +1,18 @@
 from __future__ import annotations
 
+import json
+import sys
 from pathlib import Path
 
 import pytest
 
 from diffeat.core.config import load_config, parse_config, to_toml
 from diffeat.core.errors import ConfigError
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 
@@ -183,3 +190,43 @@ def test_stable_diffusion_cache_fields_at_defaults_are_the_original_ones(manager
     ]
     inv = load_config(EXAMPLES / "hyperfeatures-sd15.toml", manager=manager)
     assert options_dict(inv.extractor.options, cache_only=True)["mode"] == "inversion"
+
+
+WEIRD_PROMPT = 'a photo of a 🐈‍⬛ "cat" at C:\\temp\\x\ttab\nnew line \x01 ünïcödé'
+# as TOML would take it on the command line (JSON escapes all but DEL the TOML way)
+PROMPT_OVERRIDE = "extractor.prompt=" + json.dumps(WEIRD_PROMPT, ensure_ascii=False)
+
+
+def test_toml_writes_emoji_quotes_and_backslashes_that_read_back(tmp_path, manager):
+    cfg = load_config(
+        EXAMPLES / "dift-sd21.toml",
+        [PROMPT_OVERRIDE],
+        manager=manager,
+    )
+    assert cfg.resolved()["extractor"]["prompt"] == WEIRD_PROMPT
+    text = to_toml(cfg.resolved())
+    assert "🐈" in text and "\\ud83d" not in text  # the character itself, not JSON's surrogates
+    assert tomllib.loads(text)["extractor"]["prompt"] == WEIRD_PROMPT
+    again = load_config(write(tmp_path, text), manager=manager)
+    assert again.resolved() == cfg.resolved() and again.digest() == cfg.digest()
+
+
+def test_toml_writes_keys_and_inline_tables_toml_can_read():
+    data = {"a": {"plain": 1, "odd key é": "x\x7f", "table": {"k": [1.5, "🙂"], "": {}}}}
+    assert tomllib.loads(to_toml(data)) == data
+    with pytest.raises(ConfigError, match="lone surrogate"):
+        to_toml({"a": {"s": "\ud800"}})
+
+
+def test_config_show_output_loads_as_the_same_pipeline(tmp_path, manager):
+    from clihelp import run
+
+    source = tmp_path / "emoji.toml"
+    source.write_text((EXAMPLES / "dift-sd21.toml").read_text(), encoding="utf-8")
+    proc = run("config", "show", source, "--set", PROMPT_OVERRIDE)
+    shown = tmp_path / "shown.toml"
+    shown.write_text(proc.stdout, encoding="utf-8")
+    again = load_config(shown, manager=manager)
+    original = load_config(source, [PROMPT_OVERRIDE], manager=manager)
+    assert again.resolved()["extractor"]["prompt"] == WEIRD_PROMPT
+    assert again.resolved() == original.resolved() and again.digest() == original.digest()

@@ -19,6 +19,7 @@ from diffeat.core.datasets import (
     Pair,
     card_of,
     description_of,
+    inside_root,
     pair_images,
 )
 from diffeat.core.errors import ConfigError, DiffeatError
@@ -578,3 +579,107 @@ def test_warp_follows_the_pixel_index_convention():
         assert ok.sum() > 50
         assert np.abs(err.mean(axis=0) + 0.5).max() < 0.25, err.mean(axis=0)
         assert np.abs(err).max() < 1.6
+
+
+# ---------------------------------------------------------------------------- annotation paths
+
+
+def test_inside_root_refuses_paths_that_leave_the_root(tmp_path):
+    root = tmp_path / "data"
+    assert inside_root(root, "a/b.jpg", "ann") == root / "a" / "b.jpg"
+    assert inside_root(root, "a/../b.jpg", "ann") == root / "b.jpg"  # still inside
+    assert inside_root(root, "a\\b.jpg", "ann") == root / "a" / "b.jpg"  # written on Windows
+    for bad in [
+        "../x.jpg",
+        "a/../../x.jpg",
+        "..",
+        "/etc/passwd",
+        "\\\\server\\share\\x.jpg",
+        "C:\\x.jpg",
+        "c:x.jpg",
+        "a\\..\\..\\x.jpg",
+        "a/\0b.jpg",
+    ]:
+        with pytest.raises(DiffeatError) as info:
+            inside_root(root, bad, "pairs.json, field src")
+        message = str(info.value)
+        assert message.startswith("pairs.json, field src: the path ")
+        assert repr(bad) in message and f"outside the dataset root {root}" in message
+
+
+def test_inside_root_keeps_symlinked_folders(tmp_path):
+    elsewhere = tmp_path / "disk2"
+    elsewhere.mkdir()
+    smooth_texture((20, 20)).save(elsewhere / "a.png")
+    root = tmp_path / "data"
+    root.mkdir()
+    (root / "images").symlink_to(elsewhere, target_is_directory=True)
+    assert inside_root(root, "images/a.png", "ann").is_file()
+
+
+@pytest.mark.parametrize(
+    "field, value",
+    [
+        ("src_imname", "../../../secret.jpg"),
+        ("trg_imname", "/etc/passwd"),
+        ("category", "../../.."),
+        ("category", "/etc"),
+    ],
+)
+def test_spair_refuses_annotation_paths_outside_the_root(tmp_path, field, value):
+    root = write_spair(tmp_path / "SPair-71k")
+    (tmp_path / "secret.jpg").write_bytes(b"not yours")
+    ann = next((root / "PairAnnotation" / "test").glob("000001-*.json"))
+    data = json.loads(ann.read_text())
+    data[field] = value
+    ann.write_text(json.dumps(data))
+    with pytest.raises(DiffeatError) as info:
+        list(SPair(SPairOptions(root=str(root))).pairs())
+    message = str(info.value)
+    assert str(ann) in message and "outside the dataset root" in message and str(root) in message
+    if value.startswith("/"):
+        assert f"the path {value!r} points outside" in message
+
+
+def test_synthetic_refuses_annotation_paths_outside_the_root(tmp_path):
+    src = tmp_path / "photos"
+    src.mkdir()
+    smooth_texture((64, 48), seed=1).save(src / "a.png")
+    out = tmp_path / "bench"
+    make_synthetic(out, [src], pairs=2, seed=0, kinds=["translate"], ext="png")
+    ann = sorted((out / "PairAnnotation" / "test").glob("*.json"))[0]
+    data = json.loads(ann.read_text())
+    data["src_imname"] = "../../../../photos/a.png"
+    ann.write_text(json.dumps(data))
+    with pytest.raises(DiffeatError, match="outside the dataset root"):
+        list(Synthetic(SPairOptions(root=str(out))).pairs())
+
+
+@pytest.mark.parametrize("value", ["../secret.png", "/etc/passwd", "PF-dataset/../../secret.png"])
+def test_pfwillow_refuses_annotation_paths_outside_the_root(tmp_path, value):
+    root = write_pfwillow(tmp_path / "PF-Willow")
+    smooth_texture((20, 20)).save(tmp_path / "secret.png")
+    path = root / "test_pairs_pf.csv"
+    rows = list(csv.reader(path.open()))
+    rows[2][1] = value
+    with open(path, "w", newline="") as f:
+        csv.writer(f).writerows(rows)
+    with pytest.raises(DiffeatError) as info:
+        list(PFWillow(PFWillowOptions(root=str(root))).pairs())
+    message = str(info.value)
+    assert f"{path} row 3" in message and repr(value) in message
+    assert "outside the dataset root" in message
+
+
+@pytest.mark.parametrize("value", ["../../secret.jpg", "/tmp/secret.jpg"])
+def test_cub_refuses_image_paths_outside_the_root(tmp_path, value):
+    root = write_cub(tmp_path / "CUB_200_2011")
+    smooth_texture((20, 20)).save(tmp_path / "secret.jpg")
+    listing = root / "images.txt"
+    lines = listing.read_text().splitlines()
+    lines[0] = f"1 {value}"
+    listing.write_text("\n".join(lines) + "\n")
+    with pytest.raises(DiffeatError) as info:
+        list(CUB(CUBOptions(root=str(root), pairs_per_class=0)).pairs())
+    message = str(info.value)
+    assert f"{listing}, image 1" in message and "outside the dataset root" in message

@@ -241,3 +241,123 @@ def test_implementation_asking_for_an_unknown_argument_is_rejected():
     record = pm.add_plugin(Unknown(), "unknown")
     assert "invalid hook implementation" in record.error and "context" in record.error
     assert pm.names("matcher") == []
+
+
+# -- a plugin never replaces a command or component that is already there ------
+
+
+class ReplacesExtract:
+    @hookimpl
+    def register_commands(self, cli):
+        @click.command("extract")
+        def fake_extract():
+            click.echo("not the real extract")
+
+        @click.command("new-one")
+        def new_one():
+            click.echo("new")
+
+        cli.add_command(new_one)
+        cli.add_command(fake_extract)
+
+
+class ReplacesAPluginSubcommand:
+    @hookimpl
+    def register_commands(self, cli):
+        cli.commands["plot"].add_command(click.Command("mixing-weights"))
+        cli.commands["plot"].add_command(click.Command("extra"))
+
+
+class ReplacesAGroup:
+    @hookimpl
+    def register_commands(self, cli):
+        cli.add_command(click.Command("checkpoint"))
+
+
+class RemovesACommand:
+    @hookimpl
+    def register_commands(self, cli):
+        del cli.commands["extract"]
+
+
+def _cli_with_builtin_extract() -> tuple[click.Group, click.Command]:
+    cli = fresh_cli()
+
+    @click.command("extract")
+    def extract():
+        click.echo("the real extract")
+
+    cli.add_command(extract)
+    return cli, extract
+
+
+@pytest.mark.parametrize(
+    "plugin, path, owner",
+    [
+        (ReplacesExtract(), "extract", "diffeat (a built-in command)"),
+        (ReplacesAPluginSubcommand(), "plot mixing-weights", "plugin 'hyperfeatures'"),
+        (ReplacesAGroup(), "checkpoint", "plugin 'hyperfeatures'"),
+        (RemovesACommand(), "extract", "diffeat (a built-in command)"),
+    ],
+    ids=["builtin", "plugin-subcommand", "plugin-group", "removal"],
+)
+def test_a_command_under_a_taken_name_is_refused_naming_both(plugin, path, owner):
+    pm = PluginManager(entry_points=False)
+    record = pm.add_plugin(plugin, "intruder")
+    assert record.ok
+    cli, extract = _cli_with_builtin_extract()
+    before = {name: cmd for name, cmd in cli.commands.items()}
+    pm.add_commands(cli)
+    assert not record.ok
+    assert f"plugin 'intruder' replaces the command `diffeat {path}`" in record.error
+    assert f"which {owner} provides" in record.error and "DIFFEAT_DISABLE_PLUGINS" in record.error
+    assert not any(p.startswith("command:") for p in record.provides)
+    # everything is as the built-ins and the well-behaved plugins left it
+    assert cli.commands["extract"] is extract and before["extract"] is extract
+    assert "new-one" not in cli.commands
+    assert set(cli.commands["checkpoint"].commands) == {"info", "import-official"}
+    assert set(cli.commands["plot"].commands) == {"mixing-weights"}
+    assert pm.records["hyperfeatures"].ok and "command:plot mixing-weights" in (
+        pm.records["hyperfeatures"].provides
+    )
+    assert CliRunner().invoke(cli, ["extract"], obj={}).output == "the real extract\n"
+
+
+def test_a_raising_command_hook_leaves_no_half_of_its_commands():
+    class HalfThenRaise:
+        @hookimpl
+        def register_commands(self, cli):
+            cli.add_command(click.Command("half"))
+            raise RuntimeError("second command failed")
+
+    pm = PluginManager(entry_points=False, builtins=False)
+    record = pm.add_plugin(HalfThenRaise(), "half")
+    cli = fresh_cli()
+    pm.add_commands(cli)
+    assert "second command failed" in record.error and "half" not in cli.commands
+
+
+@pytest.mark.parametrize(
+    "kind, name, owner",
+    [
+        ("extractor", "stable-diffusion", "stable-diffusion"),
+        ("dataset", "spair", "datasets"),
+        ("aggregator", "fuse", "fuse"),
+    ],
+)
+def test_a_component_under_a_taken_name_is_refused_naming_both(kind, name, owner):
+    class Intruder:
+        pass
+
+    def register(self, register):
+        register(name, ColorBlurExtractor)
+        register("intruder-own", ColorBlurExtractor)
+
+    setattr(Intruder, f"register_{kind}s", hookimpl(register))
+    pm = PluginManager(entry_points=False)
+    original = pm.get(kind, name)
+    record = pm.add_plugin(Intruder(), "intruder")
+    assert f"plugin 'intruder' registers {kind} {name!r}" in record.error
+    assert f"already provided by plugin {owner!r}" in record.error
+    assert pm.get(kind, name) is original and original.plugin == owner
+    assert "intruder-own" not in pm.names(kind) and record.provides == []

@@ -26,6 +26,8 @@ its store key) depend on the category; :func:`pair_images` lists each once and
 from __future__ import annotations
 
 import math
+import os
+import posixpath
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -52,9 +54,53 @@ __all__ = [
     "Size",
     "card_of",
     "description_of",
+    "inside_root",
     "normalise_box",
     "pair_images",
 ]
+
+
+def _absolute(text: str) -> bool:
+    unix = text.replace("\\", "/")
+    return (
+        Path(text).is_absolute()
+        or unix.startswith("/")
+        or (len(unix) > 1 and unix[1] == ":")  # a Windows drive: C:/x, C:x
+    )
+
+
+def inside_root(root: Path, relative: str | os.PathLike[str] | Sequence[str], what: str) -> Path:
+    """``root / relative`` for a path read from an annotation, refused when it leaves ``root``.
+
+    Annotations are data, not trusted paths: an absolute path (``/etc/passwd``,
+    ``C:\\x``, ``\\\\server\\share``) or ``..`` parts that climb out of the root would
+    make diffeat read (and store features of) files outside the dataset. ``relative``
+    is one path or the parts of one (``("JPEGImages", category, name)``: each part
+    read from an annotation is checked, as ``Path`` would let an absolute part
+    replace the ones before it). The check is on the written path (``..`` resolved
+    lexically, backslashes read as separators), so a dataset whose folders are
+    symlinks to another disk still works. ``what`` names where the value came from
+    (the annotation file and field); the :class:`DiffeatError` names it, the value
+    and the root.
+    """
+    parts = [os.fspath(relative)] if isinstance(relative, (str, os.PathLike)) else list(relative)
+    text = "/".join(parts)
+    unix = text.replace("\\", "/")
+    normal = posixpath.normpath(unix) if unix else "."
+    escapes = (
+        any(_absolute(part) for part in parts)
+        or normal == ".."
+        or normal.startswith("../")
+        or "\0" in text
+    )
+    if escapes:
+        shown = next((part for part in parts if _absolute(part)), text)
+        raise DiffeatError(
+            f"{what}: the path {shown!r} points outside the dataset root {root}; annotation "
+            "paths must be relative and stay under the root (is this annotation file damaged, "
+            "or written for another layout?)"
+        )
+    return root / normal
 
 
 def normalise_box(box: Sequence[float] | None) -> Box | None:

@@ -4,12 +4,24 @@ Every image becomes 8-bit RGB: grayscale, palette, RGBA (alpha dropped),
 16-bit and CMYK images are converted, not rejected. EXIF orientation is not
 applied, so pixel coordinates match the stored raster (as benchmark
 annotations do).
+
+An image file larger than :func:`max_image_pixels` (Pillow's guard against
+decompression bombs, about 179 megapixels by default) is refused with an
+:class:`ImageError` that says how to raise the limit: the environment variable
+``DIFFEAT_MAX_IMAGE_PIXELS`` (a number of pixels, ``0`` for no limit). In
+memory, :func:`as_input` takes paths, PIL images, numpy arrays (``HxWx3`` /
+``HxWx4`` / ``HxW``, ``uint8`` or float in ``[0, 1]``) and torch tensors
+(``3xHxW`` / ``1xHxW`` / ``HxW``, ``uint8`` or float in ``[0, 1]``); the same
+pixels give the same content key however they are passed.
 """
 
 from __future__ import annotations
 
 import hashlib
 import os
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Union
@@ -18,12 +30,15 @@ import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 
-from diffeat.core.errors import ImageError
+from diffeat.core.errors import ConfigError, ImageError
 from diffeat.core.geometry import ImageTransform, Size
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".gif", ".ppm"}
 
-ImageLike = Union[str, os.PathLike, Image.Image, "ImageInput"]
+ImageLike = Union[str, os.PathLike, Image.Image, np.ndarray, torch.Tensor, "ImageInput"]
+
+MAX_PIXELS_ENV = "DIFFEAT_MAX_IMAGE_PIXELS"
+_PILLOW_LIMIT_LOCK = threading.Lock()
 
 
 @dataclass(frozen=True)
@@ -66,27 +81,86 @@ def _to_rgb(img: Image.Image) -> Image.Image:
     return img.convert("RGB")
 
 
+def max_image_pixels() -> int | None:
+    """The most pixels :func:`load_image` decodes (``None``: no limit).
+
+    ``DIFFEAT_MAX_IMAGE_PIXELS`` when set (``0``: no limit), else Pillow's own
+    refusal threshold, ``2 * PIL.Image.MAX_IMAGE_PIXELS`` (178,956,970 pixels,
+    e.g. 13,377 x 13,377, unless the process changed it).
+    """
+    raw = os.environ.get(MAX_PIXELS_ENV, "").strip()
+    if not raw:
+        pillow = Image.MAX_IMAGE_PIXELS
+        return None if pillow is None else 2 * int(pillow)
+    try:
+        value = int(raw.replace("_", ""))
+    except ValueError:
+        value = -1
+    if value < 0:
+        raise ConfigError(
+            f"{MAX_PIXELS_ENV}={raw!r} is not a number of pixels; set it to a whole number "
+            "(e.g. 1000000000) or 0 for no limit, or unset it for the default"
+        )
+    return None if value == 0 else value
+
+
+@contextmanager
+def _pillow_limit() -> Iterator[int | None]:
+    """The pixel limit for one load; with ``DIFFEAT_MAX_IMAGE_PIXELS`` set, Pillow's own check
+    is off while this load runs (under a lock), since ours replaces it."""
+    limit = max_image_pixels()
+    if not os.environ.get(MAX_PIXELS_ENV, "").strip():
+        yield limit
+        return
+    with _PILLOW_LIMIT_LOCK:
+        saved = Image.MAX_IMAGE_PIXELS
+        Image.MAX_IMAGE_PIXELS = None
+        try:
+            yield limit
+        finally:
+            Image.MAX_IMAGE_PIXELS = saved
+
+
+def _too_large(path: Path, size: str) -> ImageError:
+    return ImageError(
+        f"{path} is too large to decode: {size} (a guard against decompression bombs); if "
+        f"the file is trusted, raise the limit with the environment variable "
+        f"{MAX_PIXELS_ENV} (a number of pixels, 0 for no limit)"
+    )
+
+
 def load_image(path: str | os.PathLike) -> Image.Image:
-    """Open an image file as 8-bit RGB, with a clear :class:`ImageError` on failure."""
+    """Open an image file as 8-bit RGB, with a clear :class:`ImageError` on failure
+    (including an image over :func:`max_image_pixels`)."""
     p = Path(path)
     if not p.exists():
         raise ImageError(f"image not found: {p}")
     if p.is_dir():
         raise ImageError(f"{p} is a folder, not an image file")
-    try:
-        with Image.open(p) as img:
-            img.load()
-            return _to_rgb(img)
-    except UnidentifiedImageError:
-        raise ImageError(
-            f"{p} is not an image file PIL can read (expected JPEG, PNG, ...)"
-        ) from None
-    except PermissionError:
-        raise ImageError(f"cannot read {p}: permission denied") from None
-    except (OSError, SyntaxError, ValueError) as exc:
-        raise ImageError(
-            f"{p} is truncated or corrupt ({exc}); re-download or re-export the file"
-        ) from None
+    with _pillow_limit() as limit:
+        try:
+            with Image.open(p) as img:
+                w, h = img.size
+                if limit is not None and max(1, w) * max(1, h) > limit:
+                    raise _too_large(
+                        p, f"{w} x {h} = {w * h:,} pixels, more than the limit of {limit:,}"
+                    )
+                img.load()
+                return _to_rgb(img)
+        except Image.DecompressionBombError as exc:
+            raise _too_large(
+                p, str(exc).removesuffix(", could be decompression bomb DOS attack.")
+            ) from None
+        except UnidentifiedImageError:
+            raise ImageError(
+                f"{p} is not an image file PIL can read (expected JPEG, PNG, ...)"
+            ) from None
+        except PermissionError:
+            raise ImageError(f"cannot read {p}: permission denied") from None
+        except (OSError, SyntaxError, ValueError) as exc:
+            raise ImageError(
+                f"{p} is truncated or corrupt ({exc}); re-download or re-export the file"
+            ) from None
 
 
 def content_key(image: Image.Image) -> str:
@@ -97,13 +171,109 @@ def content_key(image: Image.Image) -> str:
     return h.hexdigest()[:32]
 
 
+def _describe(shape: tuple[int, ...], dtype: object) -> str:
+    return f"shape {tuple(shape)}, dtype {dtype}"
+
+
+_ARRAY_HELP = (
+    "pass an image as HxWx3 (RGB), HxWx4 (RGBA, alpha dropped) or HxW (grey), "
+    "uint8 or float in [0, 1]; a torch tensor as 3xHxW, 1xHxW or HxW; one image at a time"
+)
+
+
+def _array_to_pil(arr: np.ndarray, what: str) -> Image.Image:
+    """An ``HxW``, ``HxWx1``, ``HxWx3`` or ``HxWx4`` uint8 / float-in-[0, 1] array as RGB."""
+    shape = tuple(arr.shape)
+    if arr.ndim == 3 and shape[2] == 1:
+        arr = arr[:, :, 0]
+    if not (arr.ndim == 2 or (arr.ndim == 3 and arr.shape[2] in (3, 4))):
+        raise ImageError(
+            f"{what} with {_describe(shape, arr.dtype)} is not an image: {_ARRAY_HELP}"
+        )
+    if arr.shape[0] == 0 or arr.shape[1] == 0:
+        raise ImageError(f"{what} with {_describe(shape, arr.dtype)} is empty")
+    if arr.dtype == np.uint8:
+        arr8 = arr
+    elif np.issubdtype(arr.dtype, np.floating):
+        values = arr.astype(np.float64)
+        if not np.isfinite(values).all():
+            raise ImageError(f"{what} ({_describe(shape, arr.dtype)}) has NaN or infinite values")
+        lo, hi = float(values.min()), float(values.max())
+        if lo < 0.0 or hi > 1.0:
+            raise ImageError(
+                f"{what} ({_describe(shape, arr.dtype)}) has values in [{lo:g}, {hi:g}]; a float "
+                "image must be in [0, 1] (divide 0..255 values by 255; map [-1, 1] with "
+                "(x + 1) / 2)"
+            )
+        arr8 = np.round(values * 255.0).astype(np.uint8)
+    else:
+        raise ImageError(
+            f"{what} has dtype {arr.dtype}, which is not an image dtype: {_ARRAY_HELP} "
+            "(convert other integer types to uint8 first)"
+        )
+    arr8 = np.ascontiguousarray(arr8)
+    if arr8.ndim == 2:
+        return Image.fromarray(arr8, mode="L").convert("RGB")
+    if arr8.shape[2] == 4:
+        return Image.fromarray(arr8, mode="RGBA").convert("RGB")
+    return Image.fromarray(arr8, mode="RGB")
+
+
+def _tensor_to_pil(tensor: torch.Tensor) -> Image.Image:
+    """A ``3xHxW`` / ``1xHxW`` / ``HxW`` uint8 or float-in-[0, 1] tensor as RGB."""
+    shape = tuple(tensor.shape)
+    what = "a torch tensor"
+    if tensor.ndim == 4:
+        raise ImageError(
+            f"{what} with {_describe(shape, tensor.dtype)} is a batch; pass its images one by "
+            "one (e.g. list(batch))"
+        )
+    t = tensor.detach().cpu()
+    if t.ndim == 3:
+        if shape[0] not in (1, 3, 4):
+            raise ImageError(
+                f"{what} with {_describe(shape, tensor.dtype)} is not an image: {_ARRAY_HELP}"
+            )
+        t = t.permute(1, 2, 0)
+    elif t.ndim != 2:
+        raise ImageError(
+            f"{what} with {_describe(shape, tensor.dtype)} is not an image: {_ARRAY_HELP}"
+        )
+    if t.dtype == torch.uint8:
+        arr = t.numpy()
+    elif t.is_floating_point():
+        arr = t.to(torch.float64).numpy()
+    else:
+        raise ImageError(
+            f"{what} has dtype {tensor.dtype}, which is not an image dtype: {_ARRAY_HELP}"
+        )
+    return _array_to_pil(arr, f"{what} (as HxWxC)")
+
+
 def as_input(item: ImageLike) -> ImageInput:
-    """Normalise a path, a PIL image or an :class:`ImageInput` into an :class:`ImageInput`."""
+    """Normalise an image into an :class:`ImageInput`: a path, a PIL image, a numpy array
+    (``HxWx3`` / ``HxWx4`` / ``HxW``, uint8 or float in ``[0, 1]``), a torch tensor
+    (``3xHxW`` / ``1xHxW`` / ``HxW``, uint8 or float in ``[0, 1]``) or an :class:`ImageInput`.
+
+    The key hashes the decoded 8-bit RGB pixels, so the same pixels give the same key however
+    they are passed; anything else is an :class:`ImageError` saying what is accepted.
+    """
     if isinstance(item, ImageInput):
         return item
     if isinstance(item, Image.Image):
         rgb = _to_rgb(item)
         return ImageInput(rgb, content_key(rgb), "<memory>")
+    if isinstance(item, np.ndarray):
+        rgb = _array_to_pil(item, "a numpy array")
+        return ImageInput(rgb, content_key(rgb), "<numpy array>")
+    if isinstance(item, torch.Tensor):
+        rgb = _tensor_to_pil(item)
+        return ImageInput(rgb, content_key(rgb), "<torch tensor>")
+    if not isinstance(item, (str, os.PathLike)):
+        raise ImageError(
+            f"cannot use a {type(item).__name__} as an image: pass a file path, a PIL image, a "
+            "numpy array or a torch tensor"
+        )
     rgb = load_image(item)
     return ImageInput(rgb, content_key(rgb), str(item))
 

@@ -98,6 +98,40 @@ def _command_paths(group: click.Group, prefix: str = "") -> set[str]:
     return paths
 
 
+def _command_tree(group: click.Group, prefix: str = "") -> dict[str, click.Command]:
+    """Every command and group under ``group`` by path (``plot``, ``plot mixing-weights``)."""
+    import click
+
+    tree: dict[str, click.Command] = {}
+    for name, command in group.commands.items():
+        path = f"{prefix}{name}"
+        tree[path] = command
+        if isinstance(command, click.Group):
+            tree.update(_command_tree(command, f"{path} "))
+    return tree
+
+
+def _restore_commands(cli: click.Group, before: Mapping[str, click.Command]) -> None:
+    """Put ``cli`` back as ``before`` recorded it: replaced or removed commands return, added
+    ones go (parents first, so a replaced group brings its own subcommands back)."""
+    import click
+
+    def parent_of(path: str) -> click.Group | None:
+        head, _, _ = path.rpartition(" ")
+        parent = before.get(head) if head else cli
+        return parent if isinstance(parent, click.Group) else None
+
+    for path in sorted(before, key=lambda p: p.count(" ")):
+        parent = parent_of(path)
+        name = path.rpartition(" ")[2]
+        if parent is not None and parent.commands.get(name) is not before[path]:
+            parent.commands[name] = before[path]
+    for path in sorted(set(_command_tree(cli)) - set(before), key=lambda p: -p.count(" ")):
+        parent = parent_of(path)
+        if parent is not None:
+            parent.commands.pop(path.rpartition(" ")[2], None)
+
+
 def call_hookimpl(impl: pluggy.HookImpl, provided: Mapping[str, object]) -> object:
     """Call one hook implementation with the arguments it declares, by name.
 
@@ -218,7 +252,10 @@ class PluginManager:
             existing = self.registry[kind].get(reg.name)
             if existing is not None:
                 record.error = (
-                    f"{kind} {reg.name!r} is already provided by plugin {existing.plugin!r}"
+                    f"plugin {name!r} registers {kind} {reg.name!r}, which is already provided "
+                    f"by plugin {existing.plugin!r}; the existing one is kept and {name!r} is "
+                    f"not loaded. Rename its {kind}, or disable one of the two plugins with "
+                    "DIFFEAT_DISABLE_PLUGINS"
                 )
                 continue
             self.registry[kind][reg.name] = reg
@@ -260,18 +297,45 @@ class PluginManager:
         )
 
     def add_commands(self, cli: click.Group) -> None:
-        """Let every loaded plugin add click commands; a failing plugin is recorded, not fatal."""
+        """Let every loaded plugin add click commands; a failing plugin is recorded, not fatal.
+
+        A plugin may add commands and add to groups others made (``plot``), never replace or
+        remove a command that is already there: one that does (a built-in's name, or an
+        earlier plugin's) is recorded as broken with a message naming both, and the commands
+        it touched are put back as they were (its own additions go too).
+        """
+        owners = dict.fromkeys(_command_tree(cli), "")  # "": diffeat's own commands
         for impl in self._pm.hook.register_commands.get_hookimpls():
-            record = self.records.get(impl.plugin_name)
-            before = _command_paths(cli)
+            name = impl.plugin_name
+            record = self.records.get(name)
+            before = _command_tree(cli)
             try:
                 call_hookimpl(impl, {"cli": cli})
             except Exception as exc:
+                _restore_commands(cli, before)
                 if record is not None:
                     record.error = f"register_commands raised {_describe(exc)}"
                 continue
+            after = _command_tree(cli)
+            taken = [path for path, command in before.items() if after.get(path) is not command]
+            if taken:
+                _restore_commands(cli, before)
+                path = taken[0]
+                owner = owners.get(path, "")
+                whose = f"plugin {owner!r}" if owner else "diffeat (a built-in command)"
+                error = (
+                    f"register_commands: plugin {name!r} replaces the command `diffeat {path}`, "
+                    f"which {whose} provides; the existing command is kept and none of "
+                    f"{name!r}'s commands are added. Rename its command, or disable one of the "
+                    "two plugins with DIFFEAT_DISABLE_PLUGINS"
+                )
+                if record is not None:
+                    record.error = error
+                continue
+            for path in after.keys() - before.keys():
+                owners[path] = name
             if record is not None:
-                added = sorted(_command_paths(cli) - before)
+                added = sorted(_command_paths(cli) - set(before))
                 record.provides.extend(f"command:{path}" for path in added)
 
     def plugins(self) -> Iterable[PluginRecord]:

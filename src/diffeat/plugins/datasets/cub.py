@@ -40,7 +40,7 @@ from pathlib import Path
 
 import numpy as np
 
-from diffeat.core.datasets import Dataset, Pair
+from diffeat.core.datasets import Dataset, Pair, inside_root
 from diffeat.core.errors import DiffeatError
 from diffeat.core.options import opt
 from diffeat.plugins.datasets.pfwillow import image_size
@@ -135,7 +135,11 @@ class CUB(Dataset):
     def pairs(self) -> Iterator[Pair]:
         opts = self.options
         root = self.check()
-        images = {int(float(i)): name for i, name in _read_table(root / "images.txt", 2)}
+        listing = root / "images.txt"
+        images = {
+            int(float(i)): inside_root(root, ("images", name), f"{listing}, image {i.strip()}")
+            for i, name in _read_table(listing, 2)
+        }
         classes = {int(float(c)): name for c, name in _read_table(root / "classes.txt", 2)}
         labels = {int(i): int(c) for i, c in _read_table(root / "image_class_labels.txt", 2, 2)}
         training = {
@@ -189,11 +193,11 @@ class CUB(Dataset):
             for a, b in candidates:
                 for image_id in (a, b):
                     if image_id not in sizes:
-                        sizes[image_id] = image_size(root / "images" / images[image_id])
+                        sizes[image_id] = image_size(images[image_id])
                 yield Pair(
                     id=f"{a}-{b}",
-                    source=root / "images" / images[a],
-                    target=root / "images" / images[b],
+                    source=images[a],
+                    target=images[b],
                     category=category_name(class_name),
                     source_points=parts[a],
                     target_points=parts[b],

@@ -33,7 +33,7 @@ from typing import Literal
 import numpy as np
 from PIL import Image
 
-from diffeat.core.datasets import Dataset, Pair
+from diffeat.core.datasets import Dataset, Pair, inside_root
 from diffeat.core.errors import DiffeatError
 from diffeat.core.options import opt
 
@@ -112,7 +112,7 @@ class PFWillow(Dataset):
         raise self.missing(root, ["test_pairs_pf.csv (or test_pairs.csv)"])
 
     def resolve(self, name: str, root: Path, csv_dir: Path, row: int, csv_path: Path) -> Path:
-        rel = Path(name.strip())
+        rel = inside_root(root, name.strip(), f"{csv_path} row {row}").relative_to(root)
         parts = rel.parts
         stripped = Path(*parts[1:]) if len(parts) > 1 and parts[0] == "PF-dataset" else rel
         candidates = [root / rel, root / stripped, csv_dir / rel, csv_dir / stripped]

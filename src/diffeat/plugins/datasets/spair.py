@@ -27,7 +27,7 @@ from typing import Any
 
 import numpy as np
 
-from diffeat.core.datasets import Dataset, Pair
+from diffeat.core.datasets import Dataset, Pair, inside_root
 from diffeat.core.errors import DiffeatError
 from diffeat.core.options import opt
 
@@ -78,7 +78,12 @@ def read_pair_file(path: Path, root: Path, split: str) -> Pair:
     if not isinstance(data, dict):
         raise DiffeatError(f"{path}: expected a JSON object (an SPair pair annotation)")
     category = str(_field(data, "category", path))
-    images = root / "JPEGImages" / category
+
+    def image(key: str) -> Path:
+        name = str(_field(data, key, path))
+        where = f"SPair pair annotation {path}, fields category and {key}"
+        return inside_root(root, ("JPEGImages", category, name), where)
+
     flags = {k: data[k] for k in FLAG_FIELDS if k in data}
     if "diffeat_transform" in data:
         flags["transform"] = data["diffeat_transform"]
@@ -86,8 +91,8 @@ def read_pair_file(path: Path, root: Path, split: str) -> Pair:
     try:
         return Pair(
             id=path.stem,
-            source=images / str(_field(data, "src_imname", path)),
-            target=images / str(_field(data, "trg_imname", path)),
+            source=image("src_imname"),
+            target=image("trg_imname"),
             category=category,
             source_points=_field(data, "src_kps", path),
             target_points=_field(data, "trg_kps", path),

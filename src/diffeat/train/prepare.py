@@ -31,6 +31,7 @@ from diffeat.core.components import (
 )
 from diffeat.core.config import StageConfig, config_digest
 from diffeat.core.datasets import ImageInfo, ImageRef, LazyImages, Pair, pair_images
+from diffeat.core.devices import pick_device
 from diffeat.core.errors import ConfigError, DiffeatError
 from diffeat.core.features import FeatureSet
 from diffeat.core.options import options_dict
@@ -301,7 +302,7 @@ def _ensure_features(
 
 def _device(options: TrainOptions, aggregator: TrainableAggregator) -> torch.device:
     if options.device != "auto":
-        return torch.device(options.device)
+        return pick_device(options.device)  # a device this machine lacks: a ConfigError
     return device_of(aggregator)
 
 

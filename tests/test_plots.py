@@ -439,3 +439,29 @@ def test_match_command_labels_only_rejections_and_with_the_matchers_reason(
     # a matcher that rejects nothing gets no label
     assert run_main("match", cfg, a, b, *points) == 0
     assert all(line.split()[-2] == "score" for line in capsys.readouterr().out.splitlines())
+
+
+def test_the_docs_show_one_figure_of_each_plot_kind():
+    """tools/render_doc_figures.py writes them; each is referenced and stays small."""
+    import re
+
+    docs = Path(__file__).resolve().parents[1] / "docs"
+    referenced = {
+        name
+        for page in docs.glob("*.md")
+        for name in re.findall(r"\]\(figures/([\w.-]+\.png)\)", page.read_text())
+    }
+    kinds = {
+        "match.png",
+        "features.png",
+        "pck_vs_alpha.png",
+        "categories.png",
+        "qualitative.png",
+        "mixing_weights.png",
+    }
+    assert kinds <= referenced
+    for name in referenced:
+        path = docs / "figures" / name
+        assert path.stat().st_size < 200_000, name
+        with Image.open(path) as im:
+            assert im.format == "PNG" and max(im.size) <= 1000

@@ -230,7 +230,11 @@ def qualitative_figure(ev: Evaluation, count: int = 6) -> Figure:
         colors = [CORRECT if o else WRONG for o in ok[vis]]
         ax_s, ax_t = axes[row]
         ax_s.imshow(load_image(pair.source))
-        ax_t.imshow(load_image(pair.target))
+        target_image = load_image(pair.target)
+        ax_t.imshow(target_image)
+        # predictions off the image are not drawn: every panel shows its whole image
+        ax_t.set_xlim(-0.5, target_image.width - 0.5)
+        ax_t.set_ylim(target_image.height - 0.5, -0.5)
         src = pair.source_points[vis]
         gt = pair.target_points[vis]
         pred = outcome.predicted[vis]

@@ -465,3 +465,25 @@ def test_the_docs_show_one_figure_of_each_plot_kind():
         assert path.stat().st_size < 200_000, name
         with Image.open(path) as im:
             assert im.format == "PNG" and max(im.size) <= 1000
+
+
+def test_match_plot_with_an_unmatched_point(tmp_path):
+    img = Image.new("RGB", (60, 40), BACKGROUND)
+    nan = float("nan")
+    fig, layout = match_figure(
+        img,
+        img,
+        [(5, 5), (30, 20)],
+        [(nan, nan), (31, 21)],
+        valid=[False, True],
+        scores=[nan, 0.5],
+        reasons=["no match", None],
+    )
+    texts = [t.get_text() for t in fig.axes[1].artists[0].get_texts()]
+    image = png_of(fig, tmp_path / "nan.png")
+    assert texts == ["1  (no match)", "2  score 0.500"]
+    colours = [rgb(c) for c in match_colors(2)]
+    assert close(image.getpixel(layout.source_pixel(5, 5)), colours[0])
+    assert close(image.getpixel(layout.target_pixel(31, 21)), colours[1])
+    with pytest.raises(ValueError, match="2 points but 1 scores"):
+        match_figure(img, img, [(5, 5), (30, 20)], [(5, 5), (31, 21)], scores=[0.5])

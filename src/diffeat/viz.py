@@ -131,6 +131,9 @@ def match_figure(
     n = len(source_points)
     if len(target_points) != n:
         raise ValueError(f"{n} source points but {len(target_points)} target points")
+    for name, values in (("valid", valid), ("scores", scores), ("reasons", reasons)):
+        if values is not None and len(values) != n:
+            raise ValueError(f"{n} points but {len(values)} {name}")
     valid = [True] * n if valid is None else [bool(v) for v in valid]
     if reasons is None:
         reasons = rejection_reasons(valid)

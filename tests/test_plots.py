@@ -405,6 +405,7 @@ def test_plot_features_command(manager, tmp_path, capsys):
     assert run_main(*args, "--json") == 0
     report = json.loads(capsys.readouterr().out)
     assert report["layer"] == "color" and report["timestep"] == 0
+    assert report["extractor"] == "color-blur"
     assert report["channels"] == 9 and report["grid"] == [8, 8] and not report["from_store"]
     with Image.open(png) as im:
         assert im.width > im.height > 100
@@ -414,6 +415,8 @@ def test_plot_features_command(manager, tmp_path, capsys):
     assert json.loads(capsys.readouterr().out)["from_store"]
     assert run_main(*args, "--layer", "nope") == 2
     assert "error: no layer 'nope'; the features have: color" in capsys.readouterr().err
+    assert run_main(*args, "--extractor", "other") == 2
+    assert "has no extractor named 'other'; it has: color-blur" in capsys.readouterr().err
     assert run_main("plot", "features", cfg, photo, "--out", tmp_path / "no" / "f.png") == 2
     assert "the folder" in capsys.readouterr().err
 

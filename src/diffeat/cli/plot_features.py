@@ -24,6 +24,12 @@ from diffeat.cli.api import (
 @click.argument("image", type=click.Path())
 @click.option("--layer", default=None, help="Layer to draw (default: the extractor's first).")
 @click.option(
+    "--extractor",
+    "extractor_name",
+    default=None,
+    help="With several [[extractor]] tables: the one to draw, by name (default: the first).",
+)
+@click.option(
     "--timestep", type=int, default=None, help="Timestep to draw (default: the first stored)."
 )
 @click.option(
@@ -40,6 +46,7 @@ def features_cmd(
     config: str,
     image: str,
     layer: str | None,
+    extractor_name: str | None,
     timestep: int | None,
     out_path: str,
     store_path: str | None,
@@ -58,8 +65,17 @@ def features_cmd(
 
     pipe = open_pipeline(config, collect_overrides(overrides, model, device), store_path)
     inp = as_input(image)
-    stored = store_path is not None and pipe.source.is_stored(inp)
-    (fs,) = pipe.features([inp])
+    sources = {src.name: src for src in pipe.sources}
+    if extractor_name is None:
+        source = pipe.source
+    elif extractor_name in sources:
+        source = sources[extractor_name]
+    else:
+        raise DiffeatError(
+            f"{config} has no extractor named {extractor_name!r}; it has: {', '.join(sources)}"
+        )
+    stored = store_path is not None and source.is_stored(inp)
+    (fs,) = source.features([inp])
     out = Path(out_path)
     if out.parent and not out.parent.is_dir():
         raise DiffeatError(f"cannot write {out_path}: the folder {out.parent} does not exist")
@@ -70,6 +86,7 @@ def features_cmd(
     report = {
         "png": str(out),
         "image": image,
+        "extractor": source.name,
         "layer": drawn.layer,
         "timestep": drawn.timestep,
         "channels": drawn.channels,

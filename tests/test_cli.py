@@ -58,7 +58,10 @@ def test_plugin_commands_are_listed_and_leave_with_their_plugin():
     assert all(f"  {name} " in listed for name in ("generate", "checkpoint", "plot", "extract"))
     assert "mixing-weights" in run("plot", "--help").stdout
     without = run("--help", env=cli_env(DIFFEAT_DISABLE_PLUGINS="hyperfeatures")).stdout
-    assert "  generate " in without and "  checkpoint " not in without and "  plot " not in without
+    assert "  generate " in without and "  checkpoint " not in without
+    # `plot features` is built in: the group stays, without the plugin's mixing-weights
+    plot_help = run("plot", "--help", env=cli_env(DIFFEAT_DISABLE_PLUGINS="hyperfeatures")).stdout
+    assert "features" in plot_help and "mixing-weights" not in plot_help
     proc = run(
         "checkpoint", "info", "x", env=cli_env(DIFFEAT_DISABLE_PLUGINS="hyperfeatures"), check=2
     )
@@ -71,7 +74,7 @@ def test_registering_plugin_commands_imports_no_command_body():
         "import sys; from diffeat.cli import main; main._add_commands(); "
         "print(sorted(m for m in sys.modules if m in {"
         "'diffeat.plugins.stable_diffusion.generation', 'diffeat.plugins.hyperfeatures.plot', "
-        "'diffeat.plugins.hyperfeatures.official'}))"
+        "'diffeat.plugins.hyperfeatures.official', 'diffeat.viz_features', 'matplotlib'}))"
     )
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert proc.stdout.strip() == "[]", proc.stdout

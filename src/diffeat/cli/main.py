@@ -25,10 +25,10 @@ def _add_commands() -> None:
     """The built-in commands, then the commands plugins bring (``register_commands``):
     ``generate`` comes with the stable-diffusion plugin, ``checkpoint`` and
     ``plot mixing-weights`` with the hyperfeatures plugin."""
-    from diffeat.cli import evaluate, extract, info, match, store, train
+    from diffeat.cli import evaluate, extract, info, match, plot_features, store, train
     from diffeat.core.plugins import get_plugin_manager
 
-    for module in (info, extract, match, store, evaluate, train):
+    for module in (info, extract, match, store, evaluate, train, plot_features):
         module.add_to(cli)
     get_plugin_manager().add_commands(cli)
 

@@ -64,6 +64,9 @@ def match_cmd(
     src = as_input(source).with_category(category)
     tgt = as_input(target).with_category(category)
     result = pipe.match(src, tgt, pts)
+    from diffeat.viz import rejection_reasons
+
+    reasons = rejection_reasons(result.valid.tolist(), result.extras)
     if plot_path:
         from diffeat.viz import plot_matches
 
@@ -75,17 +78,22 @@ def match_cmd(
                 result.points.tolist(),
                 plot_path,
                 valid=result.valid.tolist(),
+                scores=result.scores.tolist(),
+                reasons=reasons,
             )
         except (OSError, ValueError) as exc:
             raise DiffeatError(f"cannot write plot {plot_path}: {exc}") from None
     rows = [{"source": list(p), **m} for p, m in zip(pts, result.to_json())]
+    for row, reason in zip(rows, reasons):
+        if reason is not None:
+            row["reason"] = reason
     if as_json:
         emit_json({"source": source, "target": target, "matches": rows})
         return
     for i, row in enumerate(rows, 1):
         sx, sy = row["source"]
         tx, ty = row["target"]
-        flag = "" if row["valid"] else "  (not mutual)"
+        flag = f"  ({row['reason']})" if "reason" in row else ""
         click.echo(f"{i}: ({sx:g}, {sy:g}) -> ({tx:g}, {ty:g})  score {row['score']:.4f}{flag}")
 
 

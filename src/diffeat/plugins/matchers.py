@@ -334,7 +334,7 @@ class Mutual(Matcher):
             pts.cpu(),
             scores.cpu(),
             valid.cpu(),
-            {"reverse": source.grid_to_image(back_cells).cpu()},
+            {"reverse": source.grid_to_image(back_cells).cpu(), "reason": "not mutual"},
         )
 
 

@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING
 
 import click
 
-from diffeat.cli.common import collect_overrides, config_options, emit_json
+from diffeat.cli.common import collect_overrides, config_options, emit_json, is_quiet
 from diffeat.cli.datasets_common import dataset_option
 from diffeat.core.errors import ConfigError
 
@@ -126,7 +126,7 @@ def train_cmd(
     from diffeat.train.loop import train, trainable_aggregator, training_stage
     from diffeat.train.options import train_options
 
-    quiet = ctx.obj.get("quiet", False) if ctx.obj else False
+    quiet = is_quiet(ctx)
     all_overrides = collect_overrides(overrides, model, device)
     if device:
         all_overrides.append(f"train.device={json.dumps(device)}")

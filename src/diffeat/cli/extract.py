@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import glob
+import logging
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -21,6 +22,8 @@ from diffeat.core.errors import DiffeatError
 
 if TYPE_CHECKING:
     from diffeat.core.datasets import LazyImages
+
+log = logging.getLogger(__name__)
 
 
 def dataset_images(name: str, root: str, split: str | None, options: tuple[str, ...]) -> LazyImages:
@@ -117,6 +120,9 @@ def extract_cmd(
     else:
         images = input_images(inputs)
     pipe = Pipeline(cfg, store=FeatureStore(store_path))
+    log.info(
+        "%d images -> store %s under cache key %s", len(images), store_path, pipe.cache_key
+    )
     with progress_bar(len(images), "extract", is_quiet(ctx)) as bar:
         report = pipe.extract(images, progress=bar)
     summary = {

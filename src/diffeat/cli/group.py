@@ -67,12 +67,12 @@ def _root_obj(ctx: click.Context) -> dict[str, Any]:
     return obj
 
 
-def _set_quiet(ctx: click.Context, _param: click.Parameter, value: bool) -> None:
+def quiet_callback(ctx: click.Context, _param: click.Parameter, value: bool) -> None:
     if value:
         _root_obj(ctx)["quiet"] = True
 
 
-def _set_verbose(ctx: click.Context, _param: click.Parameter, value: int) -> None:
+def verbose_callback(ctx: click.Context, _param: click.Parameter, value: int) -> None:
     if value:
         obj = _root_obj(ctx)
         obj["verbose"] = obj.get("verbose", 0) + value
@@ -94,7 +94,7 @@ def quiet_param(command: click.Command) -> click.Option | None:
         is_flag=True,
         expose_value=False,
         is_eager=True,
-        callback=_set_quiet,
+        callback=quiet_callback,
         help="No progress bars or progress lines (same as `diffeat --quiet`).",
     )
 
@@ -110,7 +110,7 @@ def verbose_param(command: click.Command) -> click.Option | None:
         count=True,
         expose_value=False,
         is_eager=True,
-        callback=_set_verbose,
+        callback=verbose_callback,
         help="Log what happens on stderr (-vv: debug, every library).",
     )
 

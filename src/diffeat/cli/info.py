@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import weakref
 
 import click
@@ -9,6 +10,8 @@ import click
 from diffeat.cli.common import collect_overrides, config_options, emit_json
 from diffeat.core.config import load_config, to_toml
 from diffeat.core.plugins import KINDS, PluginManager, get_plugin_manager
+
+log = logging.getLogger(__name__)
 
 # Registries whose records already list the commands their plugins bring.
 _RECORDED: weakref.WeakSet[PluginManager] = weakref.WeakSet()
@@ -97,6 +100,7 @@ def config_group() -> None:
 def config_show(config: str, overrides: tuple[str, ...], as_json: bool) -> None:
     """Print the resolved pipeline: every option with its default filled in."""
     cfg = load_config(config, list(overrides))
+    log.info("read %s with %d override(s): digest %s", config, len(overrides), cfg.digest())
     resolved = cfg.resolved()
     if as_json:
         emit_json({"config": resolved, "digest": cfg.digest()})

@@ -13,7 +13,7 @@ import traceback
 import click
 
 from diffeat import __version__
-from diffeat.cli.group import DiffeatGroup, _set_verbose
+from diffeat.cli.group import DiffeatGroup, verbose_callback
 from diffeat.core.errors import DiffeatError
 
 ENVIRONMENT = """\b
@@ -26,9 +26,8 @@ Environment:
                            public API only (default 1: the faster path)
   HF_HUB_OFFLINE           1: use only models already in the Hugging Face
                            cache, never the network
-  HF_HOME, HF_HUB_CACHE    where downloaded models are cached (default
-                           ~/.cache/huggingface/hub)
-  TORCH_HOME               where torch.hub models (DINO) are cached
+  HF_HOME, HF_HUB_CACHE    where models downloaded from the hub are cached
+                           (default ~/.cache/huggingface/hub)
 
 \b
 Exit status: 0 done, 2 a user error (the message says what to change),
@@ -50,7 +49,7 @@ Every command also takes --quiet and -v/--verbose after its name.
     count=True,
     expose_value=False,
     is_eager=True,
-    callback=_set_verbose,
+    callback=verbose_callback,
     help="Log what happens on stderr (-vv: debug, every library).",
 )
 @click.pass_context

@@ -51,7 +51,7 @@ def _summary(report: TrainReport) -> str:
     if report.metric and best.get("value") is not None:
         kind = report.metric.removeprefix("pck_")
         text += (
-            f"; best validation PCK@{best.get('alpha', '')} ({kind}) {best['value']:.4f} "
+            f"; best validation PCK@{best.get('alpha', '')} ({kind}) {100 * best['value']:.2f}% "
             f"at step {best['step']}"
         )
     return text + f" -> {report.out} (resume state: {report.last})"

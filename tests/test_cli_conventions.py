@@ -13,8 +13,8 @@ from pathlib import Path
 
 import click
 import pytest
-from clihelp import DIFFEAT, cli_env, run, run_json
 from click.testing import CliRunner
+from clihelp import DIFFEAT, cli_env, run, run_json
 
 from diffeat.cli.common import is_quiet
 from diffeat.testing import smooth_texture

@@ -17,7 +17,6 @@ from diffeat.cli.common import (
     progress_bar,
 )
 from diffeat.cli.datasets_common import dataset_option
-
 from diffeat.core.errors import DiffeatError
 
 if TYPE_CHECKING:
@@ -120,9 +119,7 @@ def extract_cmd(
     else:
         images = input_images(inputs)
     pipe = Pipeline(cfg, store=FeatureStore(store_path))
-    log.info(
-        "%d images -> store %s under cache key %s", len(images), store_path, pipe.cache_key
-    )
+    log.info("%d images -> store %s under cache key %s", len(images), store_path, pipe.cache_key)
     with progress_bar(len(images), "extract", is_quiet(ctx)) as bar:
         report = pipe.extract(images, progress=bar)
     summary = {

@@ -32,7 +32,18 @@ _EXPORTS = {
     "Conv2dNorm": "network",
 }
 
-__all__ = sorted(_EXPORTS)
+__all__ = [
+    "FORMAT",
+    "AggregationNetwork",
+    "BottleneckBlock",
+    "Checkpoint",
+    "Conv2dNorm",
+    "Hyperfeatures",
+    "HyperfeaturesOptions",
+    "load_checkpoint",
+    "network_from_checkpoint",
+    "save_checkpoint",
+]
 
 
 def __getattr__(name: str) -> object:

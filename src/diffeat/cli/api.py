@@ -7,8 +7,10 @@ their options and fail like the built-in ones; everything else in
 
 Output
     :func:`emit_json` prints a ``--json`` report; :func:`progress_bar` is the
-    progress bar on stderr; :func:`is_quiet` says whether ``diffeat --quiet``
-    asked for neither bars nor progress lines.
+    progress bar on stderr; :func:`is_quiet` says whether ``--quiet`` (given
+    before the command's name or after it) asked for neither bars nor
+    progress lines. Every command gets ``--quiet`` and ``-v/--verbose`` from
+    ``diffeat`` itself: do not declare them.
 Options and the pipeline
     :func:`config_options` adds ``--set``, ``--model`` and ``--device``;
     :func:`collect_overrides` turns them into ``stage.option=value`` overrides;
@@ -24,9 +26,12 @@ Errors
     without a traceback and exits with status 2. Any other exception is
     printed with its traceback as an internal error (exit 1).
 
-Start-up: ``register_commands`` runs for every ``diffeat`` invocation, so a
-command module should import only click and this module at its top, and import
-torch, diffusers and the plugin's own heavy modules inside the command function.
+Start-up: ``register_commands`` runs whenever ``diffeat`` lists its commands
+(``diffeat --help``) or looks for one that is not built in, without the rest
+of the registry; so the plugin's top module and its command module should
+import only click, this module and :mod:`diffeat.core.hookspecs` at their top,
+and import torch, diffusers and the plugin's own heavy modules inside the hook
+or command functions.
 """
 
 from __future__ import annotations

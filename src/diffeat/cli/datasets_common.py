@@ -15,9 +15,19 @@ if TYPE_CHECKING:
 
 
 def dataset_option(help_text: str) -> Any:
-    """The repeatable ``--option/-o KEY=VALUE`` of a dataset, with this command's help."""
+    """The repeatable ``-o/--dataset-option KEY=VALUE`` of a dataset, with this command's help.
+
+    A dataset option is not a pipeline option (those are ``--set STAGE.OPTION=VALUE``);
+    ``--option``, its first long name, is still accepted.
+    """
     return click.option(
-        "--option", "-o", "dataset_options", multiple=True, metavar="KEY=VALUE", help=help_text
+        "-o",
+        "--dataset-option",
+        "--option",
+        "dataset_options",
+        multiple=True,
+        metavar="KEY=VALUE",
+        help=help_text + " Pipeline options are --set.",
     )
 
 
@@ -30,7 +40,7 @@ def parse_dataset_options(items: tuple[str, ...]) -> dict[str, Any]:
         key, sep, value = item.partition("=")
         if not sep or not key.strip():
             raise DiffeatError(
-                f"bad --option {item!r}: use KEY=VALUE, e.g. --option pairs_per_class=20"
+                f"bad dataset option {item!r}: use KEY=VALUE, e.g. -o pairs_per_class=20"
             )
         out[key.strip()] = parse_value(value.strip())
     return out

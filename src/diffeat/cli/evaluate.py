@@ -7,7 +7,7 @@ import sys
 
 import click
 
-from diffeat.cli.common import collect_overrides, config_options, emit_json, store_option
+from diffeat.cli.common import collect_overrides, config_options, emit_json, is_quiet, store_option
 from diffeat.cli.datasets_common import (  # noqa: F401  (build_dataset: imported from here before)
     build_dataset,
     dataset_from_cli,
@@ -127,7 +127,7 @@ def eval_cmd(
     )
     pipe = Pipeline(cfg, store=FeatureStore(store_path) if store_path else None)
     pairs = list(itertools.islice(dataset.pairs(), limit))
-    quiet = ctx.obj.get("quiet", False) if ctx.obj else False
+    quiet = is_quiet(ctx)
     with tqdm(
         total=len(pairs), desc="eval", unit="pair", disable=quiet, file=sys.stderr, leave=False
     ) as bar:

@@ -2,25 +2,63 @@
 
 from __future__ import annotations
 
+import glob
+import logging
+from pathlib import Path
+from typing import TYPE_CHECKING
+
 import click
 
-from diffeat.cli.common import collect_overrides, config_options, emit_json, progress_bar
+from diffeat.cli.common import (
+    collect_overrides,
+    config_options,
+    emit_json,
+    is_quiet,
+    progress_bar,
+)
 from diffeat.cli.datasets_common import dataset_option
-from diffeat.core.config import load_config
-from diffeat.core.datasets import LazyImages, pair_images
 from diffeat.core.errors import DiffeatError
-from diffeat.core.images import list_images
+
+if TYPE_CHECKING:
+    from diffeat.core.datasets import LazyImages
+
+log = logging.getLogger(__name__)
 
 
 def dataset_images(name: str, root: str, split: str | None, options: tuple[str, ...]) -> LazyImages:
     """Every image of a dataset split's pairs, each once with its category (loaded lazily)."""
     from diffeat.cli.datasets_common import dataset_from_cli
+    from diffeat.core.datasets import LazyImages, pair_images
 
     dataset = dataset_from_cli(name, root, split, options)
     refs = pair_images(dataset.pairs())
     if not refs:
         raise DiffeatError(f"the {name} dataset yielded no pairs (check --split and -o options)")
     return LazyImages(refs)
+
+
+def input_images(inputs: tuple[str, ...]) -> list[Path]:
+    """The image files of INPUTS (files, folders searched recursively, or glob patterns the
+    shell left unexpanded); a :class:`DiffeatError` when they hold no image at all."""
+    from diffeat.core.images import IMAGE_SUFFIXES, list_images
+
+    paths: list[str] = []
+    for raw in inputs:
+        if glob.has_magic(raw) and not Path(raw).exists():
+            matched = sorted(glob.glob(raw, recursive=True))
+            if not matched:
+                raise DiffeatError(f"{raw!r} matches no file: check the pattern and folder")
+            paths.extend(matched)
+        else:
+            paths.append(raw)
+    images = list_images(paths)
+    if not images:
+        suffixes = ", ".join(sorted(IMAGE_SUFFIXES))
+        raise DiffeatError(
+            f"no images in {', '.join(inputs)}: nothing to extract (folders are searched "
+            f"recursively for {suffixes})"
+        )
+    return images
 
 
 @click.command("extract")
@@ -61,6 +99,7 @@ def extract_cmd(
 ) -> None:
     """Extract features of INPUTS (images or folders), or of every image of a dataset's pairs
     (--dataset NAME --root DIR), into the store; finished images are skipped."""
+    from diffeat.core.config import load_config
     from diffeat.core.pipeline import Pipeline
     from diffeat.store import FeatureStore
 
@@ -78,9 +117,10 @@ def extract_cmd(
         assert root is not None
         images = dataset_images(dataset_name, root, split, dataset_options)
     else:
-        images = list_images(list(inputs))
+        images = input_images(inputs)
     pipe = Pipeline(cfg, store=FeatureStore(store_path))
-    with progress_bar(len(images), "extract", ctx.obj["quiet"]) as bar:
+    log.info("%d images -> store %s under cache key %s", len(images), store_path, pipe.cache_key)
+    with progress_bar(len(images), "extract", is_quiet(ctx)) as bar:
         report = pipe.extract(images, progress=bar)
     summary = {
         "store": store_path,

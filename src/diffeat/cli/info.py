@@ -2,11 +2,31 @@
 
 from __future__ import annotations
 
+import logging
+import weakref
+
 import click
 
 from diffeat.cli.common import collect_overrides, config_options, emit_json
 from diffeat.core.config import load_config, to_toml
-from diffeat.core.plugins import KINDS, get_plugin_manager
+from diffeat.core.plugins import KINDS, PluginManager, get_plugin_manager
+
+log = logging.getLogger(__name__)
+
+# Registries whose records already list the commands their plugins bring.
+_RECORDED: weakref.WeakSet[PluginManager] = weakref.WeakSet()
+
+
+def record_plugin_commands(pm: PluginManager) -> None:
+    """Have ``pm``'s records list each plugin's commands (``command:generate``, ...), once.
+
+    ``diffeat`` finds plugin commands without the registry (start-up stays fast),
+    so the registry learns them here, by running the hooks on a scratch group.
+    """
+    if pm in _RECORDED:
+        return
+    _RECORDED.add(pm)
+    pm.add_commands(click.Group("diffeat"))
 
 
 @click.command("plugins")
@@ -14,6 +34,7 @@ from diffeat.core.plugins import KINDS, get_plugin_manager
 def plugins_cmd(as_json: bool) -> None:
     """Built-in and installed plugins, with versions, what they provide, and errors."""
     pm = get_plugin_manager()
+    record_plugin_commands(pm)
     records = list(pm.plugins())
     if as_json:
         emit_json(
@@ -79,6 +100,7 @@ def config_group() -> None:
 def config_show(config: str, overrides: tuple[str, ...], as_json: bool) -> None:
     """Print the resolved pipeline: every option with its default filled in."""
     cfg = load_config(config, list(overrides))
+    log.info("read %s with %d override(s): digest %s", config, len(overrides), cfg.digest())
     resolved = cfg.resolved()
     if as_json:
         emit_json({"config": resolved, "digest": cfg.digest()})

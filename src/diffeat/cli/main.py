@@ -1,4 +1,9 @@
-"""Entry point of the ``diffeat`` command: the group, error handling and plugin commands."""
+"""Entry point of the ``diffeat`` command: the group, error handling and plugin commands.
+
+``diffeat --version`` and ``diffeat --help`` import neither torch nor
+diffusers: the group (:class:`~diffeat.cli.group.DiffeatGroup`) imports a
+command's module when the command is asked for.
+"""
 
 from __future__ import annotations
 
@@ -8,39 +13,79 @@ import traceback
 import click
 
 from diffeat import __version__
+from diffeat.cli.group import DiffeatGroup, verbose_callback
 from diffeat.core.errors import DiffeatError
 
+ENVIRONMENT = """\b
+Environment:
+  DIFFEAT_PLUGINS          comma-separated names: the only third-party plugins
+                           (entry points) to load; built-ins always load
+  DIFFEAT_DISABLE_PLUGINS  comma-separated plugins (built-in or third-party)
+                           not to load, their commands included
+  DIFFEAT_ZARR_FAST_PATH   0 to read and write the store through zarr's
+                           public API only (default 1: the faster path)
+  HF_HUB_OFFLINE           1: use only models already in the Hugging Face
+                           cache, never the network
+  HF_HOME, HF_HUB_CACHE    where models downloaded from the hub are cached
+                           (default ~/.cache/huggingface/hub)
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+\b
+Exit status: 0 done, 2 a user error (the message says what to change),
+1 an internal error (with traceback), 130 interrupted (Ctrl-C).
+Every command also takes --quiet and -v/--verbose after its name.
+"""
+
+
+@click.group(
+    cls=DiffeatGroup,
+    context_settings={"help_option_names": ["-h", "--help"]},
+    epilog=ENVIRONMENT,
+)
 @click.version_option(__version__, prog_name="diffeat")
-@click.option("--quiet", "-q", is_flag=True, help="No progress bars.")
+@click.option("--quiet", "-q", is_flag=True, help="No progress bars or progress lines.")
+@click.option(
+    "--verbose",
+    "-v",
+    count=True,
+    expose_value=False,
+    is_eager=True,
+    callback=verbose_callback,
+    help="Log what happens on stderr (-vv: debug, every library).",
+)
 @click.pass_context
 def cli(ctx: click.Context, quiet: bool) -> None:
     """Correspondences from diffusion-model features."""
-    ctx.ensure_object(dict)
-    ctx.obj["quiet"] = quiet
+    obj = ctx.ensure_object(dict)
+    obj["quiet"] = bool(quiet or obj.get("quiet"))
 
 
 def _add_commands() -> None:
-    """The built-in commands, then the commands plugins bring (``register_commands``):
-    ``generate`` comes with the stable-diffusion plugin, ``checkpoint`` and
-    ``plot mixing-weights`` with the hyperfeatures plugin."""
-    from diffeat.cli import evaluate, extract, info, match, plot_features, store, train
+    """Every command at once: the built-in ones, then those of the plugins the process-wide
+    registry holds (``register_commands``): ``generate`` comes with the stable-diffusion
+    plugin, ``checkpoint`` and ``plot mixing-weights`` with the hyperfeatures plugin.
+
+    ``main()`` does not need this (the group loads commands on demand); it is for
+    embedding and for tests that swap the registry (``reset_plugin_manager``)."""
+    from diffeat.cli.info import record_plugin_commands
     from diffeat.core.plugins import get_plugin_manager
 
-    for module in (info, extract, match, store, evaluate, train, plot_features):
-        module.add_to(cli)
-    get_plugin_manager().add_commands(cli)
+    assert isinstance(cli, DiffeatGroup)
+    cli.load_builtins()
+    cli.plugins_loaded = True
+    pm = get_plugin_manager()
+    pm.add_commands(cli)
+    record_plugin_commands(pm)
 
 
 def main(argv: list[str] | None = None) -> None:
-    """Run the CLI: exit 0 on success, 2 on a user error (message, no traceback), 1 otherwise."""
-    _add_commands()
+    """Run the CLI: exit 0 on success, 2 on a user error (message, no traceback), 1 on an
+    internal error, 130 when interrupted (Ctrl-C)."""
     try:
         code = cli.main(args=argv, prog_name="diffeat", standalone_mode=False)
     except click.exceptions.Abort:
-        click.echo("aborted", err=True)
-        sys.exit(1)
+        # click turns Ctrl-C during a prompt or while parsing into Abort
+        click.echo("interrupted", err=True)
+        sys.exit(130)
     except click.ClickException as exc:
         exc.show()
         sys.exit(exc.exit_code)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+
 import click
 
 from diffeat.cli.common import (
@@ -13,6 +15,8 @@ from diffeat.cli.common import (
 )
 from diffeat.core.config import load_config
 from diffeat.core.errors import DiffeatError
+
+log = logging.getLogger(__name__)
 
 
 @click.command("match")
@@ -61,6 +65,7 @@ def match_cmd(
     pts = [parse_point(p) for p in points]
     cfg = load_config(config, collect_overrides(overrides, model, device))
     pipe = Pipeline(cfg, store=store_path)
+    log.info("pipeline %s (digest %s); store %s", config, cfg.digest(), store_path or "none")
     src = as_input(source).with_category(category)
     tgt = as_input(target).with_category(category)
     result = pipe.match(src, tgt, pts)

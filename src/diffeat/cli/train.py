@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING
 
 import click
 
-from diffeat.cli.common import collect_overrides, config_options, emit_json
+from diffeat.cli.common import collect_overrides, config_options, emit_json, is_quiet
 from diffeat.cli.datasets_common import dataset_option
 from diffeat.core.errors import ConfigError
 
@@ -51,7 +51,7 @@ def _summary(report: TrainReport) -> str:
     if report.metric and best.get("value") is not None:
         kind = report.metric.removeprefix("pck_")
         text += (
-            f"; best validation PCK@{best.get('alpha', '')} ({kind}) {best['value']:.4f} "
+            f"; best validation PCK@{best.get('alpha', '')} ({kind}) {100 * best['value']:.2f}% "
             f"at step {best['step']}"
         )
     return text + f" -> {report.out} (resume state: {report.last})"
@@ -126,7 +126,7 @@ def train_cmd(
     from diffeat.train.loop import train, trainable_aggregator, training_stage
     from diffeat.train.options import train_options
 
-    quiet = ctx.obj.get("quiet", False) if ctx.obj else False
+    quiet = is_quiet(ctx)
     all_overrides = collect_overrides(overrides, model, device)
     if device:
         all_overrides.append(f"train.device={json.dumps(device)}")

@@ -304,42 +304,56 @@ class PluginManager:
         earlier plugin's) is recorded as broken with a message naming both, and the commands
         it touched are put back as they were (its own additions go too).
         """
-        owners = dict.fromkeys(_command_tree(cli), "")  # "": diffeat's own commands
-        for impl in self._pm.hook.register_commands.get_hookimpls():
-            name = impl.plugin_name
+        outcome = install_commands(cli, self._pm.hook.register_commands.get_hookimpls())
+        for name, (error, added) in outcome.items():
             record = self.records.get(name)
-            before = _command_tree(cli)
-            try:
-                call_hookimpl(impl, {"cli": cli})
-            except Exception as exc:
-                _restore_commands(cli, before)
-                if record is not None:
-                    record.error = f"register_commands raised {_describe(exc)}"
+            if record is None:
                 continue
-            after = _command_tree(cli)
-            taken = [path for path, command in before.items() if after.get(path) is not command]
-            if taken:
-                _restore_commands(cli, before)
-                path = taken[0]
-                owner = owners.get(path, "")
-                whose = f"plugin {owner!r}" if owner else "diffeat (a built-in command)"
-                error = (
-                    f"register_commands: plugin {name!r} replaces the command `diffeat {path}`, "
-                    f"which {whose} provides; the existing command is kept and none of "
-                    f"{name!r}'s commands are added. Rename its command, or disable one of the "
-                    "two plugins with DIFFEAT_DISABLE_PLUGINS"
-                )
-                if record is not None:
-                    record.error = error
-                continue
-            for path in after.keys() - before.keys():
-                owners[path] = name
-            if record is not None:
-                added = sorted(_command_paths(cli) - set(before))
-                record.provides.extend(f"command:{path}" for path in added)
+            if error is not None:
+                record.error = error
+            record.provides.extend(f"command:{path}" for path in added)
 
     def plugins(self) -> Iterable[PluginRecord]:
         return self.records.values()
+
+
+def install_commands(
+    cli: click.Group, impls: Iterable[pluggy.HookImpl]
+) -> dict[str, tuple[str | None, list[str]]]:
+    """Run each ``register_commands`` implementation on ``cli``, refusing any that replaces
+    or removes a command already there (a built-in's, or an earlier plugin's): its changes
+    are undone. Per plugin: the error (``None`` when fine) and the command paths it added.
+    """
+    owners = dict.fromkeys(_command_tree(cli), "")  # "": diffeat's own commands
+    outcome: dict[str, tuple[str | None, list[str]]] = {}
+    for impl in impls:
+        name = impl.plugin_name
+        before = _command_tree(cli)
+        try:
+            call_hookimpl(impl, {"cli": cli})
+        except Exception as exc:
+            _restore_commands(cli, before)
+            outcome[name] = (f"register_commands raised {_describe(exc)}", [])
+            continue
+        after = _command_tree(cli)
+        taken = [path for path, command in before.items() if after.get(path) is not command]
+        if taken:
+            _restore_commands(cli, before)
+            path = taken[0]
+            owner = owners.get(path, "")
+            whose = f"plugin {owner!r}" if owner else "diffeat (a built-in command)"
+            outcome[name] = (
+                f"register_commands: plugin {name!r} replaces the command `diffeat {path}`, "
+                f"which {whose} provides; the existing command is kept and none of "
+                f"{name!r}'s commands are added. Rename its command, or disable one of the "
+                "two plugins with DIFFEAT_DISABLE_PLUGINS",
+                [],
+            )
+            continue
+        for path in after.keys() - before.keys():
+            owners[path] = name
+        outcome[name] = (None, sorted(_command_paths(cli) - set(before)))
+    return outcome
 
 
 _MANAGER: PluginManager | None = None

@@ -8,17 +8,37 @@ for the layouts and pair rules.
 
 from __future__ import annotations
 
+from importlib import import_module
+from typing import TYPE_CHECKING
+
 from diffeat.core.hookspecs import Register, hookimpl
-from diffeat.plugins.datasets.cub import CUB
-from diffeat.plugins.datasets.pfwillow import PFWillow
-from diffeat.plugins.datasets.spair import SPair
-from diffeat.plugins.datasets.synthetic import Synthetic
+
+if TYPE_CHECKING:
+    from diffeat.plugins.datasets.cub import CUB
+    from diffeat.plugins.datasets.pfwillow import PFWillow
+    from diffeat.plugins.datasets.spair import SPair
+    from diffeat.plugins.datasets.synthetic import Synthetic
+
+# Imported on first use (they need torch), so listing commands stays fast.
+_EXPORTS = {"CUB": "cub", "PFWillow": "pfwillow", "SPair": "spair", "Synthetic": "synthetic"}
 
 __all__ = ["CUB", "PFWillow", "SPair", "Synthetic"]
 
 
+def __getattr__(name: str) -> object:
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return getattr(import_module(f"{__name__}.{module}"), name)
+
+
 @hookimpl
 def register_datasets(register: Register) -> None:
+    from diffeat.plugins.datasets.cub import CUB
+    from diffeat.plugins.datasets.pfwillow import PFWillow
+    from diffeat.plugins.datasets.spair import SPair
+    from diffeat.plugins.datasets.synthetic import Synthetic
+
     register("spair", SPair)
     register("pfwillow", PFWillow)
     register("cub", CUB)

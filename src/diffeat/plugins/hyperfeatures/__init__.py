@@ -12,22 +12,25 @@ As a plugin it registers the ``hyperfeatures`` aggregator and the commands
 
 from __future__ import annotations
 
+from importlib import import_module
 from typing import TYPE_CHECKING
 
 from diffeat.core.hookspecs import Register, hookimpl
-from diffeat.plugins.hyperfeatures.aggregator import Hyperfeatures, HyperfeaturesOptions
-from diffeat.plugins.hyperfeatures.checkpoint import (
-    Checkpoint,
-    load_checkpoint,
-    network_from_checkpoint,
-    save_checkpoint,
-)
-from diffeat.plugins.hyperfeatures.network import (
-    FORMAT,
-    AggregationNetwork,
-    BottleneckBlock,
-    Conv2dNorm,
-)
+
+# Public names and the module each lives in: imported on first use (they need
+# torch), so loading the plugin to list its commands stays fast.
+_EXPORTS = {
+    "Hyperfeatures": "aggregator",
+    "HyperfeaturesOptions": "aggregator",
+    "Checkpoint": "checkpoint",
+    "load_checkpoint": "checkpoint",
+    "network_from_checkpoint": "checkpoint",
+    "save_checkpoint": "checkpoint",
+    "FORMAT": "network",
+    "AggregationNetwork": "network",
+    "BottleneckBlock": "network",
+    "Conv2dNorm": "network",
+}
 
 __all__ = [
     "FORMAT",
@@ -42,12 +45,36 @@ __all__ = [
     "save_checkpoint",
 ]
 
+
+def __getattr__(name: str) -> object:
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return getattr(import_module(f"{__name__}.{module}"), name)
+
+
 if TYPE_CHECKING:
     import click
+
+    from diffeat.plugins.hyperfeatures.aggregator import Hyperfeatures, HyperfeaturesOptions
+    from diffeat.plugins.hyperfeatures.checkpoint import (
+        Checkpoint,
+        load_checkpoint,
+        network_from_checkpoint,
+        save_checkpoint,
+    )
+    from diffeat.plugins.hyperfeatures.network import (
+        FORMAT,
+        AggregationNetwork,
+        BottleneckBlock,
+        Conv2dNorm,
+    )
 
 
 @hookimpl
 def register_aggregators(register: Register) -> None:
+    from diffeat.plugins.hyperfeatures.aggregator import Hyperfeatures
+
     register("hyperfeatures", Hyperfeatures)
 
 

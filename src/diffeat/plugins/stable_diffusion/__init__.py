@@ -1,11 +1,15 @@
-"""The ``stable-diffusion`` extractor plugin, with the ``diffeat generate`` command."""
+"""The ``stable-diffusion`` extractor plugin, with the ``diffeat generate`` command.
+
+Start-up: this module imports no torch or diffusers; the extractor is imported
+when the plugin manager asks for it (``register_extractors``) and the command
+module when ``diffeat`` lists or runs commands (``register_commands``).
+"""
 
 from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
 from diffeat.core.hookspecs import Register, hookimpl
-from diffeat.plugins.stable_diffusion.extractor import StableDiffusionExtractor
 
 if TYPE_CHECKING:
     import click
@@ -13,6 +17,8 @@ if TYPE_CHECKING:
 
 @hookimpl
 def register_extractors(register: Register) -> None:
+    from diffeat.plugins.stable_diffusion.extractor import StableDiffusionExtractor
+
     register("stable-diffusion", StableDiffusionExtractor)
 
 

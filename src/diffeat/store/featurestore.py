@@ -37,6 +37,7 @@ from diffeat.store.format import (
     ROOT_ATTR,
     TIMESTEP_ARRAY,
     check_storage_dtype,
+    chunk_keys,
     features_json,
     group_json,
     parse_group_json,
@@ -55,6 +56,11 @@ __all__ = ["FeatureStore", "MissingEntry"]
 
 _FLOAT16_SOURCES = (torch.float32, torch.float64, torch.bfloat16)
 _FLOAT16_MAX = 65504.0
+_COMMIT_ATTEMPTS = 16
+#: suffixes of the folders of writes in progress and of removals in progress; both end in
+#: ``.partial``, which no key may, so listings never show them
+STAGING_SUFFIX = ".partial"
+TRASH_SUFFIX = ".deleted.partial"
 
 
 class MissingEntry(KeyError):
@@ -326,21 +332,58 @@ class FeatureStore:
             "stored_bytes": self._stored_bytes(prefix),
         }
 
-    def delete(self, cache_key: str, image_key: str) -> None:
-        """Remove an entry, complete or not; nothing happens if there is none.
+    def delete(self, cache_key: str, image_key: str, *, write_id: str | None = None) -> bool:
+        """Remove an entry, complete or not; returns whether there was one to remove.
 
-        The completion marker goes first, so an interrupted delete leaves an
-        incomplete (invisible) entry, never a complete one with missing chunks.
+        The entry's folder is first moved aside (atomically) under a reserved
+        ``*.deleted.partial`` name, then removed, so readers see the whole entry
+        or none, and an interrupted delete leaves only an invisible leftover.
+        With ``write_id``, only the complete entry of that write is removed: if
+        another writer replaced it meanwhile, the new one is kept (returns False).
         """
         self._check_writable()
-        run(self._adelete(self._prefix(cache_key, image_key)))
+        return run(self._adelete(self._prefix(cache_key, image_key), write_id))
 
-    async def _adelete(self, prefix: str) -> None:
-        await self._store.delete(f"{prefix}/zarr.json")
+    def delete_cache_key(self, cache_key: str) -> int:
+        """Remove everything under a cache key (its extractor info and every entry);
+        returns the number of complete entries removed (0 if there was nothing)."""
+        self._check_writable()
+        check_key(cache_key, "cache key")
+        if not (self.path / cache_key).is_dir():
+            return 0
+        complete, _ = run(self._ascan(cache_key))
+        trash = _trash_name(cache_key)
+        try:
+            moved = run(self._store.rename_dir(cache_key, trash))
+        except FileNotFoundError:
+            return 0
+        if moved:
+            run(self._aremove(trash))
+        self._known_groups.discard(cache_key)
+        return len(complete)
+
+    async def _aremove(self, prefix: str) -> None:
+        """Remove a folder (and everything in it) if it is there."""
         try:
             await self._store.delete_dir(prefix)
         except FileNotFoundError:  # removed meanwhile
             pass
+
+    async def _adelete(self, prefix: str, write_id: str | None = None) -> bool:
+        trash = _trash_name(prefix)
+        try:
+            if not await self._store.rename_dir(prefix, trash):
+                return False  # pragma: no cover - the trash name is unique
+        except FileNotFoundError:
+            return False
+        if write_id is not None:
+            moved = await self._aentry(trash)
+            if moved is None or moved.get("write_id") != write_id:
+                # not the entry asked for (rewritten meanwhile): put it back if it is complete
+                if moved is not None and await self._store.rename_dir(trash, prefix):
+                    return False
+        await self._aremove(trash)
+        return True
 
     # ------------------------------------------------------------------ writing
 
@@ -351,12 +394,19 @@ class FeatureStore:
         features: FeatureSet,
         *,
         source: str | None = None,
-    ) -> None:
-        """Write the features of one image; overwrites an existing entry (complete or not).
+        replace: bool = True,
+    ) -> bool:
+        """Write the features of one image; returns True if this write's entry is the one
+        now in the store, False if another writer's complete entry was kept instead.
 
-        An existing entry is deleted first, then the arrays are written, and the
-        completion marker last: readers see the old entry, no entry, or the new
-        one, never a mixture.
+        The entry is written in full into a private staging folder, then moved into
+        place in one atomic step, so readers see the old entry, or the new one, never
+        a mixture, and a killed writer leaves only an invisible leftover.
+
+        ``replace=True`` (default) replaces the complete entry that existed when the
+        call began; ``replace=False`` keeps any complete entry (and writes nothing if
+        there is one already). Either way an entry that another writer completes while
+        this one writes is kept, never deleted (see *Concurrency* in docs/store-format.md).
         """
         self._check_writable()
         prefix = self._prefix(cache_key, image_key)
@@ -372,7 +422,7 @@ class FeatureStore:
             for name, tensor in features.layers.items()
         }
         attrs = {
-            COMPLETE_ATTR: False,
+            COMPLETE_ATTR: True,  # true already in the staging folder: invisible until moved
             "write_id": uuid.uuid4().hex,
             "timesteps": list(features.timesteps),
             "source": source,
@@ -381,7 +431,7 @@ class FeatureStore:
         }
         timesteps = np.asarray(features.timesteps, dtype=np.int64)
         try:
-            run(self._aput(cache_key, prefix, arrays, timesteps, attrs))
+            return run(self._aput(cache_key, prefix, arrays, timesteps, attrs, replace))
         except OSError as exc:
             raise StoreError(f"writing {prefix} into {self.path} failed: {exc}") from exc
 
@@ -403,30 +453,61 @@ class FeatureStore:
         arrays: dict[str, np.ndarray],
         timesteps: np.ndarray,
         attrs: dict[str, Any],
-    ) -> None:
+        replace: bool,
+    ) -> bool:
         store = self._store
         if cache_key not in self._known_groups:
             await store.write_if_absent(f"{cache_key}/zarr.json", group_json({}))
             self._known_groups.add(cache_key)
-        marker = f"{prefix}/zarr.json"
-        await self._adelete(prefix)
+        current = await self._aentry(prefix)
+        if current is not None and not replace:
+            return False
+        replaceable = None if current is None else current.get("write_id")
+        staging = f"{prefix}.{attrs['write_id']}{STAGING_SUFFIX}"
         try:
-            await store.write(marker, group_json(attrs))
             await _gather_all(
-                self._awrite_layer(prefix, n, a, timesteps) for n, a in arrays.items()
+                self._awrite_layer(staging, n, a, timesteps) for n, a in arrays.items()
             )
+            await store.write(f"{staging}/zarr.json", group_json(attrs))  # the marker, last
+            return await self._acommit(staging, prefix, replaceable)
         except BaseException:
-            with contextlib.suppress(OSError):  # best effort: leave no half-written entry
-                await self._adelete(prefix)
+            with contextlib.suppress(OSError):  # best effort: leave no leftover
+                await self._aremove(staging)
             raise
-        current = parse_group_json(await self._aread(marker))
-        if current is None or current.get("write_id") != attrs["write_id"]:
-            raise StoreError(
-                f"{self.path}/{prefix} was deleted or rewritten by another process while this "
-                "one wrote it: give each image key to one writer only"
-            )
-        attrs[COMPLETE_ATTR] = True
-        await store.write(marker, group_json(attrs))
+
+    async def _acommit(self, staging: str, prefix: str, replaceable: str | None) -> bool:
+        """Move the finished ``staging`` folder to ``prefix``: True when it is in place, False
+        when another writer's complete entry is there (kept; ``staging`` is removed).
+
+        Only what is at ``prefix`` and is not a complete entry of another write is moved
+        aside: an incomplete leftover, or the complete entry ``replaceable`` that this
+        write replaces. A complete entry moved aside by mistake (completed by another
+        writer between the look and the move) is put back.
+        """
+        store = self._store
+        for _attempt in range(_COMMIT_ATTEMPTS):
+            if await store.rename_dir(staging, prefix):
+                return True
+            there = await self._aentry(prefix)
+            if there is not None and there.get("write_id") != replaceable:
+                await self._aremove(staging)
+                return False
+            trash = _trash_name(prefix)
+            try:
+                if not await store.rename_dir(prefix, trash):
+                    continue  # pragma: no cover - the trash name is unique
+            except FileNotFoundError:
+                continue  # moved away meanwhile by another writer: try again
+            moved = await self._aentry(trash)
+            if moved is not None and moved.get("write_id") != replaceable:
+                if await store.rename_dir(trash, prefix):  # another writer's: put it back
+                    await self._aremove(staging)
+                    return False
+            await self._aremove(trash)
+        raise StoreError(
+            f"{self.path}/{prefix}: could not put the entry in place after {_COMMIT_ATTEMPTS} "
+            "attempts (other processes kept replacing it); try again"
+        )
 
     async def _awrite_layer(
         self, prefix: str, name: str, array: np.ndarray, timesteps: np.ndarray
@@ -509,7 +590,8 @@ class FeatureStore:
                 f"{', '.join(map(repr, unknown))}; it has {', '.join(map(repr, stored))}"
             )
         results = await asyncio.gather(
-            *(self._aread_layer(prefix, n, cast) for n in names), return_exceptions=True
+            *(self._aread_layer(prefix, n, stored[n], cast) for n in names),
+            return_exceptions=True,
         )
         again = parse_group_json(await self._aread(f"{prefix}/zarr.json"))
         if again is None or again.get("write_id") != attrs.get("write_id"):
@@ -519,24 +601,43 @@ class FeatureStore:
             if isinstance(result, BaseException):
                 raise result
             tensors.append(result)
-        for name, tensor in zip(names, tensors):
-            if list(tensor.shape) != list(stored[name]["shape"]):
-                raise StoreError(
-                    f"{self.path}/{prefix}/{name}: stored shape {list(tensor.shape)} does not "
-                    f"match the entry's metadata {stored[name]['shape']}; delete the entry and "
-                    "extract it again"
-                )
         return attrs, dict(zip(names, tensors))
 
-    async def _aread_layer(self, prefix: str, name: str, cast: torch.dtype | None) -> torch.Tensor:
+    def _damaged(self, path: str, what: str) -> StoreError:
+        cache_key, image_key = path.split("/")[:2]
+        return StoreError(
+            f"{self.path}/{path} is damaged: {what}. The entry {image_key!r} under cache key "
+            f"{cache_key!r} cannot be used: run `diffeat store verify --repair {self.path}` "
+            "(it removes damaged entries) and extract again to recompute it"
+        )
+
+    async def _aread_layer(
+        self, prefix: str, name: str, spec: dict[str, Any], cast: torch.dtype | None
+    ) -> torch.Tensor:
         path = f"{prefix}/{name}/{FEATURES_ARRAY}"
         try:
-            data = await self._store.read_array(path)
+            data, listed = await asyncio.gather(
+                self._store.read_array(path), self._store.list_dir(path)
+            )
         except Exception as exc:
-            raise StoreError(
-                f"{self.path}/{path} is damaged ({type(exc).__name__}: {exc}); delete the entry "
-                "(FeatureStore.delete) and extract it again"
-            ) from exc
+            raise self._damaged(path, f"{type(exc).__name__}: {exc}") from exc
+        shape = [int(s) for s in spec.get("shape", [])]
+        if list(data.shape) != shape:
+            raise self._damaged(
+                path, f"its shape {list(data.shape)} is not the entry's recorded {shape}"
+            )
+        if data.dtype.name != spec.get("dtype"):
+            raise self._damaged(
+                path, f"its dtype {data.dtype.name} is not the entry's recorded {spec.get('dtype')}"
+            )
+        present = set(listed)
+        missing = [c for c in chunk_keys(shape) if c not in present]
+        if missing:
+            raise self._damaged(
+                path,
+                f"{len(missing)} of its chunk files are missing ({', '.join(missing[:3])}"
+                f"{', ...' if len(missing) > 3 else ''}); they would read as NaN",
+            )
         tensor = torch.from_numpy(data)
         if cast is None or tensor.dtype == cast:
             return tensor
@@ -612,6 +713,11 @@ class FeatureStore:
             }
         )
         return ds
+
+
+def _trash_name(prefix: str) -> str:
+    """A unique reserved name next to ``prefix`` for a folder on its way out."""
+    return f"{prefix}.{uuid.uuid4().hex}{TRASH_SUFFIX}"
 
 
 def _reopen(path: str, mode: str, dtype: str) -> FeatureStore:

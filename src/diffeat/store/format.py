@@ -96,6 +96,15 @@ def features_json(shape: tuple[int, ...], storage_dtype: str) -> dict[str, Any]:
     )
 
 
+def chunk_keys(shape: list[int] | tuple[int, ...]) -> list[str]:
+    """The chunk file names of a ``features`` array of ``shape`` (one per timestep; none
+    for an empty array, whose chunks are never written)."""
+    if not shape or any(int(d) == 0 for d in shape):
+        return []
+    rest = ".0" * (len(shape) - 1)
+    return [f"c.{t}{rest}" for t in range(int(shape[0]))]
+
+
 def timestep_json(n: int) -> dict[str, Any]:
     """Metadata of a ``timestep`` array ``[T]`` (int64, one uncompressed chunk)."""
     return array_json(

@@ -332,6 +332,33 @@ def test_damaged_array_of_a_complete_entry_is_reported(store: FeatureStore) -> N
     assert store.get("ck", "img", layers=["mid:0"]).layers["mid:0"].shape == (3, 4, 2, 3)
 
 
+def test_missing_chunk_is_an_error_not_nan(store: FeatureStore) -> None:
+    fs = make_features()
+    store.put("ck", "img", fs)
+    (store.path / "ck" / "img" / "up0" / "features" / "c.1.0.0.0").unlink()
+    assert store.has("ck", "img")
+    with pytest.raises(StoreError) as exc:
+        store.get("ck", "img")
+    msg = str(exc.value)
+    assert "up0/features" in msg and "c.1.0.0.0" in msg and "missing" in msg
+    assert "'img'" in msg and "'ck'" in msg and "diffeat store verify --repair" in msg
+    other = store.get("ck", "img", layers=["mid:0"]).layers["mid:0"]  # the intact layers read
+    assert torch.equal(other, fs.layers["mid:0"].half().float())
+
+
+@pytest.mark.parametrize("edited", ["int16", "uint16", "float32"])
+def test_array_dtype_edited_in_its_metadata_is_an_error(store: FeatureStore, edited: str) -> None:
+    store.put("ck", "img", make_features())
+    meta = store.path / "ck" / "img" / "up1.attn" / "features" / "zarr.json"
+    doc = json.loads(meta.read_text())
+    doc["data_type"] = edited
+    if edited == "float32":
+        doc["codecs"][1]["configuration"]["typesize"] = 4
+    meta.write_text(json.dumps(doc))
+    with pytest.raises(StoreError, match=r"up1\.attn/features is damaged.*verify --repair"):
+        store.get("ck", "img")
+
+
 def test_failed_put_leaves_no_entry(store: FeatureStore, monkeypatch: pytest.MonkeyPatch) -> None:
     fs = make_features()
     store.put("ck", "img", fs)

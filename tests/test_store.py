@@ -394,8 +394,12 @@ def test_put_keeps_an_entry_another_writer_completed_meanwhile(
             done["n"] += 1
             monkeypatch.setattr(FeatureStore, "_awrite_layer", original)
             await other._aput(
-                "ck", "ck/img", {n: t.half().numpy() for n, t in theirs.layers.items()},
-                np.asarray(theirs.timesteps), _attrs(theirs, "theirs"), True,
+                "ck",
+                "ck/img",
+                {n: t.half().numpy() for n, t in theirs.layers.items()},
+                np.asarray(theirs.timesteps),
+                _attrs(theirs, "theirs"),
+                True,
             )
 
     monkeypatch.setattr(FeatureStore, "_awrite_layer", other_writer_meanwhile)

@@ -18,7 +18,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import os
+import time
 import uuid
 import warnings
 from collections.abc import Sequence
@@ -52,7 +54,7 @@ from diffeat.store.zarr_io import ZarrFolder, run
 if TYPE_CHECKING:
     import xarray
 
-__all__ = ["FeatureStore", "MissingEntry"]
+__all__ = ["DamagedEntry", "DamagedRootError", "FeatureStore", "MissingEntry", "restore_root"]
 
 _FLOAT16_SOURCES = (torch.float32, torch.float64, torch.bfloat16)
 _FLOAT16_MAX = 65504.0
@@ -73,6 +75,77 @@ class MissingEntry(KeyError):
 
     def __str__(self) -> str:  # KeyError would print the repr of the message
         return str(self.args[0])
+
+
+class DamagedRootError(StoreError):
+    """The root ``zarr.json`` of a folder that holds diffeat features is missing or damaged."""
+
+    def __init__(self, path: Path, what: str, cache_keys: list[str]) -> None:
+        self.path = path
+        shown = ", ".join(cache_keys[:3]) + (", ..." if len(cache_keys) > 3 else "")
+        super().__init__(
+            f"{path}/zarr.json, the feature store's root metadata, {what}, but the folder holds "
+            f"diffeat features (cache keys {shown}): run `diffeat store verify --repair {path}` "
+            "to rewrite it (the features are kept), or choose another path"
+        )
+
+
+def _cache_keys_with_entries(path: Path, limit: int = 64) -> list[str]:
+    """Names of the folders in ``path`` that look like cache-key groups of a diffeat store
+    (a folder holding an entry: a group whose attributes have ``write_id``), looking at no
+    more than ``limit`` folders and entries each."""
+    found = []
+    try:
+        folders = sorted(p for p in path.iterdir() if p.is_dir() and is_valid_key(p.name))
+    except OSError:
+        return []
+    for folder in folders[:limit]:
+        try:
+            entries = [p for p in folder.iterdir() if p.is_dir()][:limit]
+        except OSError:
+            continue
+        for entry in entries:
+            try:
+                attrs = parse_group_json((entry / "zarr.json").read_bytes())
+            except OSError:
+                continue
+            if attrs is not None and "write_id" in attrs:
+                found.append(folder.name)
+                break
+    return found
+
+
+def restore_root(path: str | os.PathLike[str]) -> bool:
+    """Rewrite the root ``zarr.json`` of a feature store whose root metadata is missing or
+    damaged (:class:`DamagedRootError`); returns False (and writes nothing) when the
+    folder does not hold diffeat features or its root metadata is sound."""
+    folder = Path(path).expanduser().absolute()
+    if not folder.is_dir() or not _cache_keys_with_entries(folder):
+        return False
+    raw = None
+    with contextlib.suppress(OSError):
+        raw = (folder / "zarr.json").read_bytes()
+    attrs = parse_group_json(raw)
+    if attrs is not None and isinstance(attrs.get(ROOT_ATTR), dict):
+        return False
+    store = ZarrFolder(folder, read_only=False)
+    run(store.write("zarr.json", group_json({ROOT_ATTR: {"format_version": FORMAT_VERSION}})))
+    return True
+
+
+class DamagedEntry(StoreError):
+    """A complete entry whose data cannot be used as recorded (unreadable, missing chunks,
+    shape or dtype not as the entry says)."""
+
+    def __init__(self, store_path: Path, cache_key: str, image_key: str, problem: str) -> None:
+        self.cache_key = cache_key
+        self.image_key = image_key
+        self.problem = problem
+        super().__init__(
+            f"{store_path}/{problem}. The entry {image_key!r} under cache key {cache_key!r} "
+            f"cannot be used: run `diffeat store verify --repair {store_path}` (it removes "
+            "damaged entries) and extract again to recompute it"
+        )
 
 
 def _overflows_float16(src: torch.Tensor) -> bool:
@@ -154,6 +227,9 @@ class FeatureStore:
         self._store = ZarrFolder(path, read_only=self.mode == "r")
         raw = self._read_now("zarr.json")
         if raw is None:
+            holds = _cache_keys_with_entries(path)
+            if holds:
+                raise DamagedRootError(path, "is missing", holds)
             if self.mode == "r":
                 raise StoreError(
                     f"{path} is not a diffeat feature store (it has no zarr.json): check the path"
@@ -172,6 +248,9 @@ class FeatureStore:
             raw = self._read_now("zarr.json")
         attrs = parse_group_json(raw)
         if attrs is None:
+            holds = _cache_keys_with_entries(path)
+            if holds:
+                raise DamagedRootError(path, "is not readable zarr v3 group metadata", holds)
             raise StoreError(
                 f"{path}/zarr.json is not a readable zarr v3 group, so {path} is not a diffeat "
                 "feature store (or its root metadata is damaged): choose another path"
@@ -276,18 +355,33 @@ class FeatureStore:
         return raw
 
     def extractors(self) -> dict[str, dict[str, Any]]:
-        """``cache_key -> info`` for every cache key in the store (``{}`` if never registered)."""
-        return run(self._aextractors())
+        """``cache_key -> info`` for every cache key in the store (``{}`` if never registered,
+        or if its info is damaged: see :meth:`damaged_extractors`)."""
+        return {k: v or {} for k, v in run(self._aextractors()).items()}
 
-    async def _aextractors(self) -> dict[str, dict[str, Any]]:
-        keys = await self._alist("")
+    def damaged_extractors(self) -> dict[str, str]:
+        """``cache_key -> what is wrong`` for the cache keys whose extractor info (their
+        ``zarr.json``) is missing or unreadable; their entries may be intact."""
+        found = run(self._aextractors())
+        return {k: self._damaged_info(k) for k, v in found.items() if v is None}
+
+    def _damaged_info(self, cache_key: str) -> str:
+        what = (
+            "is missing"
+            if not (self.path / cache_key / "zarr.json").exists()
+            else ("is not readable zarr v3 group metadata")
+        )
+        return (
+            f"{self.path}/{cache_key}/zarr.json (the extractor info of cache key {cache_key!r}) "
+            f"{what}; its entries are kept: running `diffeat extract` with the same "
+            f"configuration rewrites it, `diffeat store delete {self.path} --key {cache_key}` "
+            "removes the cache key"
+        )
+
+    async def _aextractors(self) -> dict[str, dict[str, Any] | None]:
+        keys = [k for k in await self._alist("") if (self.path / k).is_dir()]
         raws = await asyncio.gather(*(self._aread(f"{k}/zarr.json") for k in keys))
-        out = {}
-        for key, raw in zip(keys, raws):
-            attrs = parse_group_json(raw)
-            if attrs is not None:
-                out[key] = attrs
-        return out
+        return {key: parse_group_json(raw) for key, raw in zip(keys, raws)}
 
     # ------------------------------------------------------------------ entries
 
@@ -332,17 +426,26 @@ class FeatureStore:
             "stored_bytes": self._stored_bytes(prefix),
         }
 
-    def delete(self, cache_key: str, image_key: str, *, write_id: str | None = None) -> bool:
+    def delete(
+        self,
+        cache_key: str,
+        image_key: str,
+        *,
+        write_id: str | None = None,
+        only_incomplete: bool = False,
+    ) -> bool:
         """Remove an entry, complete or not; returns whether there was one to remove.
 
         The entry's folder is first moved aside (atomically) under a reserved
         ``*.deleted.partial`` name, then removed, so readers see the whole entry
         or none, and an interrupted delete leaves only an invisible leftover.
-        With ``write_id``, only the complete entry of that write is removed: if
-        another writer replaced it meanwhile, the new one is kept (returns False).
+        With ``write_id``, only the complete entry of that write is removed; with
+        ``only_incomplete``, only an incomplete entry. What else is found moved aside
+        (another writer's complete entry, put in place meanwhile) is put back and kept.
         """
         self._check_writable()
-        return run(self._adelete(self._prefix(cache_key, image_key), write_id))
+        prefix = self._prefix(cache_key, image_key)
+        return run(self._adelete(prefix, write_id, only_incomplete))
 
     def delete_cache_key(self, cache_key: str) -> int:
         """Remove everything under a cache key (its extractor info and every entry);
@@ -369,19 +472,20 @@ class FeatureStore:
         except FileNotFoundError:  # removed meanwhile
             pass
 
-    async def _adelete(self, prefix: str, write_id: str | None = None) -> bool:
+    async def _adelete(
+        self, prefix: str, write_id: str | None = None, only_incomplete: bool = False
+    ) -> bool:
         trash = _trash_name(prefix)
         try:
             if not await self._store.rename_dir(prefix, trash):
                 return False  # pragma: no cover - the trash name is unique
         except FileNotFoundError:
             return False
-        if write_id is not None:
+        if write_id is not None or only_incomplete:
             moved = await self._aentry(trash)
-            if moved is None or moved.get("write_id") != write_id:
-                # not the entry asked for (rewritten meanwhile): put it back if it is complete
-                if moved is not None and await self._store.rename_dir(trash, prefix):
-                    return False
+            keep = moved is not None and (only_incomplete or moved.get("write_id") != write_id)
+            if keep and await self._store.rename_dir(trash, prefix):
+                return False  # not the entry asked for: put back
         await self._aremove(trash)
         return True
 
@@ -603,13 +707,18 @@ class FeatureStore:
             tensors.append(result)
         return attrs, dict(zip(names, tensors))
 
-    def _damaged(self, path: str, what: str) -> StoreError:
+    def _damaged(self, path: str, what: str) -> DamagedEntry:
         cache_key, image_key = path.split("/")[:2]
-        return StoreError(
-            f"{self.path}/{path} is damaged: {what}. The entry {image_key!r} under cache key "
-            f"{cache_key!r} cannot be used: run `diffeat store verify --repair {self.path}` "
-            "(it removes damaged entries) and extract again to recompute it"
-        )
+        return DamagedEntry(self.path, cache_key, image_key, f"{path} is damaged: {what}")
+
+    async def _adata_type(self, array_path: str) -> str | None:
+        """The ``data_type`` an array's ``zarr.json`` names (None if unreadable)."""
+        try:
+            doc = json.loads(await self._aread(f"{array_path}/zarr.json") or b"")
+        except (ValueError, UnicodeDecodeError, OSError):
+            return None
+        data_type = doc.get("data_type") if isinstance(doc, dict) else None
+        return data_type if isinstance(data_type, str) else None
 
     async def _aread_layer(
         self, prefix: str, name: str, spec: dict[str, Any], cast: torch.dtype | None
@@ -620,7 +729,12 @@ class FeatureStore:
                 self._store.read_array(path), self._store.list_dir(path)
             )
         except Exception as exc:
-            raise self._damaged(path, f"{type(exc).__name__}: {exc}") from exc
+            stored = await self._adata_type(path)
+            if stored is not None and stored != spec.get("dtype"):  # say the likely cause
+                what = f"its dtype {stored} is not the entry's recorded {spec.get('dtype')}"
+            else:
+                what = f"{type(exc).__name__}: {exc}"
+            raise self._damaged(path, what) from exc
         shape = [int(s) for s in spec.get("shape", [])]
         if list(data.shape) != shape:
             raise self._damaged(
@@ -644,6 +758,81 @@ class FeatureStore:
         # the cast runs in a worker thread, overlapping with the other layers' reads
         return await asyncio.to_thread(tensor.to, cast)
 
+    # ------------------------------------------------------------------ checking
+
+    def check_entry(self, cache_key: str, image_key: str) -> str | None:
+        """Read a complete entry whole and say what is wrong with it: ``None`` when it is
+        sound (or is not there: no complete entry, nothing to check), else a sentence.
+
+        Checks what :meth:`get` checks (readable metadata and chunks, shapes and dtypes
+        as recorded, every chunk present) and that every value is finite. Layers are
+        read one at a time, in their storage dtype.
+        """
+        prefix = self._prefix(cache_key, image_key)
+        attrs = self._entry_now(prefix)
+        if attrs is None:
+            return None
+        problems = []
+        for name, spec in attrs["layers"].items():
+            if not isinstance(spec, dict) or not isinstance(spec.get("shape"), list):
+                problems.append(f"layer {name!r} has no recorded shape")
+                continue
+            dtype = torch.float16 if spec.get("dtype") == "float16" else torch.float32
+            try:
+                fs = self.get(cache_key, image_key, dtype=dtype, layers=[name])
+            except MissingEntry:
+                return None  # removed or being replaced meanwhile
+            except DamagedEntry as exc:
+                problems.append(exc.problem)
+                continue
+            tensor = fs.layers[name]
+            bad = int((~torch.isfinite(tensor)).sum())
+            if bad:
+                problems.append(f"layer {name!r} holds {bad} NaN or infinite values")
+        return "; ".join(problems) or None
+
+    def write_id(self, cache_key: str, image_key: str) -> str | None:
+        """The ``write_id`` of a complete entry (None if there is none)."""
+        attrs = self._entry_now(self._prefix(cache_key, image_key))
+        return None if attrs is None else attrs.get("write_id")
+
+    def incomplete_entries(self, cache_key: str) -> list[str]:
+        """Image keys of the incomplete entries under ``cache_key`` (see the format spec)."""
+        check_key(cache_key, "cache key")
+        return run(self._ascan(cache_key))[1]
+
+    def leftovers(self, min_age_s: float = 0.0) -> list[Path]:
+        """Files and folders left by killed writers or interrupted deletes (``*.partial``),
+        outermost only. Staging folders and zarr's temporary files younger than
+        ``min_age_s`` seconds are not listed (a live writer may own them); folders of
+        deletes (``*.deleted.partial``) always are."""
+        now = time.time()
+        found: list[Path] = []
+        for dirpath, dirs, files in os.walk(self.path):
+            for name in [*dirs, *files]:
+                if not name.endswith(STAGING_SUFFIX):
+                    continue
+                path = Path(dirpath) / name
+                try:
+                    age = now - path.stat().st_mtime
+                except FileNotFoundError:
+                    continue
+                if name.endswith(TRASH_SUFFIX) or age >= min_age_s:
+                    found.append(path)
+            dirs[:] = [d for d in dirs if not d.endswith(STAGING_SUFFIX)]
+        return sorted(found)
+
+    def remove_leftover(self, path: Path) -> None:
+        """Remove one path listed by :meth:`leftovers` (gone already: nothing happens)."""
+        self._check_writable()
+        rel = Path(path).absolute().relative_to(self.path).as_posix()
+        if not rel.endswith(STAGING_SUFFIX):
+            raise StoreError(f"{path} is not a leftover of the store {self.path}")
+        if Path(path).is_dir():
+            run(self._aremove(rel))
+        else:
+            run(self._store.delete(rel))
+
     # ------------------------------------------------------------------ summaries
 
     def info(self) -> dict[str, Any]:
@@ -663,11 +852,13 @@ class FeatureStore:
         summary: dict[str, dict[str, Any]] = {}
         for (key, info), (complete, incomplete) in zip(extractors.items(), scans):
             summary[key] = {
-                **info,
+                **(info or {}),
                 "entries": len(complete),
                 "incomplete": len(incomplete),
                 "bytes": await asyncio.to_thread(self._stored_bytes, key),
             }
+            if info is None:
+                summary[key]["damaged"] = self._damaged_info(key)
         return {
             "path": str(self.path),
             "format_version": self.format_version,

@@ -205,7 +205,7 @@ def test_register_extractor_and_info(store: FeatureStore) -> None:
     assert store.extractors() == {"ck1": INFO, "ck2": {}}
 
     summary = store.info()
-    assert summary["format_version"] == FeatureStore.FORMAT_VERSION == 1
+    assert summary["format_version"] == FeatureStore.FORMAT_VERSION == 2
     assert summary["path"] == str(store.path)
     ck1 = summary["extractors"]["ck1"]
     assert {k: ck1[k] for k in INFO} == INFO
@@ -359,6 +359,41 @@ def test_array_dtype_edited_in_its_metadata_is_an_error(store: FeatureStore, edi
         store.get("ck", "img")
 
 
+def test_flipped_bits_in_a_chunk_fail_the_checksum(store: FeatureStore) -> None:
+    store.put("ck", "img", make_features())
+    chunk = store.path / "ck" / "img" / "up0" / "features" / "c.2.0.0.0"
+    data = bytearray(chunk.read_bytes())
+    data[len(data) // 2] ^= 0x10
+    chunk.write_bytes(bytes(data))
+    with pytest.raises(StoreError, match=r"up0/features is damaged: a chunk's crc32c checksum"):
+        store.get("ck", "img")
+    assert "checksum" in (store.check_entry("ck", "img") or "")
+
+
+def test_format_1_stores_stay_readable_and_writable_without_checksums(tmp_path: Path) -> None:
+    path = tmp_path / "v1"
+    path.mkdir()
+    (path / "zarr.json").write_text(
+        json.dumps(
+            {
+                "zarr_format": 3,
+                "node_type": "group",
+                "attributes": {"diffeat": {"format_version": 1}},
+            }
+        )
+    )
+    fs = make_features(2)
+    store = FeatureStore(path)
+    assert store.format_version == 1
+    store.put("ck", "img", fs)
+    meta = json.loads((path / "ck/img/up0/features/zarr.json").read_text())
+    assert [c["name"] for c in meta["codecs"]] == ["bytes", "blosc"]  # as format 1 writes
+    assert_float16_equal(FeatureStore(path, mode="r").get("ck", "img"), fs)
+    assert json.loads((path / "zarr.json").read_text())["attributes"]["diffeat"] == {
+        "format_version": 1
+    }
+
+
 def test_failed_put_leaves_no_entry(store: FeatureStore, monkeypatch: pytest.MonkeyPatch) -> None:
     fs = make_features()
     store.put("ck", "img", fs)
@@ -446,11 +481,11 @@ def _attrs(fs: FeatureSet, source: str) -> dict:
 def test_newer_format_version_is_refused(tmp_path: Path) -> None:
     path = tmp_path / "s"
     FeatureStore(path).put("ck", "img", make_features())
-    zarr.open_group(path, mode="r+").attrs["diffeat"] = {"format_version": 2}
+    zarr.open_group(path, mode="r+").attrs["diffeat"] = {"format_version": 3}
     for mode in ("a", "r"):
         with pytest.raises(StoreError, match="upgrade diffeat") as exc:
             FeatureStore(path, mode=mode)
-        assert str(path) in str(exc.value) and "format 2" in str(exc.value)
+        assert str(path) in str(exc.value) and "format 3" in str(exc.value)
 
 
 def test_plain_zarr_group_is_refused(tmp_path: Path) -> None:
@@ -488,7 +523,7 @@ def test_store_being_created_by_another_process(tmp_path: Path) -> None:
     path.mkdir()
     (path / "zarr.0123abcd.partial").write_text('{"zarr_format": 3')  # its temporary file
     store = FeatureStore(path)
-    assert store.format_version == 1 and FeatureStore(path, mode="r").entries("x") == []
+    assert store.format_version == 2 and FeatureStore(path, mode="r").entries("x") == []
 
 
 def test_read_only_mode(tmp_path: Path) -> None:
@@ -519,7 +554,7 @@ def test_root_metadata_and_plain_zarr_access(store: FeatureStore) -> None:
     store.register_extractor("ck", INFO)
     store.put("ck", "img", fs, source="a.png")
     root = zarr.open_group(store.path, mode="r")
-    assert root.attrs["diffeat"] == {"format_version": 1}
+    assert root.attrs["diffeat"] == {"format_version": 2}
     assert root["ck"].attrs.asdict() == INFO
     entry = root["ck/img"].attrs.asdict()
     assert entry["complete"] is True and entry["source"] == "a.png"
@@ -528,6 +563,7 @@ def test_root_metadata_and_plain_zarr_access(store: FeatureStore) -> None:
     assert arr.chunks == (1, 8, 8, 8) and arr.dtype == np.float16
     codecs = json.loads((store.path / "ck/img/up1.attn/features/zarr.json").read_text())["codecs"]
     assert codecs[1]["name"] == "blosc" and codecs[1]["configuration"]["cname"] == "lz4"
+    assert codecs[2] == {"name": "crc32c"}  # a checksum per chunk, from format 2 on
     np.testing.assert_array_equal(arr[...], fs.layers["up1.attn"].half().numpy())
     np.testing.assert_array_equal(root["ck/img/up1.attn/timestep"][...], [100, 500, 900])
     assert (store.path / "ck/img/up1.attn/features/c.2.0.0.0").is_file()

@@ -2,7 +2,7 @@
 
 The on-disk format is specified in ``docs/store-format.md``. In short::
 
-    <root>/zarr.json                      attributes {"diffeat": {"format_version": 1}}
+    <root>/zarr.json                      attributes {"diffeat": {"format_version": 2}}
     <root>/<cache_key>/zarr.json          attributes = extractor info
     <root>/<cache_key>/<image_key>/       one group per image; "complete": true is written last
     <root>/<cache_key>/<image_key>/<layer>/features   [T, C, H, W], one chunk per timestep
@@ -33,6 +33,7 @@ import torch
 from diffeat.core.errors import StoreError
 from diffeat.core.features import FeatureSet
 from diffeat.store.format import (
+    CHECKSUM_VERSION,
     COMPLETE_ATTR,
     FEATURES_ARRAY,
     FORMAT_VERSION,
@@ -129,8 +130,21 @@ def restore_root(path: str | os.PathLike[str]) -> bool:
     if attrs is not None and isinstance(attrs.get(ROOT_ATTR), dict):
         return False
     store = ZarrFolder(folder, read_only=False)
-    run(store.write("zarr.json", group_json({ROOT_ATTR: {"format_version": FORMAT_VERSION}})))
+    version = CHECKSUM_VERSION if _has_checksums(folder) else 1
+    run(store.write("zarr.json", group_json({ROOT_ATTR: {"format_version": version}})))
     return True
+
+
+def _has_checksums(folder: Path) -> bool:
+    """Whether the first feature array found under ``folder`` has crc32c checksums (its
+    store is then format 2 or later; else format 1)."""
+    for meta in folder.glob(f"*/*/*/{FEATURES_ARRAY}/zarr.json"):
+        try:
+            codecs = json.loads(meta.read_bytes()).get("codecs", [])
+        except (OSError, ValueError, AttributeError):
+            continue
+        return any(isinstance(c, dict) and c.get("name") == "crc32c" for c in codecs)
+    return False
 
 
 class DamagedEntry(StoreError):
@@ -622,8 +636,9 @@ class FeatureStore:
         layer = f"{prefix}/{name}"
         features_path = f"{layer}/{FEATURES_ARRAY}"
         steps_path = f"{layer}/{TIMESTEP_ARRAY}"
-        features_doc = features_json(array.shape, self.dtype)
-        steps_doc = timestep_json(array.shape[0])
+        checksum = self.format_version >= CHECKSUM_VERSION  # v1 stores stay readable by v1
+        features_doc = features_json(array.shape, self.dtype, checksum=checksum)
+        steps_doc = timestep_json(array.shape[0], checksum=checksum)
         await _gather_all(
             [
                 store.write(f"{layer}/zarr.json", group_json({})),
@@ -732,6 +747,8 @@ class FeatureStore:
             stored = await self._adata_type(path)
             if stored is not None and stored != spec.get("dtype"):  # say the likely cause
                 what = f"its dtype {stored} is not the entry's recorded {spec.get('dtype')}"
+            elif "checksum" in str(exc).lower():
+                what = "a chunk's crc32c checksum does not match its bytes (they changed on disk)"
             else:
                 what = f"{type(exc).__name__}: {exc}"
             raise self._damaged(path, what) from exc
@@ -838,7 +855,7 @@ class FeatureStore:
     def info(self) -> dict[str, Any]:
         """A summary of the store (for ``diffeat store info``)::
 
-        {"path": ..., "format_version": 1, "bytes": <on disk, whole store>,
+        {"path": ..., "format_version": 2, "bytes": <on disk, whole store>,
          "extractors": {cache_key: {<the registered info: plugin, config, model,
                                      layers, ...>,
                                     "entries": <complete>, "incomplete": <count>,

@@ -172,3 +172,57 @@ def test_a_source_uses_and_reports_entries_another_writer_stored_meanwhile(
 
         want = stored.get(ours.cache_key, as_input(path).key)
         assert torch.equal(fs.layers["color"].cpu(), want.layers["color"])
+
+
+@pytest.mark.slow
+def test_diffeat_extract_processes_with_overlapping_images(tiny_sd, tmp_path: Path) -> None:
+    """The reported case through the real CLI: several `diffeat extract` runs into one store
+    on overlapping images all succeed, each entry is computed and kept exactly once."""
+    from clihelp import DIFFEAT, cli_env
+
+    from diffeat.store.verify import verify_store
+    from diffeat.testing import smooth_texture
+
+    cfg = tmp_path / "tiny.toml"
+    cfg.write_text(
+        f'[extractor]\nplugin = "stable-diffusion"\nmodel = "{tiny_sd}"\nimage_size = [64, 64]\n'
+        'layers = ["up_blocks.1.resnets.0.conv2"]\ntimesteps = [10]\nensemble_size = 1\n'
+    )
+    images = []
+    for i in range(8):
+        images.append(tmp_path / f"{i}.png")
+        smooth_texture((48, 40), seed=i).save(images[-1])
+    store = tmp_path / "feats.zarr"
+    shares = [images, images[::-1], images[2:] + images[:2]]  # all overlap, other orders
+    procs = [
+        subprocess.Popen(
+            [
+                DIFFEAT,
+                "--quiet",
+                "extract",
+                str(cfg),
+                *map(str, share),
+                "--store",
+                str(store),
+                "--json",
+            ],
+            env=cli_env(),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for share in shares
+    ]
+    reports = []
+    for proc in procs:
+        out, err = proc.communicate()
+        assert proc.returncode == 0, err
+        reports.append(json.loads(out))
+    for report in reports:
+        assert report["computed"] + report["cached"] + report["found"] == report["images"] == 8
+        assert report["failed"] == []
+    assert sum(r["computed"] for r in reports) == 8  # each entry is written once, then used
+    opened = FeatureStore(store, mode="r")
+    (key,) = opened.extractors()
+    assert len(opened.entries(key)) == 8
+    assert verify_store(opened).ok

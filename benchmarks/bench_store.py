@@ -38,6 +38,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 import zarr
+from zarr.codecs import Crc32cCodec
 from zarr.storage import LocalStore
 
 from diffeat.core.features import FeatureSet
@@ -99,7 +100,7 @@ class Round:
                     shape=data.shape,
                     dtype="float16",
                     chunks=(1,) + data.shape[1:],
-                    compressors=self.codec,
+                    compressors=(self.codec, Crc32cCodec()),  # as format 2 writes
                     chunk_key_encoding=CHUNK_KEY_ENCODING,
                     dimension_names=DIMENSION_NAMES,
                     config=config,

@@ -205,7 +205,7 @@ def test_register_extractor_and_info(store: FeatureStore) -> None:
     assert store.extractors() == {"ck1": INFO, "ck2": {}}
 
     summary = store.info()
-    assert summary["format_version"] == FeatureStore.FORMAT_VERSION == 1
+    assert summary["format_version"] == FeatureStore.FORMAT_VERSION == 2
     assert summary["path"] == str(store.path)
     ck1 = summary["extractors"]["ck1"]
     assert {k: ck1[k] for k in INFO} == INFO
@@ -306,13 +306,13 @@ def test_get_retries_when_the_entry_is_rewritten_while_read(
     original = FeatureStore._aread_layer
     rewrites = {"left": 1}
 
-    async def racing(self, prefix, name, cast):
+    async def racing(self, prefix, name, spec, cast):
         if rewrites["left"]:  # another process rewrites the entry under our feet
             rewrites["left"] -= 1
             doc = json.loads(marker.read_text())
             doc["attributes"]["write_id"] = os.urandom(8).hex()
             marker.write_text(json.dumps(doc))
-        return await original(self, prefix, name, cast)
+        return await original(self, prefix, name, spec, cast)
 
     monkeypatch.setattr(FeatureStore, "_aread_layer", racing)
     assert_float16_equal(store.get("ck", "img"), fs)  # read again, consistently
@@ -332,6 +332,68 @@ def test_damaged_array_of_a_complete_entry_is_reported(store: FeatureStore) -> N
     assert store.get("ck", "img", layers=["mid:0"]).layers["mid:0"].shape == (3, 4, 2, 3)
 
 
+def test_missing_chunk_is_an_error_not_nan(store: FeatureStore) -> None:
+    fs = make_features()
+    store.put("ck", "img", fs)
+    (store.path / "ck" / "img" / "up0" / "features" / "c.1.0.0.0").unlink()
+    assert store.has("ck", "img")
+    with pytest.raises(StoreError) as exc:
+        store.get("ck", "img")
+    msg = str(exc.value)
+    assert "up0/features" in msg and "c.1.0.0.0" in msg and "missing" in msg
+    assert "'img'" in msg and "'ck'" in msg and "diffeat store verify --repair" in msg
+    other = store.get("ck", "img", layers=["mid:0"]).layers["mid:0"]  # the intact layers read
+    assert torch.equal(other, fs.layers["mid:0"].half().float())
+
+
+@pytest.mark.parametrize("edited", ["int16", "uint16", "float32"])
+def test_array_dtype_edited_in_its_metadata_is_an_error(store: FeatureStore, edited: str) -> None:
+    store.put("ck", "img", make_features())
+    meta = store.path / "ck" / "img" / "up1.attn" / "features" / "zarr.json"
+    doc = json.loads(meta.read_text())
+    doc["data_type"] = edited
+    if edited == "float32":
+        doc["codecs"][1]["configuration"]["typesize"] = 4
+    meta.write_text(json.dumps(doc))
+    with pytest.raises(StoreError, match=r"up1\.attn/features is damaged.*verify --repair"):
+        store.get("ck", "img")
+
+
+def test_flipped_bits_in_a_chunk_fail_the_checksum(store: FeatureStore) -> None:
+    store.put("ck", "img", make_features())
+    chunk = store.path / "ck" / "img" / "up0" / "features" / "c.2.0.0.0"
+    data = bytearray(chunk.read_bytes())
+    data[len(data) // 2] ^= 0x10
+    chunk.write_bytes(bytes(data))
+    with pytest.raises(StoreError, match=r"up0/features is damaged: a chunk's crc32c checksum"):
+        store.get("ck", "img")
+    assert "checksum" in (store.check_entry("ck", "img") or "")
+
+
+def test_format_1_stores_stay_readable_and_writable_without_checksums(tmp_path: Path) -> None:
+    path = tmp_path / "v1"
+    path.mkdir()
+    (path / "zarr.json").write_text(
+        json.dumps(
+            {
+                "zarr_format": 3,
+                "node_type": "group",
+                "attributes": {"diffeat": {"format_version": 1}},
+            }
+        )
+    )
+    fs = make_features(2)
+    store = FeatureStore(path)
+    assert store.format_version == 1
+    store.put("ck", "img", fs)
+    meta = json.loads((path / "ck/img/up0/features/zarr.json").read_text())
+    assert [c["name"] for c in meta["codecs"]] == ["bytes", "blosc"]  # as format 1 writes
+    assert_float16_equal(FeatureStore(path, mode="r").get("ck", "img"), fs)
+    assert json.loads((path / "zarr.json").read_text())["attributes"]["diffeat"] == {
+        "format_version": 1
+    }
+
+
 def test_failed_put_leaves_no_entry(store: FeatureStore, monkeypatch: pytest.MonkeyPatch) -> None:
     fs = make_features()
     store.put("ck", "img", fs)
@@ -344,29 +406,73 @@ def test_failed_put_leaves_no_entry(store: FeatureStore, monkeypatch: pytest.Mon
 
     monkeypatch.setattr(FeatureStore, "_awrite_layer", failing)
     with pytest.raises(StoreError, match="No space left"):
-        store.put("ck", "img", fs)
-    assert not store.has("ck", "img")
-    assert not (store.path / "ck" / "img").exists()
+        store.put("ck", "img", make_features(1))
+    with pytest.raises(StoreError, match="No space left"):
+        store.put("ck", "new", fs)
+    # the entry that was there is untouched; nothing of the failed writes is left
+    assert_float16_equal(store.get("ck", "img"), fs)
+    assert not store.has("ck", "new")
+    assert sorted(p.name for p in (store.path / "ck").iterdir()) == ["img", "zarr.json"]
 
 
-def test_put_notices_a_concurrent_writer_of_the_same_key(
+def test_put_keeps_an_entry_another_writer_completed_meanwhile(
     store: FeatureStore, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    theirs = make_features(3)
     original = FeatureStore._awrite_layer
-    marker = _image_json(store)
+    other = FeatureStore(store.path)
+    done = {"n": 0}
 
     async def other_writer_meanwhile(self, prefix, name, array, timesteps):
         await original(self, prefix, name, array, timesteps)
-        doc = json.loads(marker.read_text())
-        doc["attributes"]["write_id"] = "someone-else"
-        marker.write_text(json.dumps(doc))
+        if not done["n"]:  # another process completes the same entry while we write
+            done["n"] += 1
+            monkeypatch.setattr(FeatureStore, "_awrite_layer", original)
+            await other._aput(
+                "ck",
+                "ck/img",
+                {n: t.half().numpy() for n, t in theirs.layers.items()},
+                np.asarray(theirs.timesteps),
+                _attrs(theirs, "theirs"),
+                True,
+            )
 
     monkeypatch.setattr(FeatureStore, "_awrite_layer", other_writer_meanwhile)
-    with pytest.raises(StoreError, match="another process"):
-        store.put("ck", "img", make_features())
-    # the other writer's entry is left to it: not deleted, not marked complete by us
-    assert json.loads(marker.read_text())["attributes"]["write_id"] == "someone-else"
-    assert not store.has("ck", "img")
+    assert store.put("ck", "img", make_features(4), source="ours") is False
+    assert store.entry_info("ck", "img")["source"] == "theirs"
+    assert_float16_equal(store.get("ck", "img"), theirs)  # theirs, whole, not a mixture
+    assert sorted(p.name for p in (store.path / "ck").iterdir()) == ["img", "zarr.json"]
+
+    # replace=True replaces the entry that was there when put began ...
+    assert store.put("ck", "img", make_features(5), source="again") is True
+    assert store.entry_info("ck", "img")["source"] == "again"
+    # ... and replace=False keeps any complete entry, writing nothing
+    assert store.put("ck", "img", make_features(6), replace=False) is False
+    assert_float16_equal(store.get("ck", "img"), make_features(5))
+    assert store.put("ck", "fresh", make_features(6), replace=False) is True
+
+
+def test_put_moves_an_incomplete_leftover_aside(store: FeatureStore) -> None:
+    fs = make_features(8)
+    store.put("ck", "img", make_features(9))
+    marker = _image_json(store)
+    doc = json.loads(marker.read_text())
+    doc["attributes"]["complete"] = False  # e.g. left by an older diffeat killed mid-write
+    marker.write_text(json.dumps(doc))
+    assert store.put("ck", "img", fs, replace=False) is True
+    assert_float16_equal(store.get("ck", "img"), fs)
+    assert sorted(p.name for p in (store.path / "ck").iterdir()) == ["img", "zarr.json"]
+
+
+def _attrs(fs: FeatureSet, source: str) -> dict:
+    return {
+        "complete": True,
+        "write_id": os.urandom(16).hex(),
+        "timesteps": list(fs.timesteps),
+        "source": source,
+        "layers": {n: {"shape": list(t.shape), "dtype": "float16"} for n, t in fs.layers.items()},
+        "meta": fs.meta,
+    }
 
 
 # ---------------------------------------------------------------- opening
@@ -375,11 +481,11 @@ def test_put_notices_a_concurrent_writer_of_the_same_key(
 def test_newer_format_version_is_refused(tmp_path: Path) -> None:
     path = tmp_path / "s"
     FeatureStore(path).put("ck", "img", make_features())
-    zarr.open_group(path, mode="r+").attrs["diffeat"] = {"format_version": 2}
+    zarr.open_group(path, mode="r+").attrs["diffeat"] = {"format_version": 3}
     for mode in ("a", "r"):
         with pytest.raises(StoreError, match="upgrade diffeat") as exc:
             FeatureStore(path, mode=mode)
-        assert str(path) in str(exc.value) and "format 2" in str(exc.value)
+        assert str(path) in str(exc.value) and "format 3" in str(exc.value)
 
 
 def test_plain_zarr_group_is_refused(tmp_path: Path) -> None:
@@ -417,7 +523,7 @@ def test_store_being_created_by_another_process(tmp_path: Path) -> None:
     path.mkdir()
     (path / "zarr.0123abcd.partial").write_text('{"zarr_format": 3')  # its temporary file
     store = FeatureStore(path)
-    assert store.format_version == 1 and FeatureStore(path, mode="r").entries("x") == []
+    assert store.format_version == 2 and FeatureStore(path, mode="r").entries("x") == []
 
 
 def test_read_only_mode(tmp_path: Path) -> None:
@@ -448,7 +554,7 @@ def test_root_metadata_and_plain_zarr_access(store: FeatureStore) -> None:
     store.register_extractor("ck", INFO)
     store.put("ck", "img", fs, source="a.png")
     root = zarr.open_group(store.path, mode="r")
-    assert root.attrs["diffeat"] == {"format_version": 1}
+    assert root.attrs["diffeat"] == {"format_version": 2}
     assert root["ck"].attrs.asdict() == INFO
     entry = root["ck/img"].attrs.asdict()
     assert entry["complete"] is True and entry["source"] == "a.png"
@@ -457,6 +563,7 @@ def test_root_metadata_and_plain_zarr_access(store: FeatureStore) -> None:
     assert arr.chunks == (1, 8, 8, 8) and arr.dtype == np.float16
     codecs = json.loads((store.path / "ck/img/up1.attn/features/zarr.json").read_text())["codecs"]
     assert codecs[1]["name"] == "blosc" and codecs[1]["configuration"]["cname"] == "lz4"
+    assert codecs[2] == {"name": "crc32c"}  # a checksum per chunk, from format 2 on
     np.testing.assert_array_equal(arr[...], fs.layers["up1.attn"].half().numpy())
     np.testing.assert_array_equal(root["ck/img/up1.attn/timestep"][...], [100, 500, 900])
     assert (store.path / "ck/img/up1.attn/features/c.2.0.0.0").is_file()
@@ -614,13 +721,13 @@ def test_store_survives_sigkill(tmp_path: Path) -> None:
     FeatureStore(path)
     proc = subprocess.Popen([sys.executable, "-c", _KILLED_WRITER, str(path)])
     try:
-        deadline = time.monotonic() + 60
+        deadline = time.monotonic() + 600  # a safety net only: the loop waits on files
         store = FeatureStore(path, mode="r")
-        while True:  # kill once an entry is being written (its folder exists, no marker yet)
+        while True:  # kill once an entry is being written (its staging folder exists)
             assert proc.poll() is None, "the writer died on its own"
             assert time.monotonic() < deadline, "the writer wrote too slowly"
             done = store.entries("ck")
-            if len(done) >= 3 and (path / "ck" / f"img{len(done):05d}").exists():
+            if len(done) >= 3 and list((path / "ck").glob(f"img{len(done):05d}.*.partial")):
                 break
             time.sleep(0.002)
     finally:

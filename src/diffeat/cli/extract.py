@@ -129,6 +129,7 @@ def extract_cmd(
         "images": report.total,
         "computed": report.computed,
         "cached": report.cached,
+        "found": report.found,
         "failed": [{"image": i, "error": e} for i, e in report.failed],
     }
     if as_json:
@@ -136,6 +137,7 @@ def extract_cmd(
     else:
         click.echo(
             f"{report.total} images: {report.computed} extracted, {report.cached} already stored, "
+            f"{report.found} stored meanwhile by another process, "
             f"{len(report.failed)} failed -> {store_path} ({pipe.cache_key})"
         )
     for _image, error in report.failed:

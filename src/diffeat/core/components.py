@@ -289,9 +289,17 @@ class FeatureStorage(Protocol):
         ...
 
     def put(
-        self, cache_key: str, image_key: str, features: FeatureSet, *, source: str | None = None
-    ) -> None:
-        """Write an entry; it reads as complete only once fully written.
+        self,
+        cache_key: str,
+        image_key: str,
+        features: FeatureSet,
+        *,
+        source: str | None = None,
+        replace: bool = True,
+    ) -> bool:
+        """Write an entry; it reads as complete only once fully written. Returns False when
+        a complete entry of another writer was kept instead (with ``replace=False``, any
+        complete entry is kept).
 
         ``features`` may be on any device (the extractor's): a store casts to
         its ``dtype`` there and copies to the host itself.

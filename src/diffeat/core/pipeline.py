@@ -166,6 +166,7 @@ class Pipeline:
             total.total += report.total
             total.computed += report.computed
             total.cached += report.cached
+            total.found += report.found
             total.failed.extend(f for f in report.failed if f not in total.failed)
         return total
 

@@ -85,8 +85,12 @@ class ExtractReport:
     """What an extraction run did."""
 
     total: int = 0
+    #: extracted and stored by this run
     computed: int = 0
+    #: already stored when the run reached them
     cached: int = 0
+    #: extracted, but another process stored the same entry first: its entry is kept and used
+    found: int = 0
     failed: list[tuple[str, str]] = field(default_factory=list)
 
 
@@ -200,13 +204,33 @@ class FeatureSource:
         self._register()
         self._store_and_round(as_input(image), fs, keep=False)
 
-    def _store_and_round(self, inp: ImageInput, fs: FeatureSet, *, keep: bool) -> FeatureSet | None:
+    def _store_and_round(
+        self,
+        inp: ImageInput,
+        fs: FeatureSet,
+        *,
+        keep: bool,
+        report: ExtractReport | None = None,
+    ) -> FeatureSet | None:
         """Store ``fs`` (cast by the store on the features' device); with ``keep``, return
-        it rounded to the store's precision on the device (see the module's cast policy)."""
+        it rounded to the store's precision on the device (see the module's cast policy).
+
+        A complete entry is never replaced: when another process stored the image
+        first (while this one computed it), its entry is kept, counted in
+        ``report.found``, and (with ``keep``) read back and used.
+        """
         store = self._require_store("storing features")
-        store.put(self.cache_key, self.image_key(inp), fs, source=inp.source)
+        key = self.image_key(inp)
+        mine = store.put(self.cache_key, key, fs, source=inp.source, replace=False)
+        if report is not None:
+            if mine is False:
+                report.found += 1
+            else:
+                report.computed += 1
         if not keep:  # extract only: nothing comes back
             return None
+        if mine is False:
+            return self.read(key, device=self.device)
         storage = getattr(torch, store.dtype)
         return fs.to(dtype=storage).to(self.device, torch.float32)
 
@@ -228,8 +252,9 @@ class FeatureSource:
             for (index, inp), fs in zip(batch, feats):
                 fs.meta.setdefault("source", inp.source)
                 if self.store is not None:
-                    fs = self._store_and_round(inp, fs, keep=keep)
-                report.computed += 1
+                    fs = self._store_and_round(inp, fs, keep=keep, report=report)
+                else:
+                    report.computed += 1
                 if progress is not None:
                     progress.update(1)
                 yield index, (fs if keep else None)

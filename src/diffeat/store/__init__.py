@@ -1,6 +1,19 @@
 """The zarr v3 feature store (format spec: docs/store-format.md)."""
 
-from diffeat.store.featurestore import FeatureStore, MissingEntry
+from diffeat.store.featurestore import (
+    DamagedEntry,
+    DamagedRootError,
+    FeatureStore,
+    MissingEntry,
+    restore_root,
+)
 from diffeat.store.keys import InvalidKeyError
 
-__all__ = ["FeatureStore", "InvalidKeyError", "MissingEntry"]
+__all__ = [
+    "DamagedEntry",
+    "DamagedRootError",
+    "FeatureStore",
+    "InvalidKeyError",
+    "MissingEntry",
+    "restore_root",
+]

@@ -2,7 +2,7 @@
 
 The on-disk format is specified in ``docs/store-format.md``. In short::
 
-    <root>/zarr.json                      attributes {"diffeat": {"format_version": 1}}
+    <root>/zarr.json                      attributes {"diffeat": {"format_version": 2}}
     <root>/<cache_key>/zarr.json          attributes = extractor info
     <root>/<cache_key>/<image_key>/       one group per image; "complete": true is written last
     <root>/<cache_key>/<image_key>/<layer>/features   [T, C, H, W], one chunk per timestep
@@ -18,7 +18,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import os
+import time
 import uuid
 import warnings
 from collections.abc import Sequence
@@ -31,12 +33,14 @@ import torch
 from diffeat.core.errors import StoreError
 from diffeat.core.features import FeatureSet
 from diffeat.store.format import (
+    CHECKSUM_VERSION,
     COMPLETE_ATTR,
     FEATURES_ARRAY,
     FORMAT_VERSION,
     ROOT_ATTR,
     TIMESTEP_ARRAY,
     check_storage_dtype,
+    chunk_keys,
     features_json,
     group_json,
     parse_group_json,
@@ -51,10 +55,15 @@ from diffeat.store.zarr_io import ZarrFolder, run
 if TYPE_CHECKING:
     import xarray
 
-__all__ = ["FeatureStore", "MissingEntry"]
+__all__ = ["DamagedEntry", "DamagedRootError", "FeatureStore", "MissingEntry", "restore_root"]
 
 _FLOAT16_SOURCES = (torch.float32, torch.float64, torch.bfloat16)
 _FLOAT16_MAX = 65504.0
+_COMMIT_ATTEMPTS = 16
+#: suffixes of the folders of writes in progress and of removals in progress; both end in
+#: ``.partial``, which no key may, so listings never show them
+STAGING_SUFFIX = ".partial"
+TRASH_SUFFIX = ".deleted.partial"
 
 
 class MissingEntry(KeyError):
@@ -67,6 +76,90 @@ class MissingEntry(KeyError):
 
     def __str__(self) -> str:  # KeyError would print the repr of the message
         return str(self.args[0])
+
+
+class DamagedRootError(StoreError):
+    """The root ``zarr.json`` of a folder that holds diffeat features is missing or damaged."""
+
+    def __init__(self, path: Path, what: str, cache_keys: list[str]) -> None:
+        self.path = path
+        shown = ", ".join(cache_keys[:3]) + (", ..." if len(cache_keys) > 3 else "")
+        super().__init__(
+            f"{path}/zarr.json, the feature store's root metadata, {what}, but the folder holds "
+            f"diffeat features (cache keys {shown}): run `diffeat store verify --repair {path}` "
+            "to rewrite it (the features are kept), or choose another path"
+        )
+
+
+def _cache_keys_with_entries(path: Path, limit: int = 64) -> list[str]:
+    """Names of the folders in ``path`` that look like cache-key groups of a diffeat store
+    (a folder holding an entry: a group whose attributes have ``write_id``), looking at no
+    more than ``limit`` folders and entries each."""
+    found = []
+    try:
+        folders = sorted(p for p in path.iterdir() if p.is_dir() and is_valid_key(p.name))
+    except OSError:
+        return []
+    for folder in folders[:limit]:
+        try:
+            entries = [p for p in folder.iterdir() if p.is_dir()][:limit]
+        except OSError:
+            continue
+        for entry in entries:
+            try:
+                attrs = parse_group_json((entry / "zarr.json").read_bytes())
+            except OSError:
+                continue
+            if attrs is not None and "write_id" in attrs:
+                found.append(folder.name)
+                break
+    return found
+
+
+def restore_root(path: str | os.PathLike[str]) -> bool:
+    """Rewrite the root ``zarr.json`` of a feature store whose root metadata is missing or
+    damaged (:class:`DamagedRootError`); returns False (and writes nothing) when the
+    folder does not hold diffeat features or its root metadata is sound."""
+    folder = Path(path).expanduser().absolute()
+    if not folder.is_dir() or not _cache_keys_with_entries(folder):
+        return False
+    raw = None
+    with contextlib.suppress(OSError):
+        raw = (folder / "zarr.json").read_bytes()
+    attrs = parse_group_json(raw)
+    if attrs is not None and isinstance(attrs.get(ROOT_ATTR), dict):
+        return False
+    store = ZarrFolder(folder, read_only=False)
+    version = CHECKSUM_VERSION if _has_checksums(folder) else 1
+    run(store.write("zarr.json", group_json({ROOT_ATTR: {"format_version": version}})))
+    return True
+
+
+def _has_checksums(folder: Path) -> bool:
+    """Whether the first feature array found under ``folder`` has crc32c checksums (its
+    store is then format 2 or later; else format 1)."""
+    for meta in folder.glob(f"*/*/*/{FEATURES_ARRAY}/zarr.json"):
+        try:
+            codecs = json.loads(meta.read_bytes()).get("codecs", [])
+        except (OSError, ValueError, AttributeError):
+            continue
+        return any(isinstance(c, dict) and c.get("name") == "crc32c" for c in codecs)
+    return False
+
+
+class DamagedEntry(StoreError):
+    """A complete entry whose data cannot be used as recorded (unreadable, missing chunks,
+    shape or dtype not as the entry says)."""
+
+    def __init__(self, store_path: Path, cache_key: str, image_key: str, problem: str) -> None:
+        self.cache_key = cache_key
+        self.image_key = image_key
+        self.problem = problem
+        super().__init__(
+            f"{store_path}/{problem}. The entry {image_key!r} under cache key {cache_key!r} "
+            f"cannot be used: run `diffeat store verify --repair {store_path}` (it removes "
+            "damaged entries) and extract again to recompute it"
+        )
 
 
 def _overflows_float16(src: torch.Tensor) -> bool:
@@ -148,6 +241,9 @@ class FeatureStore:
         self._store = ZarrFolder(path, read_only=self.mode == "r")
         raw = self._read_now("zarr.json")
         if raw is None:
+            holds = _cache_keys_with_entries(path)
+            if holds:
+                raise DamagedRootError(path, "is missing", holds)
             if self.mode == "r":
                 raise StoreError(
                     f"{path} is not a diffeat feature store (it has no zarr.json): check the path"
@@ -166,6 +262,9 @@ class FeatureStore:
             raw = self._read_now("zarr.json")
         attrs = parse_group_json(raw)
         if attrs is None:
+            holds = _cache_keys_with_entries(path)
+            if holds:
+                raise DamagedRootError(path, "is not readable zarr v3 group metadata", holds)
             raise StoreError(
                 f"{path}/zarr.json is not a readable zarr v3 group, so {path} is not a diffeat "
                 "feature store (or its root metadata is damaged): choose another path"
@@ -270,18 +369,33 @@ class FeatureStore:
         return raw
 
     def extractors(self) -> dict[str, dict[str, Any]]:
-        """``cache_key -> info`` for every cache key in the store (``{}`` if never registered)."""
-        return run(self._aextractors())
+        """``cache_key -> info`` for every cache key in the store (``{}`` if never registered,
+        or if its info is damaged: see :meth:`damaged_extractors`)."""
+        return {k: v or {} for k, v in run(self._aextractors()).items()}
 
-    async def _aextractors(self) -> dict[str, dict[str, Any]]:
-        keys = await self._alist("")
+    def damaged_extractors(self) -> dict[str, str]:
+        """``cache_key -> what is wrong`` for the cache keys whose extractor info (their
+        ``zarr.json``) is missing or unreadable; their entries may be intact."""
+        found = run(self._aextractors())
+        return {k: self._damaged_info(k) for k, v in found.items() if v is None}
+
+    def _damaged_info(self, cache_key: str) -> str:
+        what = (
+            "is missing"
+            if not (self.path / cache_key / "zarr.json").exists()
+            else ("is not readable zarr v3 group metadata")
+        )
+        return (
+            f"{self.path}/{cache_key}/zarr.json (the extractor info of cache key {cache_key!r}) "
+            f"{what}; its entries are kept: running `diffeat extract` with the same "
+            f"configuration rewrites it, `diffeat store delete {self.path} --key {cache_key}` "
+            "removes the cache key"
+        )
+
+    async def _aextractors(self) -> dict[str, dict[str, Any] | None]:
+        keys = [k for k in await self._alist("") if (self.path / k).is_dir()]
         raws = await asyncio.gather(*(self._aread(f"{k}/zarr.json") for k in keys))
-        out = {}
-        for key, raw in zip(keys, raws):
-            attrs = parse_group_json(raw)
-            if attrs is not None:
-                out[key] = attrs
-        return out
+        return {key: parse_group_json(raw) for key, raw in zip(keys, raws)}
 
     # ------------------------------------------------------------------ entries
 
@@ -326,21 +440,68 @@ class FeatureStore:
             "stored_bytes": self._stored_bytes(prefix),
         }
 
-    def delete(self, cache_key: str, image_key: str) -> None:
-        """Remove an entry, complete or not; nothing happens if there is none.
+    def delete(
+        self,
+        cache_key: str,
+        image_key: str,
+        *,
+        write_id: str | None = None,
+        only_incomplete: bool = False,
+    ) -> bool:
+        """Remove an entry, complete or not; returns whether there was one to remove.
 
-        The completion marker goes first, so an interrupted delete leaves an
-        incomplete (invisible) entry, never a complete one with missing chunks.
+        The entry's folder is first moved aside (atomically) under a reserved
+        ``*.deleted.partial`` name, then removed, so readers see the whole entry
+        or none, and an interrupted delete leaves only an invisible leftover.
+        With ``write_id``, only the complete entry of that write is removed; with
+        ``only_incomplete``, only an incomplete entry. What else is found moved aside
+        (another writer's complete entry, put in place meanwhile) is put back and kept.
         """
         self._check_writable()
-        run(self._adelete(self._prefix(cache_key, image_key)))
+        prefix = self._prefix(cache_key, image_key)
+        return run(self._adelete(prefix, write_id, only_incomplete))
 
-    async def _adelete(self, prefix: str) -> None:
-        await self._store.delete(f"{prefix}/zarr.json")
+    def delete_cache_key(self, cache_key: str) -> int:
+        """Remove everything under a cache key (its extractor info and every entry);
+        returns the number of complete entries removed (0 if there was nothing)."""
+        self._check_writable()
+        check_key(cache_key, "cache key")
+        if not (self.path / cache_key).is_dir():
+            return 0
+        complete, _ = run(self._ascan(cache_key))
+        trash = _trash_name(cache_key)
+        try:
+            moved = run(self._store.rename_dir(cache_key, trash))
+        except FileNotFoundError:
+            return 0
+        if moved:
+            run(self._aremove(trash))
+        self._known_groups.discard(cache_key)
+        return len(complete)
+
+    async def _aremove(self, prefix: str) -> None:
+        """Remove a folder (and everything in it) if it is there."""
         try:
             await self._store.delete_dir(prefix)
         except FileNotFoundError:  # removed meanwhile
             pass
+
+    async def _adelete(
+        self, prefix: str, write_id: str | None = None, only_incomplete: bool = False
+    ) -> bool:
+        trash = _trash_name(prefix)
+        try:
+            if not await self._store.rename_dir(prefix, trash):
+                return False  # pragma: no cover - the trash name is unique
+        except FileNotFoundError:
+            return False
+        if write_id is not None or only_incomplete:
+            moved = await self._aentry(trash)
+            keep = moved is not None and (only_incomplete or moved.get("write_id") != write_id)
+            if keep and await self._store.rename_dir(trash, prefix):
+                return False  # not the entry asked for: put back
+        await self._aremove(trash)
+        return True
 
     # ------------------------------------------------------------------ writing
 
@@ -351,12 +512,19 @@ class FeatureStore:
         features: FeatureSet,
         *,
         source: str | None = None,
-    ) -> None:
-        """Write the features of one image; overwrites an existing entry (complete or not).
+        replace: bool = True,
+    ) -> bool:
+        """Write the features of one image; returns True if this write's entry is the one
+        now in the store, False if another writer's complete entry was kept instead.
 
-        An existing entry is deleted first, then the arrays are written, and the
-        completion marker last: readers see the old entry, no entry, or the new
-        one, never a mixture.
+        The entry is written in full into a private staging folder, then moved into
+        place in one atomic step, so readers see the old entry, or the new one, never
+        a mixture, and a killed writer leaves only an invisible leftover.
+
+        ``replace=True`` (default) replaces the complete entry that existed when the
+        call began; ``replace=False`` keeps any complete entry (and writes nothing if
+        there is one already). Either way an entry that another writer completes while
+        this one writes is kept, never deleted (see *Concurrency* in docs/store-format.md).
         """
         self._check_writable()
         prefix = self._prefix(cache_key, image_key)
@@ -372,7 +540,7 @@ class FeatureStore:
             for name, tensor in features.layers.items()
         }
         attrs = {
-            COMPLETE_ATTR: False,
+            COMPLETE_ATTR: True,  # true already in the staging folder: invisible until moved
             "write_id": uuid.uuid4().hex,
             "timesteps": list(features.timesteps),
             "source": source,
@@ -381,7 +549,7 @@ class FeatureStore:
         }
         timesteps = np.asarray(features.timesteps, dtype=np.int64)
         try:
-            run(self._aput(cache_key, prefix, arrays, timesteps, attrs))
+            return run(self._aput(cache_key, prefix, arrays, timesteps, attrs, replace))
         except OSError as exc:
             raise StoreError(f"writing {prefix} into {self.path} failed: {exc}") from exc
 
@@ -403,30 +571,61 @@ class FeatureStore:
         arrays: dict[str, np.ndarray],
         timesteps: np.ndarray,
         attrs: dict[str, Any],
-    ) -> None:
+        replace: bool,
+    ) -> bool:
         store = self._store
         if cache_key not in self._known_groups:
             await store.write_if_absent(f"{cache_key}/zarr.json", group_json({}))
             self._known_groups.add(cache_key)
-        marker = f"{prefix}/zarr.json"
-        await self._adelete(prefix)
+        current = await self._aentry(prefix)
+        if current is not None and not replace:
+            return False
+        replaceable = None if current is None else current.get("write_id")
+        staging = f"{prefix}.{attrs['write_id']}{STAGING_SUFFIX}"
         try:
-            await store.write(marker, group_json(attrs))
             await _gather_all(
-                self._awrite_layer(prefix, n, a, timesteps) for n, a in arrays.items()
+                self._awrite_layer(staging, n, a, timesteps) for n, a in arrays.items()
             )
+            await store.write(f"{staging}/zarr.json", group_json(attrs))  # the marker, last
+            return await self._acommit(staging, prefix, replaceable)
         except BaseException:
-            with contextlib.suppress(OSError):  # best effort: leave no half-written entry
-                await self._adelete(prefix)
+            with contextlib.suppress(OSError):  # best effort: leave no leftover
+                await self._aremove(staging)
             raise
-        current = parse_group_json(await self._aread(marker))
-        if current is None or current.get("write_id") != attrs["write_id"]:
-            raise StoreError(
-                f"{self.path}/{prefix} was deleted or rewritten by another process while this "
-                "one wrote it: give each image key to one writer only"
-            )
-        attrs[COMPLETE_ATTR] = True
-        await store.write(marker, group_json(attrs))
+
+    async def _acommit(self, staging: str, prefix: str, replaceable: str | None) -> bool:
+        """Move the finished ``staging`` folder to ``prefix``: True when it is in place, False
+        when another writer's complete entry is there (kept; ``staging`` is removed).
+
+        Only what is at ``prefix`` and is not a complete entry of another write is moved
+        aside: an incomplete leftover, or the complete entry ``replaceable`` that this
+        write replaces. A complete entry moved aside by mistake (completed by another
+        writer between the look and the move) is put back.
+        """
+        store = self._store
+        for _attempt in range(_COMMIT_ATTEMPTS):
+            if await store.rename_dir(staging, prefix):
+                return True
+            there = await self._aentry(prefix)
+            if there is not None and there.get("write_id") != replaceable:
+                await self._aremove(staging)
+                return False
+            trash = _trash_name(prefix)
+            try:
+                if not await store.rename_dir(prefix, trash):
+                    continue  # pragma: no cover - the trash name is unique
+            except FileNotFoundError:
+                continue  # moved away meanwhile by another writer: try again
+            moved = await self._aentry(trash)
+            if moved is not None and moved.get("write_id") != replaceable:
+                if await store.rename_dir(trash, prefix):  # another writer's: put it back
+                    await self._aremove(staging)
+                    return False
+            await self._aremove(trash)
+        raise StoreError(
+            f"{self.path}/{prefix}: could not put the entry in place after {_COMMIT_ATTEMPTS} "
+            "attempts (other processes kept replacing it); try again"
+        )
 
     async def _awrite_layer(
         self, prefix: str, name: str, array: np.ndarray, timesteps: np.ndarray
@@ -437,8 +636,9 @@ class FeatureStore:
         layer = f"{prefix}/{name}"
         features_path = f"{layer}/{FEATURES_ARRAY}"
         steps_path = f"{layer}/{TIMESTEP_ARRAY}"
-        features_doc = features_json(array.shape, self.dtype)
-        steps_doc = timestep_json(array.shape[0])
+        checksum = self.format_version >= CHECKSUM_VERSION  # v1 stores stay readable by v1
+        features_doc = features_json(array.shape, self.dtype, checksum=checksum)
+        steps_doc = timestep_json(array.shape[0], checksum=checksum)
         await _gather_all(
             [
                 store.write(f"{layer}/zarr.json", group_json({})),
@@ -509,7 +709,8 @@ class FeatureStore:
                 f"{', '.join(map(repr, unknown))}; it has {', '.join(map(repr, stored))}"
             )
         results = await asyncio.gather(
-            *(self._aread_layer(prefix, n, cast) for n in names), return_exceptions=True
+            *(self._aread_layer(prefix, n, stored[n], cast) for n in names),
+            return_exceptions=True,
         )
         again = parse_group_json(await self._aread(f"{prefix}/zarr.json"))
         if again is None or again.get("write_id") != attrs.get("write_id"):
@@ -519,36 +720,142 @@ class FeatureStore:
             if isinstance(result, BaseException):
                 raise result
             tensors.append(result)
-        for name, tensor in zip(names, tensors):
-            if list(tensor.shape) != list(stored[name]["shape"]):
-                raise StoreError(
-                    f"{self.path}/{prefix}/{name}: stored shape {list(tensor.shape)} does not "
-                    f"match the entry's metadata {stored[name]['shape']}; delete the entry and "
-                    "extract it again"
-                )
         return attrs, dict(zip(names, tensors))
 
-    async def _aread_layer(self, prefix: str, name: str, cast: torch.dtype | None) -> torch.Tensor:
+    def _damaged(self, path: str, what: str) -> DamagedEntry:
+        cache_key, image_key = path.split("/")[:2]
+        return DamagedEntry(self.path, cache_key, image_key, f"{path} is damaged: {what}")
+
+    async def _adata_type(self, array_path: str) -> str | None:
+        """The ``data_type`` an array's ``zarr.json`` names (None if unreadable)."""
+        try:
+            doc = json.loads(await self._aread(f"{array_path}/zarr.json") or b"")
+        except (ValueError, UnicodeDecodeError, OSError):
+            return None
+        data_type = doc.get("data_type") if isinstance(doc, dict) else None
+        return data_type if isinstance(data_type, str) else None
+
+    async def _aread_layer(
+        self, prefix: str, name: str, spec: dict[str, Any], cast: torch.dtype | None
+    ) -> torch.Tensor:
         path = f"{prefix}/{name}/{FEATURES_ARRAY}"
         try:
-            data = await self._store.read_array(path)
+            data, listed = await asyncio.gather(
+                self._store.read_array(path), self._store.list_dir(path)
+            )
         except Exception as exc:
-            raise StoreError(
-                f"{self.path}/{path} is damaged ({type(exc).__name__}: {exc}); delete the entry "
-                "(FeatureStore.delete) and extract it again"
-            ) from exc
+            stored = await self._adata_type(path)
+            if stored is not None and stored != spec.get("dtype"):  # say the likely cause
+                what = f"its dtype {stored} is not the entry's recorded {spec.get('dtype')}"
+            elif "checksum" in str(exc).lower():
+                what = "a chunk's crc32c checksum does not match its bytes (they changed on disk)"
+            else:
+                what = f"{type(exc).__name__}: {exc}"
+            raise self._damaged(path, what) from exc
+        shape = [int(s) for s in spec.get("shape", [])]
+        if list(data.shape) != shape:
+            raise self._damaged(
+                path, f"its shape {list(data.shape)} is not the entry's recorded {shape}"
+            )
+        if data.dtype.name != spec.get("dtype"):
+            raise self._damaged(
+                path, f"its dtype {data.dtype.name} is not the entry's recorded {spec.get('dtype')}"
+            )
+        present = set(listed)
+        missing = [c for c in chunk_keys(shape) if c not in present]
+        if missing:
+            raise self._damaged(
+                path,
+                f"{len(missing)} of its chunk files are missing ({', '.join(missing[:3])}"
+                f"{', ...' if len(missing) > 3 else ''}); they would read as NaN",
+            )
         tensor = torch.from_numpy(data)
         if cast is None or tensor.dtype == cast:
             return tensor
         # the cast runs in a worker thread, overlapping with the other layers' reads
         return await asyncio.to_thread(tensor.to, cast)
 
+    # ------------------------------------------------------------------ checking
+
+    def check_entry(self, cache_key: str, image_key: str) -> str | None:
+        """Read a complete entry whole and say what is wrong with it: ``None`` when it is
+        sound (or is not there: no complete entry, nothing to check), else a sentence.
+
+        Checks what :meth:`get` checks (readable metadata and chunks, shapes and dtypes
+        as recorded, every chunk present) and that every value is finite. Layers are
+        read one at a time, in their storage dtype.
+        """
+        prefix = self._prefix(cache_key, image_key)
+        attrs = self._entry_now(prefix)
+        if attrs is None:
+            return None
+        problems = []
+        for name, spec in attrs["layers"].items():
+            if not isinstance(spec, dict) or not isinstance(spec.get("shape"), list):
+                problems.append(f"layer {name!r} has no recorded shape")
+                continue
+            dtype = torch.float16 if spec.get("dtype") == "float16" else torch.float32
+            try:
+                fs = self.get(cache_key, image_key, dtype=dtype, layers=[name])
+            except MissingEntry:
+                return None  # removed or being replaced meanwhile
+            except DamagedEntry as exc:
+                problems.append(exc.problem)
+                continue
+            tensor = fs.layers[name]
+            bad = int((~torch.isfinite(tensor)).sum())
+            if bad:
+                problems.append(f"layer {name!r} holds {bad} NaN or infinite values")
+        return "; ".join(problems) or None
+
+    def write_id(self, cache_key: str, image_key: str) -> str | None:
+        """The ``write_id`` of a complete entry (None if there is none)."""
+        attrs = self._entry_now(self._prefix(cache_key, image_key))
+        return None if attrs is None else attrs.get("write_id")
+
+    def incomplete_entries(self, cache_key: str) -> list[str]:
+        """Image keys of the incomplete entries under ``cache_key`` (see the format spec)."""
+        check_key(cache_key, "cache key")
+        return run(self._ascan(cache_key))[1]
+
+    def leftovers(self, min_age_s: float = 0.0) -> list[Path]:
+        """Files and folders left by killed writers or interrupted deletes (``*.partial``),
+        outermost only. Staging folders and zarr's temporary files younger than
+        ``min_age_s`` seconds are not listed (a live writer may own them); folders of
+        deletes (``*.deleted.partial``) always are."""
+        now = time.time()
+        found: list[Path] = []
+        for dirpath, dirs, files in os.walk(self.path):
+            for name in [*dirs, *files]:
+                if not name.endswith(STAGING_SUFFIX):
+                    continue
+                path = Path(dirpath) / name
+                try:
+                    age = now - path.stat().st_mtime
+                except FileNotFoundError:
+                    continue
+                if name.endswith(TRASH_SUFFIX) or age >= min_age_s:
+                    found.append(path)
+            dirs[:] = [d for d in dirs if not d.endswith(STAGING_SUFFIX)]
+        return sorted(found)
+
+    def remove_leftover(self, path: Path) -> None:
+        """Remove one path listed by :meth:`leftovers` (gone already: nothing happens)."""
+        self._check_writable()
+        rel = Path(path).absolute().relative_to(self.path).as_posix()
+        if not rel.endswith(STAGING_SUFFIX):
+            raise StoreError(f"{path} is not a leftover of the store {self.path}")
+        if Path(path).is_dir():
+            run(self._aremove(rel))
+        else:
+            run(self._store.delete(rel))
+
     # ------------------------------------------------------------------ summaries
 
     def info(self) -> dict[str, Any]:
         """A summary of the store (for ``diffeat store info``)::
 
-        {"path": ..., "format_version": 1, "bytes": <on disk, whole store>,
+        {"path": ..., "format_version": 2, "bytes": <on disk, whole store>,
          "extractors": {cache_key: {<the registered info: plugin, config, model,
                                      layers, ...>,
                                     "entries": <complete>, "incomplete": <count>,
@@ -562,11 +869,13 @@ class FeatureStore:
         summary: dict[str, dict[str, Any]] = {}
         for (key, info), (complete, incomplete) in zip(extractors.items(), scans):
             summary[key] = {
-                **info,
+                **(info or {}),
                 "entries": len(complete),
                 "incomplete": len(incomplete),
                 "bytes": await asyncio.to_thread(self._stored_bytes, key),
             }
+            if info is None:
+                summary[key]["damaged"] = self._damaged_info(key)
         return {
             "path": str(self.path),
             "format_version": self.format_version,
@@ -612,6 +921,11 @@ class FeatureStore:
             }
         )
         return ds
+
+
+def _trash_name(prefix: str) -> str:
+    """A unique reserved name next to ``prefix`` for a folder on its way out."""
+    return f"{prefix}.{uuid.uuid4().hex}{TRASH_SUFFIX}"
 
 
 def _reopen(path: str, mode: str, dtype: str) -> FeatureStore:

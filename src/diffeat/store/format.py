@@ -10,7 +10,10 @@ import torch
 
 from diffeat.core.errors import StoreError
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+#: the first format version whose arrays end their codecs with a crc32c checksum per chunk
+CHECKSUM_VERSION = 2
+CHECKSUM_CODEC: dict[str, Any] = {"name": "crc32c"}
 
 #: Root group attribute that marks a folder as a diffeat feature store.
 ROOT_ATTR = "diffeat"
@@ -63,11 +66,15 @@ def array_json(
     compressed: bool,
     fill_value: float | str,
     dimension_names: tuple[str, ...],
+    checksum: bool = True,
 ) -> dict[str, Any]:
-    """The ``zarr.json`` document of a zarr v3 array as the store writes it."""
+    """The ``zarr.json`` document of a zarr v3 array as the store writes it (``checksum``:
+    a crc32c checksum at the end of every chunk, format version 2 on)."""
     codecs: list[dict[str, Any]] = [{"name": "bytes", "configuration": {"endian": "little"}}]
     if compressed:
         codecs.append(blosc_json(data_type))
+    if checksum:
+        codecs.append(dict(CHECKSUM_CODEC))
     return {
         "zarr_format": 3,
         "node_type": "array",
@@ -83,8 +90,11 @@ def array_json(
     }
 
 
-def features_json(shape: tuple[int, ...], storage_dtype: str) -> dict[str, Any]:
-    """Metadata of a ``features`` array ``[T, C, H, W]``: one chunk per timestep, Blosc."""
+def features_json(
+    shape: tuple[int, ...], storage_dtype: str, *, checksum: bool = True
+) -> dict[str, Any]:
+    """Metadata of a ``features`` array ``[T, C, H, W]``: one chunk per timestep, Blosc,
+    then (``checksum``) crc32c."""
     chunks = (1,) + tuple(max(int(d), 1) for d in shape[1:])
     return array_json(
         shape,
@@ -93,11 +103,22 @@ def features_json(shape: tuple[int, ...], storage_dtype: str) -> dict[str, Any]:
         compressed=True,
         fill_value="NaN",
         dimension_names=DIMENSION_NAMES,
+        checksum=checksum,
     )
 
 
-def timestep_json(n: int) -> dict[str, Any]:
-    """Metadata of a ``timestep`` array ``[T]`` (int64, one uncompressed chunk)."""
+def chunk_keys(shape: list[int] | tuple[int, ...]) -> list[str]:
+    """The chunk file names of a ``features`` array of ``shape`` (one per timestep; none
+    for an empty array, whose chunks are never written)."""
+    if not shape or any(int(d) == 0 for d in shape):
+        return []
+    rest = ".0" * (len(shape) - 1)
+    return [f"c.{t}{rest}" for t in range(int(shape[0]))]
+
+
+def timestep_json(n: int, *, checksum: bool = True) -> dict[str, Any]:
+    """Metadata of a ``timestep`` array ``[T]`` (int64, one uncompressed chunk; ``checksum``
+    as for features)."""
     return array_json(
         (n,),
         "int64",
@@ -105,6 +126,7 @@ def timestep_json(n: int) -> dict[str, Any]:
         compressed=False,
         fill_value=0,
         dimension_names=DIMENSION_NAMES[:1],
+        checksum=checksum,
     )
 
 

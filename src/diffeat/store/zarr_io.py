@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import os
 import re
 import threading
@@ -213,6 +214,21 @@ class ZarrFolder:
     async def delete_dir(self, prefix: str) -> None:
         """Remove a folder and everything below it (``FileNotFoundError`` if it went meanwhile)."""
         await self._store.delete_dir(prefix)
+
+    async def rename_dir(self, src: str, dst: str) -> bool:
+        """Move the folder ``src`` to ``dst`` atomically unless ``dst`` exists (as a non-empty
+        folder or a file): True if moved, False if ``dst`` was there. ``FileNotFoundError``
+        if ``src`` is gone. (``rename(2)`` on a local filesystem; it never replaces a
+        non-empty folder, so of several writers renaming onto one name exactly one wins.)"""
+        try:
+            os.rename(self.path / src, self.path / dst)
+        except FileNotFoundError:
+            raise
+        except OSError as exc:
+            if exc.errno in (errno.ENOTEMPTY, errno.EEXIST, errno.ENOTDIR, errno.EISDIR):
+                return False
+            raise
+        return True
 
     async def list_dir(self, prefix: str) -> list[str]:
         """The names directly below ``prefix`` (``""``: the root), files and folders."""

@@ -404,10 +404,12 @@ def test_openclip_folder_equals_config_and_checkpoint(tiny_openclip, image):
 def test_openclip_without_open_clip_names_the_extra(monkeypatch, tiny_openclip):
     config, checkpoint = tiny_openclip
     monkeypatch.setitem(sys.modules, "open_clip", None)  # `import open_clip` now fails
-    for name in [m for m in sys.modules if m.startswith("diffeat.plugins.vit")]:
+    loaded = [m for m in sys.modules if m.startswith("diffeat.plugins.vit")]
+    for name in loaded:
         parent, _, child = name.rpartition(".")
         # the fresh import rebinds the parent package's attribute: have it restored too
         monkeypatch.setattr(sys.modules[parent], child, sys.modules[name])
+    for name in loaded:
         monkeypatch.delitem(sys.modules, name)
     fresh = importlib.import_module("diffeat.plugins.vit")  # imports without open_clip
     names = []

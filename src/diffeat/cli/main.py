@@ -30,6 +30,7 @@ def _add_commands() -> None:
 
     for module in (info, extract, match, store, evaluate, train):
         module.add_to(cli)
+    __import__("diffeat.cli.quickstart", fromlist=["add_to"]).add_to(cli)  # fold into the tuple
     get_plugin_manager().add_commands(cli)
 
 

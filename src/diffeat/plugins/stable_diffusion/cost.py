@@ -131,10 +131,11 @@ def warn_if_slow(ex: StableDiffusionExtractor) -> CpuCost | None:
     w, h = ex.model_size
     hints = " ".join(faster_options(ex, cost))
     faster = f"for a quick look: {hints} (less accurate), or " if hints else ""
+    took = f"{cost.seconds:.0f} s" if cost.seconds < 120 else f"{cost.seconds / 60:.0f} min"
     log.warning(
-        "stable-diffusion on the CPU: about %.0f min per image (%dx%d px, %d UNet passes, "
+        "stable-diffusion on the CPU: about %s per image (%dx%d px, %d UNet passes, "
         "%d threads); %suse a GPU (--device cuda)",
-        cost.seconds / 60,
+        took,
         w,
         h,
         cost.unet_passes,

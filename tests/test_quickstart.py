@@ -46,3 +46,12 @@ def test_quickstart_refuses_a_file_as_folder(tmp_path):
     path.write_text("x")
     proc = run("quickstart", path, check=2)
     assert "Traceback" not in proc.stderr and "a-file" in proc.stderr
+
+
+def test_default_folder_is_under_the_user_cache(tmp_path, monkeypatch):
+    from diffeat.cli.quickstart import default_directory
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    assert default_directory() == tmp_path / "diffeat" / "quickstart"
+    monkeypatch.delenv("XDG_CACHE_HOME")
+    assert default_directory().parts[-3:] == (".cache", "diffeat", "quickstart")

@@ -42,6 +42,7 @@ BUILTIN_COMMANDS = {
     "datasets": "diffeat.cli.evaluate",
     "train": "diffeat.cli.train",
     "plot": "diffeat.cli.plot_features",
+    "quickstart": "diffeat.cli.quickstart",
 }
 
 _LOG_HANDLER_NAME = "diffeat-cli"

@@ -37,6 +37,7 @@ from diffeat.plugins.stable_diffusion.captioner import (
     captioner_file,
     clip_tower,
 )
+from diffeat.plugins.stable_diffusion.cost import warn_if_slow
 from diffeat.plugins.stable_diffusion.ddim import DdimStep
 from diffeat.plugins.stable_diffusion.loading import (
     load_parts,
@@ -305,6 +306,7 @@ class StableDiffusionExtractor(Extractor):
         noise, for exact comparisons."""
         if not images:
             return []
+        warn_if_slow(self)  # once, on a CPU, when an image will take minutes
         pixels = torch.stack([self.preprocess(im) for im in images])
         prompts = [self.prompt_for(im) for im in images]
         if self.options.tile_size:

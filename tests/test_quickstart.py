@@ -1,0 +1,57 @@
+"""``diffeat quickstart``: the real executable builds the tiny model and matches, offline."""
+
+from __future__ import annotations
+
+import json
+import time
+
+import pytest
+from clihelp import run
+from PIL import Image
+
+pytestmark = pytest.mark.slow
+
+
+def test_quickstart_builds_matches_and_reuses(tmp_path):
+    folder = tmp_path / "qs"
+    start = time.monotonic()
+    proc = run("quickstart", folder, timeout=120)
+    assert time.monotonic() - start < 60
+    assert "built the tiny offline model" in proc.stderr
+    lines = proc.stdout.splitlines()
+    matches = [line for line in lines if line.startswith("  ") and "->" in line]
+    assert len(matches) == 3 and all("score" in m for m in matches)
+    assert any(line.startswith("  diffeat match ") for line in lines)
+    assert "Traceback" not in proc.stderr
+    for name in ("tiny-sd/model_index.json", "quickstart.toml", "source.png", "target.png"):
+        assert (folder / name).is_file(), name
+    assert Image.open(folder / "matches.png").size[0] > 0
+
+    again = json.loads(run("quickstart", folder, "--json", timeout=120).stdout)
+    assert again["model"] == str(folder / "tiny-sd")
+    assert [m["source"] for m in again["matches"]] == [[40.0, 30.0], [64.0, 48.0], [90.0, 60.0]]
+    for m in again["matches"]:
+        w, h = Image.open(folder / "target.png").size
+        assert 0 <= m["target"][0] < w and 0 <= m["target"][1] < h
+    assert (folder / "features.zarr").exists()
+    # the printed next command runs as given
+    first = again["next"][0].split()
+    assert first[:2] == ["diffeat", "match"]
+    out = run(*first[1:], "--json", timeout=120).stdout
+    assert json.loads(out)["matches"][0]["source"] == [40.0, 30.0]
+
+
+def test_quickstart_refuses_a_file_as_folder(tmp_path):
+    path = tmp_path / "a-file"
+    path.write_text("x")
+    proc = run("quickstart", path, check=2)
+    assert "Traceback" not in proc.stderr and "a-file" in proc.stderr
+
+
+def test_default_folder_is_under_the_user_cache(tmp_path, monkeypatch):
+    from diffeat.cli.quickstart import default_directory
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    assert default_directory() == tmp_path / "diffeat" / "quickstart"
+    monkeypatch.delenv("XDG_CACHE_HOME")
+    assert default_directory().parts[-3:] == (".cache", "diffeat", "quickstart")

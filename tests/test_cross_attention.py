@@ -243,8 +243,8 @@ def test_parity_with_official_loops(tiny_sd: Path, views: tuple[View, View]) -> 
     dim = unet.config.cross_attention_dim
     sw, sh = source.image_size
     tw, th = target.image_size
-    for n, (x, y) in enumerate(points.tolist()):
-        kps = torch.tensor([x * SIZE / sw, y * SIZE / sh], dtype=torch.float32)
+    for n in range(len(points)):
+        kps = points[n] * (SIZE / torch.tensor([sw, sh], dtype=torch.float64)).float()  # x * (imside / W)
         point = (float(kps[0]), float(kps[1]))
         contexts = []
         for r in range(o.restarts):

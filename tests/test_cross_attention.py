@@ -5,17 +5,16 @@ and the CLI end to end."""
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from clihelp import run, run_json
 
 from diffeat.core.components import View
-from diffeat.core.errors import ConfigError
+from diffeat.core.errors import ConfigError, DiffeatError
 from diffeat.core.geometry import ImageTransform
 from diffeat.plugins.cross_attention.crops import stream_seed
 from diffeat.plugins.cross_attention.matcher import CrossAttentionMatcher
@@ -24,7 +23,7 @@ from diffeat.testing import smooth_texture
 from diffeat.testing.conformance import check_matcher
 
 SIZE = 64  # the tiny model at 64 px: latent 8, up_blocks.1 at 2x2, up_blocks.2 at 4x4
-TINY = {"size": SIZE, "steps": 3, "restarts": 2, "crops": 6, "device": "cpu", "return_maps": True}
+TINY = {"size": SIZE, "steps": 2, "restarts": 2, "crops": 5, "device": "cpu", "return_maps": True}
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -162,7 +161,11 @@ def _gaussian_circle(pos, size, sigma):
 def _find_max(tens, img_size):
     height = tens.shape[0]
     loc = torch.argmax(tens.reshape(-1))
-    return torch.stack([loc % height, torch.div(loc, height, rounding_mode="floor")]) / height * img_size
+    return (
+        torch.stack([loc % height, torch.div(loc, height, rounding_mode="floor")])
+        / height
+        * img_size
+    )
 
 
 def _official_optimise(unet, holder, vae, sched, image, pixel_loc, gen, o, layers, dim):
@@ -203,7 +206,9 @@ def _official_inference(unet, holder, vae, sched, image, context, gen, o, layers
             pixel_loc = _find_max(running, SIZE) + 0.5
         cropped, _, y0, h, x0, w = _crop_image(image, pixel_loc, gen, o.crop_percent)
         latents = _image2latent(vae, cropped)
-        latents = sched.add_noise(latents, torch.rand(latents.shape, generator=gen), sched.timesteps[-3])
+        latents = sched.add_noise(
+            latents, torch.rand(latents.shape, generator=gen), sched.timesteps[-3]
+        )
         holder["store"] = _Store(32**2)
         unet(latents, sched.timesteps[-3], encoder_hidden_states=context)
         maps = _upscale(holder["store"], layers, h)
@@ -244,7 +249,9 @@ def test_parity_with_official_loops(tiny_sd: Path, views: tuple[View, View]) -> 
     sw, sh = source.image_size
     tw, th = target.image_size
     for n in range(len(points)):
-        kps = points[n] * (SIZE / torch.tensor([sw, sh], dtype=torch.float64)).float()  # x * (imside / W)
+        kps = (
+            points[n] * (SIZE / torch.tensor([sw, sh], dtype=torch.float64)).float()
+        )  # x * (imside / W)
         point = (float(kps[0]), float(kps[1]))
         contexts = []
         for r in range(o.restarts):
@@ -259,10 +266,16 @@ def test_parity_with_official_loops(tiny_sd: Path, views: tuple[View, View]) -> 
         all_maps = []
         for r, ctx in enumerate(contexts):
             gen = torch.Generator().manual_seed(stream_seed(o.seed, "infer", point, r))
-            attn = _official_inference(unet, holder, vae, sched, tgt_img, ctx, gen, o, TINY_OFFICIAL_LAYERS)
-            all_maps.append(torch.stack([attn[k].mean(dim=0, keepdim=True) for k in range(len(attn))]))
+            attn = _official_inference(
+                unet, holder, vae, sched, tgt_img, ctx, gen, o, TINY_OFFICIAL_LAYERS
+            )
+            all_maps.append(
+                torch.stack([attn[k].mean(dim=0, keepdim=True) for k in range(len(attn))])
+            )
         maps = torch.stack(all_maps).mean(dim=0)
-        maps = torch.nn.Softmax(dim=-1)(maps.reshape(len(maps), SIZE * SIZE)).reshape(-1, SIZE, SIZE)
+        maps = torch.nn.Softmax(dim=-1)(maps.reshape(len(maps), SIZE * SIZE)).reshape(
+            -1, SIZE, SIZE
+        )
         ref_maps = result.extras["attention"][n]
         torch.testing.assert_close(maps, ref_maps, atol=1e-5, rtol=0)
         best = _find_max(maps.mean(dim=0), SIZE) + 0.5
@@ -273,15 +286,18 @@ def test_parity_with_official_loops(tiny_sd: Path, views: tuple[View, View]) -> 
 def test_batched_equals_one_at_a_time(tiny_sd: Path, views: tuple[View, View]) -> None:
     source, target = views
     points = torch.tensor([[30.0, 20.0], [10.0, 50.0]])
-    one = _matcher(tiny_sd, steps=2, crops=5).match(source, target, points)
-    batched = _matcher(tiny_sd, steps=2, crops=5, max_batch=3).match(source, target, points)
+    one = _matcher(tiny_sd, restarts=1).match(source, target, points)
+    batched = _matcher(tiny_sd, restarts=1, max_batch=2).match(source, target, points)
     torch.testing.assert_close(batched.extras["losses"], one.extras["losses"], atol=1e-6, rtol=1e-5)
-    torch.testing.assert_close(batched.extras["attention"], one.extras["attention"], atol=1e-6, rtol=0)
+    torch.testing.assert_close(
+        batched.extras["attention"], one.extras["attention"], atol=1e-6, rtol=0
+    )
     torch.testing.assert_close(batched.points, one.points)
 
 
 def test_conformance(tiny_sd: Path) -> None:
-    check_matcher(lambda: _matcher(tiny_sd, steps=1, restarts=1, crops=5))
+    points = torch.tensor([[79.0, 59.0], [12.5, 47.25]])  # a corner and a fractional point
+    check_matcher(lambda: _matcher(tiny_sd, steps=1, restarts=1, crops=4), points=points)
 
 
 def test_empty_points_is_a_clear_error(tiny_sd: Path, views: tuple[View, View]) -> None:
@@ -289,11 +305,18 @@ def test_empty_points_is_a_clear_error(tiny_sd: Path, views: tuple[View, View]) 
         _matcher(tiny_sd).match(*views, torch.zeros((0, 2)))
 
 
+def test_point_outside_the_source_is_a_clear_error(tiny_sd: Path, views: tuple[View, View]) -> None:
+    with pytest.raises(DiffeatError, match=r"source point \(80, 5\) lies outside the 80x60 image"):
+        _matcher(tiny_sd).match(*views, torch.tensor([[80.0, 5.0]]))
+
+
 def test_layer_without_cross_attention_names_it(tiny_sd: Path, views: tuple[View, View]) -> None:
     with pytest.raises(ConfigError, match=r"'up_blocks.0' has no cross-attention"):
         _matcher(tiny_sd, layers=["up_blocks.0"]).match(*views, torch.tensor([[5.0, 5.0]]))
     with pytest.raises(ConfigError, match=r"'up_blocks.9.attentions.0' is not a module"):
-        _matcher(tiny_sd, layers=["up_blocks.9.attentions.0"]).match(*views, torch.tensor([[5.0, 5.0]]))
+        _matcher(tiny_sd, layers=["up_blocks.9.attentions.0"]).match(
+            *views, torch.tensor([[5.0, 5.0]])
+        )
 
 
 def test_no_weight_needs_gradients(tiny_sd: Path) -> None:
@@ -321,14 +344,27 @@ def test_cli_match_end_to_end(tiny_sd: Path, tmp_path: Path) -> None:
     a, b = tmp_path / "a.png", tmp_path / "b.png"
     smooth_texture((80, 60), seed=1).save(a)
     smooth_texture((48, 64), seed=2).save(b)
-    cmd = [
-        sys.executable, "-m", "diffeat", "match", str(ROOT / "examples" / "hedlin-sd14.toml"),
-        str(a), str(b), "--point", "30,20", "--json",
+    out = run_json(
+        "match", ROOT / "examples" / "hedlin-sd14.toml", a, b, "--point", "30,20",
         "--set", f"matcher.model={json.dumps(str(tiny_sd))}",
         "--set", "matcher.size=64", "--set", "matcher.steps=1", "--set", "matcher.restarts=1",
         "--set", "matcher.crops=5", "--set", 'matcher.device="cpu"',
-    ]  # fmt: skip
-    done = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, done.stderr
-    out = json.loads(done.stdout)
-    assert out
+        timeout=600,
+    )  # fmt: skip
+    (row,) = out["matches"]
+    assert row["source"] == [30.0, 20.0]
+    x, y = row["target"]
+    assert 0 <= x < 48 and 0 <= y < 64 and row["valid"]
+
+
+def test_cli_names_a_layer_without_cross_attention(tiny_sd: Path, tmp_path: Path) -> None:
+    a = tmp_path / "a.png"
+    smooth_texture((80, 60), seed=1).save(a)
+    proc = run(
+        "match", ROOT / "examples" / "hedlin-sd14.toml", a, a, "--point", "30,20",
+        "--set", f"matcher.model={json.dumps(str(tiny_sd))}", "--set", "matcher.size=64",
+        "--set", 'matcher.layers=["up_blocks.0"]', "--set", 'matcher.device="cpu"',
+        check=2, timeout=600,
+    )  # fmt: skip
+    assert "'up_blocks.0' has no cross-attention" in proc.stderr
+    assert "Traceback" not in proc.stderr

@@ -10,6 +10,7 @@ last needed key projection ran.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -65,8 +66,11 @@ def resolve_layers(unet: nn.Module, names: Sequence[str]) -> list[CrossAttention
             if (n == name or n.startswith(prefix)) and _is_cross_attention(m)
         ]
         if not inner:
-            candidates = [n.rsplit(".transformer_blocks", 1)[0] for n, m in modules.items()
-                          if _is_cross_attention(m)]
+            candidates = [
+                n.rsplit(".transformer_blocks", 1)[0]
+                for n, m in modules.items()
+                if _is_cross_attention(m)
+            ]
             raise ConfigError(
                 f"matcher.layers: the UNet module {name!r} has no cross-attention; modules "
                 f"with cross-attention: {', '.join(dict.fromkeys(candidates))}"
@@ -117,7 +121,7 @@ class TokenAttention:
         for layer in self.layers:
             q, k = outs[f"{layer.name}.q"], outs[f"{layer.name}.k"]
             probs = token_probabilities(q, k, layer.heads, layer.scale, self.token)
-            side = int(round(probs.shape[-1] ** 0.5))
+            side = math.isqrt(probs.shape[-1])
             if side * side != probs.shape[-1]:
                 raise ValueError(f"{layer.name}: {probs.shape[-1]} queries is not a square grid")
             maps.append(probs.reshape(probs.shape[0], probs.shape[1], side, side))

@@ -21,6 +21,7 @@ import torch.nn.functional as F
 
 from diffeat.core.components import Matcher, MatchResult, View
 from diffeat.core.devices import pick_device
+from diffeat.core.geometry import check_points
 from diffeat.plugins.cross_attention.attention import (
     CrossAttentionLayer,
     TokenAttention,
@@ -235,8 +236,7 @@ class CrossAttentionMatcher(Matcher):
                 "the cross-attention matcher got no source points; give at least one (x, y) "
                 "point (--point X,Y)"
             )
-        if not torch.isfinite(pts).all():
-            raise ValueError(f"source points must be finite numbers, got {pts.tolist()}")
+        check_points(pts, source.image_size, "source point")
         self._check_timesteps()
         size = o.size
         sw, sh = source.image_size
@@ -273,4 +273,3 @@ class CrossAttentionMatcher(Matcher):
             torch.ones(len(pts), dtype=torch.bool),
             extras,
         )
-

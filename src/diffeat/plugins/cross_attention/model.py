@@ -15,7 +15,12 @@ from typing import Any
 import torch
 
 from diffeat.core.errors import ModelLoadError
-from diffeat.plugins.modelfiles import files_fingerprint, hub_snapshot, is_hub_id, quiet_transformers
+from diffeat.plugins.modelfiles import (
+    files_fingerprint,
+    hub_snapshot,
+    is_hub_id,
+    quiet_transformers,
+)
 
 _COMPONENTS = ("unet", "vae", "scheduler")
 _HUB_PATTERNS = [

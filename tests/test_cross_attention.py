@@ -368,3 +368,51 @@ def test_cli_names_a_layer_without_cross_attention(tiny_sd: Path, tmp_path: Path
     )  # fmt: skip
     assert "'up_blocks.0' has no cross-attention" in proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+def test_hedlin_preset_is_the_official_recipe() -> None:
+    from dataclasses import asdict
+
+    from diffeat.core.config import load_config
+
+    cfg = load_config(ROOT / "examples" / "hedlin-sd14.toml")
+    m = cfg.resolved()["matcher"]
+    assert cfg.protocol == "hedlin"
+    assert m["model"] == "CompVis/stable-diffusion-v1-4"
+    assert m["layers"] == [
+        "up_blocks.1.attentions.0",
+        "up_blocks.1.attentions.1",
+        "up_blocks.1.attentions.2",
+        "up_blocks.2.attentions.0",
+    ]
+    assert (m["token"], m["context_length"], m["size"]) == (1, 77, 512)
+    assert (m["steps"], m["restarts"], m["crops"]) == (129, 5, 20)
+    assert m["lr"] == pytest.approx(0.0023756, abs=1e-7)
+    assert (m["optimise_timestep"], m["inference_timestep"]) == (140, 40)
+    assert m["sigma"] == pytest.approx(27.98, abs=0.01)
+    assert m["crop_percent"] == pytest.approx(93.17, abs=0.01)
+    assert (m["noise"], m["heads"], m["margin"], m["offset"]) == (
+        "uniform",
+        "upper-half",
+        0.15,
+        0.5,
+    )
+    defaults = asdict(CrossAttentionOptions())
+    assert {k: v for k, v in m.items() if k != "plugin"} == defaults
+    # 477 px crops, 71 px margin at 512, as METHODS.md states
+    from diffeat.plugins.cross_attention.crops import crop_side
+
+    assert crop_side(512, m["crop_percent"]) == 477
+    assert int(477 * m["margin"]) == 71
+
+
+def test_crop_margin_rule_by_hand() -> None:
+    from diffeat.plugins.cross_attention.crops import crop_bounds, gaussian_target
+
+    # 477 px crops of 512 with a 71 px margin: the start ranges over [0, 35] where the slack allows
+    assert crop_bounds(256.0, 512, 477, 0.15) == (0, 35)
+    assert crop_bounds(10.0, 512, 477, 0.15) == (0, 0)  # near the left border: flush left
+    assert crop_bounds(500.0, 512, 477, 0.15) == (35, 35)  # near the right border: flush right
+    assert crop_bounds(100.0, 512, 200, 0.15) == (0, 70)  # 100 - 200 + 30 < 0; 100 - 30 = 70
+    g = gaussian_target((110.0, 60.0), 10, 20, 200, 400, 5.0)  # the point at (200, 80) of 400
+    assert g.shape == (400, 400) and g[80, 200] == 1.0 and g.argmax() == 80 * 400 + 200

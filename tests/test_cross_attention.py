@@ -416,3 +416,33 @@ def test_crop_margin_rule_by_hand() -> None:
     assert crop_bounds(100.0, 512, 200, 0.15) == (0, 70)  # 100 - 200 + 30 < 0; 100 - 30 = 70
     g = gaussian_target((110.0, 60.0), 10, 20, 200, 400, 5.0)  # the point at (200, 80) of 400
     assert g.shape == (400, 400) and g[80, 200] == 1.0 and g.argmax() == 80 * 400 + 200
+
+
+def test_eval_runs_on_a_synthetic_benchmark(tiny_sd: Path, tmp_path: Path) -> None:
+    from diffeat.core.pipeline import Pipeline
+    from diffeat.eval.protocols import get_protocol
+    from diffeat.eval.runner import evaluate
+    from diffeat.plugins.datasets.spair import SPairOptions
+    from diffeat.plugins.datasets.synthetic import Synthetic, make_synthetic
+
+    photos = tmp_path / "photos" / "cat"
+    photos.mkdir(parents=True)
+    smooth_texture((64, 64), seed=0).save(photos / "t0.png")
+    bench = tmp_path / "bench"
+    make_synthetic(bench, [tmp_path / "photos"], pairs=1, points=2, kinds=["identity"], ext="png")
+    pipe = Pipeline.from_file(
+        ROOT / "examples" / "hedlin-sd14.toml",
+        overrides=[
+            f"matcher.model={json.dumps(str(tiny_sd))}",
+            "matcher.size=64",
+            "matcher.steps=1",
+            "matcher.restarts=1",
+            "matcher.crops=4",
+            'matcher.device="cpu"',
+        ],
+    )
+    dataset = Synthetic(SPairOptions(root=str(bench)))
+    ev = evaluate(pipe, dataset, dataset_name="synthetic", protocol=get_protocol("hedlin"))
+    (outcome,) = ev.outcomes
+    assert len(outcome.distances()) == 2
+    assert 0.0 <= ev.headline() <= 1.0

@@ -287,7 +287,12 @@ def test_batched_equals_one_at_a_time(tiny_sd: Path, views: tuple[View, View]) -
     source, target = views
     points = torch.tensor([[30.0, 20.0], [10.0, 50.0]])
     one = _matcher(tiny_sd, restarts=1).match(source, target, points)
-    batched = _matcher(tiny_sd, restarts=1, max_batch=2).match(source, target, points)
+    matcher = _matcher(tiny_sd, restarts=1, max_batch=2)
+    encoded: list[int] = []
+    matcher.parts.vae.encoder.register_forward_hook(lambda m, a, out: encoded.append(len(a[0])))
+    batched = matcher.match(source, target, points)
+    # 2 jobs x 2 optimisation steps, then the 4 corner crops once for both, 2 crops at the argmax
+    assert sum(encoded) == 2 * 2 + 4 + (5 - 4) * 2
     torch.testing.assert_close(batched.extras["losses"], one.extras["losses"], atol=1e-6, rtol=1e-5)
     torch.testing.assert_close(
         batched.extras["attention"], one.extras["attention"], atol=1e-6, rtol=0

@@ -181,11 +181,35 @@ class CrossAttentionMatcher(Matcher):
 
     @torch.no_grad()
     def attend(self, image: torch.Tensor, jobs: list[Job]) -> torch.Tensor:
-        """``[len(jobs), L, S, S]``: each job's context's canvas of maps on ``image``."""
-        out = [self._attend_chunk(image, chunk) for chunk in _chunks(jobs, self.options.max_batch)]
+        """``[len(jobs), L, S, S]``: each job's context's canvas of maps on ``image``.
+
+        A crop's latent depends only on its position, so each position is encoded
+        once for all jobs (the four corner crops are shared by every point and restart).
+        """
+        latents: dict[tuple[int, int], torch.Tensor] = {}
+        out = [
+            self._attend_chunk(image, chunk, latents)
+            for chunk in _chunks(jobs, self.options.max_batch)
+        ]
         return torch.cat(out)
 
-    def _attend_chunk(self, image: torch.Tensor, jobs: list[Job]) -> torch.Tensor:
+    def _crop_latents(
+        self,
+        image: torch.Tensor,
+        starts: list[tuple[int, int]],
+        crop: int,
+        cache: dict[tuple[int, int], torch.Tensor],
+    ) -> torch.Tensor:
+        """``[len(starts), 4, h, w]``: the crops' latents, encoding each new position once."""
+        missing = list(dict.fromkeys(s for s in starts if s not in cache))
+        if missing:
+            crops = torch.stack([crop_resized(image, x0, y0, crop) for x0, y0 in missing])
+            cache.update(zip(missing, self._encode(crops)))
+        return torch.stack([cache[s] for s in starts])
+
+    def _attend_chunk(
+        self, image: torch.Tensor, jobs: list[Job], cache: dict[tuple[int, int], torch.Tensor]
+    ) -> torch.Tensor:
         o = self.options
         size = image.shape[-1]
         crop = crop_side(size, o.crop_percent)
@@ -196,7 +220,7 @@ class CrossAttentionMatcher(Matcher):
         corners = [(0.0, 0.0), (0.0, float(size)), (float(size), 0.0), (float(size), float(size))]
         context = torch.cat([j.context for j in jobs if j.context is not None]).to(self.device)
         for i in range(o.crops):
-            crops, noises, starts = [], [], []
+            noises, starts = [], []
             for b, job in enumerate(jobs):
                 if i < 4:
                     loc = corners[i]
@@ -206,10 +230,9 @@ class CrossAttentionMatcher(Matcher):
                     loc = (x + 0.5, y + 0.5)
                 x0, y0 = draw_crop(loc, size, crop, o.margin, job.generator)
                 starts.append((x0, y0))
-                crops.append(crop_resized(image, x0, y0, crop))
                 shape = torch.Size((1, self._latent_channels, latent_side, latent_side))
                 noises.append(self._draw_noise(shape, job.generator))
-            latents = self._encode(torch.stack(crops))
+            latents = self._crop_latents(image, starts, crop, cache)
             noisy = self._noisy(latents, torch.cat(noises), o.inference_timestep)
             maps = self._maps(noisy, o.inference_timestep, context, crop)
             for b, (x0, y0) in enumerate(starts):

@@ -21,6 +21,7 @@ import torch.nn.functional as F
 
 from diffeat.core.components import Matcher, MatchResult, View
 from diffeat.core.devices import pick_device
+from diffeat.core.errors import ConfigError
 from diffeat.core.geometry import check_points
 from diffeat.plugins.cross_attention.attention import (
     CrossAttentionLayer,
@@ -87,6 +88,7 @@ class CrossAttentionMatcher(Matcher):
         return self._layers
 
     def model_identity(self) -> dict[str, str]:
+        """A content fingerprint of the loaded UNet, VAE and scheduler files."""
         return self.parts.identity()
 
     # -- the steps shared by both phases ----------------------------------------------------
@@ -131,8 +133,6 @@ class CrossAttentionMatcher(Matcher):
         for name in ("optimise_timestep", "inference_timestep"):
             value = getattr(self.options, name)
             if value >= n:
-                from diffeat.core.errors import ConfigError
-
                 raise ConfigError(
                     f"matcher.{name} = {value} is beyond the model's {n} training timesteps"
                 )
@@ -252,6 +252,9 @@ class CrossAttentionMatcher(Matcher):
         return out
 
     def match(self, source: View, target: View, points: torch.Tensor) -> MatchResult:
+        """Target points for source ``points`` ``[N, 2]``; ``extras["losses"]`` holds every
+        optimisation step's loss ``[N, restarts, steps]`` (and ``extras["attention"]`` the
+        per-layer softmax maps ``[N, L, size, size]`` with ``return_maps``)."""
         o = self.options
         pts = torch.as_tensor(points, dtype=torch.float32).reshape(-1, 2)
         if len(pts) == 0:

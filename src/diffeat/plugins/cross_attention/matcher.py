@@ -75,6 +75,7 @@ class CrossAttentionMatcher(Matcher):
 
     @property
     def parts(self) -> DiffusionParts:
+        """The frozen UNet, VAE encoder and noise schedule, loaded on first use."""
         if self._parts is None:
             folder = model_folder(self.options.model, self.options.revision)
             self._parts = load_diffusion_parts(folder, torch.float32, self.device)

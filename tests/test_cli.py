@@ -50,7 +50,7 @@ def test_version_and_plugins():
         names["stable-diffusion"]["ok"]
         and "extractor:stable-diffusion" in names["stable-diffusion"]["provides"]
     )
-    assert out["matchers"] == sorted(["nearest", "mutual", "soft-argmax"])
+    assert out["matchers"] == sorted(["cross-attention", "nearest", "mutual", "soft-argmax"])
 
 
 def test_plugin_commands_are_listed_and_leave_with_their_plugin():

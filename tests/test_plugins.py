@@ -45,7 +45,7 @@ def test_builtins_are_registered_through_hooks():
     assert {"stable-diffusion", "dino", "dinov2", "openclip"} <= set(pm.names("extractor"))
     assert {"spair", "pfwillow", "cub"} <= set(pm.names("dataset"))
     assert pm.names("aggregator") == ["concat", "fuse", "hyperfeatures", "mean", "select"]
-    assert pm.names("matcher") == ["mutual", "nearest", "soft-argmax"]
+    assert pm.names("matcher") == ["cross-attention", "mutual", "nearest", "soft-argmax"]
     assert pm.get("matcher", "nearest").plugin == "matchers"
     assert pm.get("aggregator", "fuse").plugin == "fuse"
     assert pm.get("aggregator", "hyperfeatures").plugin == "hyperfeatures"
@@ -89,6 +89,9 @@ def test_import_failure_is_recorded(monkeypatch):
 
 def test_disable_env(monkeypatch):
     monkeypatch.setenv("DIFFEAT_DISABLE_PLUGINS", "matchers")
+    pm = PluginManager(entry_points=False)
+    assert pm.names("matcher") == ["cross-attention"]  # a plugin of its own
+    monkeypatch.setenv("DIFFEAT_DISABLE_PLUGINS", "matchers,cross-attention")
     pm = PluginManager(entry_points=False)
     assert pm.names("matcher") == []
     assert pm.names("aggregator") == ["concat", "fuse", "hyperfeatures", "mean", "select"]

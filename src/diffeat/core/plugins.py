@@ -44,6 +44,7 @@ BUILTIN_MODULES = {
     "fuse": "diffeat.plugins.fuse",
     "hyperfeatures": "diffeat.plugins.hyperfeatures",
     "matchers": "diffeat.plugins.matchers",
+    "cross-attention": "diffeat.plugins.cross_attention",
     "datasets": "diffeat.plugins.datasets",
 }
 

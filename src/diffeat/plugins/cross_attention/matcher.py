@@ -1,0 +1,302 @@
+"""The ``cross-attention`` matcher: Hedlin et al.'s optimised-context matching.
+
+For each source point, ``restarts`` contexts (``context_length`` x the UNet's
+cross-attention width, initialised N(0, 1), the text encoder bypassed) are
+optimised with Adam so that the chosen token's cross-attention at the chosen
+layers matches a Gaussian at the point, one random crop per step. The target is
+then run with each context on ``crops`` crops (four corners, then crops around
+the running argmax), the maps pasted into a canvas; per layer the contexts' maps
+are averaged and softmaxed over pixels, the layers averaged and the argmax is
+the match. Every random draw comes from a per-(point, restart) seeded generator,
+so batching several optimisations in one UNet call (``max_batch``) changes
+nothing.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+
+from diffeat.core.components import Matcher, MatchResult, View
+from diffeat.core.devices import pick_device
+from diffeat.core.errors import ConfigError
+from diffeat.core.geometry import check_points
+from diffeat.plugins.cross_attention.attention import (
+    CrossAttentionLayer,
+    TokenAttention,
+    resolve_layers,
+    select_heads,
+)
+from diffeat.plugins.cross_attention.crops import (
+    argmax_point,
+    crop_resized,
+    crop_side,
+    draw_crop,
+    gaussian_target,
+    squashed,
+    stream_seed,
+)
+from diffeat.plugins.cross_attention.model import DiffusionParts, load_diffusion_parts, model_folder
+from diffeat.plugins.cross_attention.options import CrossAttentionOptions
+
+Point = tuple[float, float]
+
+
+@dataclass
+class Job:
+    """One independent optimisation (or inference): a point, a restart, its own generator."""
+
+    point: Point
+    restart: int
+    generator: torch.Generator
+    context: torch.Tensor | None = None
+    losses: list[float] = field(default_factory=list)
+
+
+def _chunks(items: list[Job], size: int) -> list[list[Job]]:
+    return [items[i : i + size] for i in range(0, len(items), size)]
+
+
+class CrossAttentionMatcher(Matcher):
+    """Matches by optimising a context per source point (Hedlin et al., NeurIPS 2023)."""
+
+    Options = CrossAttentionOptions
+    needs_descriptors = False
+
+    def __init__(self, options: CrossAttentionOptions | None = None) -> None:
+        self.options = options or CrossAttentionOptions()
+        self.device = pick_device(self.options.device)
+        self._parts: DiffusionParts | None = None
+        self._layers: list[CrossAttentionLayer] | None = None
+
+    # -- the model, loaded on first use ----------------------------------------------------
+
+    @property
+    def parts(self) -> DiffusionParts:
+        """The frozen UNet, VAE encoder and noise schedule, loaded on first use."""
+        if self._parts is None:
+            folder = model_folder(self.options.model, self.options.revision)
+            self._parts = load_diffusion_parts(folder, torch.float32, self.device)
+        return self._parts
+
+    @property
+    def layers(self) -> list[CrossAttentionLayer]:
+        """The cross-attention modules read (a :class:`ConfigError` names a bad layer)."""
+        if self._layers is None:
+            self._layers = resolve_layers(self.parts.unet, self.options.layers)
+        return self._layers
+
+    def model_identity(self) -> dict[str, str]:
+        """A content fingerprint of the loaded UNet, VAE and scheduler files."""
+        return self.parts.identity()
+
+    # -- the steps shared by both phases ----------------------------------------------------
+
+    def _encode(self, images: torch.Tensor) -> torch.Tensor:
+        """``[B, 3, S, S]`` in [0, 1] -> latents: the posterior mean x the scaling factor."""
+        x = images.to(self.device) * 2 - 1
+        return self.parts.vae.encode(x).latent_dist.mean * self.parts.scaling_factor
+
+    def _noisy(self, latents: torch.Tensor, noise: torch.Tensor, t: int) -> torch.Tensor:
+        acp = self.parts.alphas_cumprod.to(latents.device)[t]
+        return acp**0.5 * latents + (1 - acp) ** 0.5 * noise.to(latents.device)
+
+    def _draw_noise(self, shape: torch.Size, generator: torch.Generator) -> torch.Tensor:
+        if self.options.noise == "uniform":
+            return torch.rand(shape, generator=generator)
+        return torch.randn(shape, generator=generator)
+
+    def _maps(
+        self, latents: torch.Tensor, t: int, context: torch.Tensor, side: int
+    ) -> torch.Tensor:
+        """``[B, L, side, side]``: each layer's token map, heads averaged, upsampled."""
+        probe = TokenAttention(self.parts.unet, self.layers, self.options.token)
+        timestep = torch.tensor(t, device=latents.device)
+        maps = [
+            F.interpolate(
+                select_heads(m, self.options.heads)[:, None],
+                size=(side, side),
+                mode="bilinear",
+                align_corners=False,
+            )[:, 0]
+            for m in probe(latents, timestep, context)
+        ]
+        return torch.stack(maps, dim=1)
+
+    @property
+    def _latent_channels(self) -> int:
+        return int(self.parts.unet.config.in_channels)
+
+    def _check_timesteps(self) -> None:
+        n = len(self.parts.alphas_cumprod)
+        for name in ("optimise_timestep", "inference_timestep"):
+            value = getattr(self.options, name)
+            if value >= n:
+                raise ConfigError(
+                    f"matcher.{name} = {value} is beyond the model's {n} training timesteps"
+                )
+
+    # -- phase 1: contexts ------------------------------------------------------------------
+
+    def optimise(self, image: torch.Tensor, jobs: list[Job]) -> None:
+        """Optimise each job's context on the squashed source ``image`` ``[3, S, S]``."""
+        for chunk in _chunks(jobs, self.options.max_batch):
+            self._optimise_chunk(image, chunk)
+
+    def _optimise_chunk(self, image: torch.Tensor, jobs: list[Job]) -> None:
+        o = self.options
+        size = image.shape[-1]
+        crop = crop_side(size, o.crop_percent)
+        width = int(self.parts.unet.config.cross_attention_dim)
+        context = torch.stack(
+            [torch.randn((o.context_length, width), generator=j.generator) for j in jobs]
+        ).to(self.device)
+        context.requires_grad_(True)
+        optimiser = torch.optim.Adam([context], lr=o.lr)
+        latent_side = size // 8
+        for _ in range(o.steps):
+            with torch.no_grad():
+                crops, targets, noises = [], [], []
+                for job in jobs:
+                    x0, y0 = draw_crop(job.point, size, crop, o.margin, job.generator)
+                    crops.append(crop_resized(image, x0, y0, crop))
+                    targets.append(gaussian_target(job.point, x0, y0, crop, size, o.sigma))
+                    shape = torch.Size((1, self._latent_channels, latent_side, latent_side))
+                    noises.append(self._draw_noise(shape, job.generator))
+                latents = self._encode(torch.stack(crops))
+                noisy = self._noisy(latents, torch.cat(noises), o.optimise_timestep)
+                target = torch.stack(targets).to(self.device)
+            maps = self._maps(noisy, o.optimise_timestep, context, size)
+            per_job = ((maps - target[:, None]) ** 2).mean(dim=(1, 2, 3))
+            per_job.sum().backward()
+            optimiser.step()
+            optimiser.zero_grad()
+            for job, loss in zip(jobs, per_job.tolist()):
+                job.losses.append(loss)
+        for job, ctx in zip(jobs, context.detach()):
+            job.context = ctx[None]
+
+    # -- phase 2: attention on the target ---------------------------------------------------
+
+    @torch.no_grad()
+    def attend(self, image: torch.Tensor, jobs: list[Job]) -> torch.Tensor:
+        """``[len(jobs), L, S, S]``: each job's context's canvas of maps on ``image``.
+
+        A crop's latent depends only on its position, so each position is encoded
+        once for all jobs (the four corner crops are shared by every point and restart).
+        """
+        latents: dict[tuple[int, int], torch.Tensor] = {}
+        out = [
+            self._attend_chunk(image, chunk, latents)
+            for chunk in _chunks(jobs, self.options.max_batch)
+        ]
+        return torch.cat(out)
+
+    def _crop_latents(
+        self,
+        image: torch.Tensor,
+        starts: list[tuple[int, int]],
+        crop: int,
+        cache: dict[tuple[int, int], torch.Tensor],
+    ) -> torch.Tensor:
+        """``[len(starts), 4, h, w]``: the crops' latents, encoding each new position once."""
+        missing = list(dict.fromkeys(s for s in starts if s not in cache))
+        if missing:
+            crops = torch.stack([crop_resized(image, x0, y0, crop) for x0, y0 in missing])
+            cache.update(zip(missing, self._encode(crops)))
+        return torch.stack([cache[s] for s in starts])
+
+    def _attend_chunk(
+        self, image: torch.Tensor, jobs: list[Job], cache: dict[tuple[int, int], torch.Tensor]
+    ) -> torch.Tensor:
+        o = self.options
+        size = image.shape[-1]
+        crop = crop_side(size, o.crop_percent)
+        latent_side = size // 8
+        n_layers = len(self.layers)
+        total = torch.zeros((len(jobs), n_layers, size, size), device=self.device)
+        count = torch.zeros((len(jobs), 1, size, size), device=self.device)
+        corners = [(0.0, 0.0), (0.0, float(size)), (float(size), 0.0), (float(size), float(size))]
+        context = torch.cat([j.context for j in jobs if j.context is not None]).to(self.device)
+        for i in range(o.crops):
+            noises, starts = [], []
+            for b, job in enumerate(jobs):
+                if i < 4:
+                    loc = corners[i]
+                else:
+                    running = torch.nan_to_num(total[b] / count[b], nan=0.0).mean(dim=0)
+                    x, y = argmax_point(running)
+                    loc = (x + 0.5, y + 0.5)
+                x0, y0 = draw_crop(loc, size, crop, o.margin, job.generator)
+                starts.append((x0, y0))
+                shape = torch.Size((1, self._latent_channels, latent_side, latent_side))
+                noises.append(self._draw_noise(shape, job.generator))
+            latents = self._crop_latents(image, starts, crop, cache)
+            noisy = self._noisy(latents, torch.cat(noises), o.inference_timestep)
+            maps = self._maps(noisy, o.inference_timestep, context, crop)
+            for b, (x0, y0) in enumerate(starts):
+                total[b, :, y0 : y0 + crop, x0 : x0 + crop] += maps[b]
+                count[b, :, y0 : y0 + crop, x0 : x0 + crop] += 1
+        return total / count
+
+    # -- the matcher ------------------------------------------------------------------------
+
+    def jobs(self, points: list[Point], kind: str) -> list[Job]:
+        """One job per (point, restart), point-major, each with its own seeded generator."""
+        out = []
+        for p in points:
+            for r in range(self.options.restarts):
+                g = torch.Generator().manual_seed(stream_seed(self.options.seed, kind, p, r))
+                out.append(Job(p, r, g))
+        return out
+
+    def match(self, source: View, target: View, points: torch.Tensor) -> MatchResult:
+        """Target points for source ``points`` ``[N, 2]``; ``extras["losses"]`` holds every
+        optimisation step's loss ``[N, restarts, steps]`` (and ``extras["attention"]`` the
+        per-layer softmax maps ``[N, L, size, size]`` with ``return_maps``)."""
+        o = self.options
+        pts = torch.as_tensor(points, dtype=torch.float32).reshape(-1, 2)
+        if len(pts) == 0:
+            raise ValueError(
+                "the cross-attention matcher got no source points; give at least one (x, y) "
+                "point (--point X,Y)"
+            )
+        check_points(pts, source.image_size, "source point")
+        self._check_timesteps()
+        size = o.size
+        sw, sh = source.image_size
+        scale = torch.tensor([size / sw, size / sh], dtype=torch.float32)
+        frame = (pts * scale).tolist()
+        src = squashed(source.image, size)
+        tgt = squashed(target.image, size)
+        optimised = self.jobs([(float(x), float(y)) for x, y in frame], "optimise")
+        self.optimise(src, optimised)
+        inference = self.jobs([(float(x), float(y)) for x, y in frame], "infer")
+        for job, done in zip(inference, optimised):
+            job.context = done.context
+        canvases = self.attend(tgt, inference)  # [N * R, L, S, S]
+        found, scores, kept = [], [], []
+        for n in range(len(pts)):
+            maps = canvases[n * o.restarts : (n + 1) * o.restarts].mean(dim=0)  # [L, S, S]
+            probs = torch.softmax(maps.reshape(maps.shape[0], -1), dim=-1).reshape(maps.shape)
+            if o.return_maps:
+                kept.append(probs.cpu())
+            mean = probs.mean(dim=0)
+            x, y = argmax_point(mean)
+            found.append((x + o.offset, y + o.offset))
+            scores.append(float(mean.max()))
+        tw, th = target.image_size
+        back = torch.tensor([tw / size, th / size], dtype=torch.float32)
+        points_out = torch.tensor(found, dtype=torch.float32) * back
+        losses = torch.tensor([j.losses for j in optimised]).reshape(len(pts), o.restarts, o.steps)
+        extras: dict[str, torch.Tensor] = {"losses": losses}
+        if o.return_maps:
+            extras["attention"] = torch.stack(kept)
+        return MatchResult(
+            points_out,
+            torch.tensor(scores, dtype=torch.float32),
+            torch.ones(len(pts), dtype=torch.bool),
+            extras,
+        )

@@ -1,12 +1,17 @@
 """The ``cross-attention`` matcher plugin: Hedlin et al.'s optimised-context correspondence
-(Unsupervised Semantic Correspondence Using Stable Diffusion, NeurIPS 2023)."""
+(Unsupervised Semantic Correspondence Using Stable Diffusion, NeurIPS 2023).
+
+The matcher module (torch, diffusers) is imported inside the hook, so loading the
+plugin to list commands stays fast.
+"""
 
 from __future__ import annotations
 
 from diffeat.core.hookspecs import Register, hookimpl
-from diffeat.plugins.cross_attention.matcher import CrossAttentionMatcher
 
 
 @hookimpl
 def register_matchers(register: Register) -> None:
+    from diffeat.plugins.cross_attention.matcher import CrossAttentionMatcher
+
     register("cross-attention", CrossAttentionMatcher)

@@ -26,7 +26,7 @@ KNOWN_PRIVATE: set[tuple[str, str, str]] = set()
 
 #: modules directly in plugins/ that register nothing and that any plugin may import:
 #: shared helpers (a renamed helper module goes here under its new name)
-NEUTRAL = {"modelfiles", "module_capture", "openclip_models"}
+NEUTRAL = {"diffusers_models", "modelfiles", "module_capture", "openclip_models"}
 
 
 @dataclass(frozen=True)

@@ -10,10 +10,10 @@ from diffeat.cli.common import (
     collect_overrides,
     config_options,
     emit_json,
+    open_pipeline,
     parse_point,
     store_option,
 )
-from diffeat.core.config import load_config
 from diffeat.core.errors import DiffeatError
 
 log = logging.getLogger(__name__)
@@ -60,12 +60,12 @@ def match_cmd(
 ) -> None:
     """Match --point X,Y of SOURCE to TARGET with the pipeline in CONFIG."""
     from diffeat.core.images import as_input
-    from diffeat.core.pipeline import Pipeline
 
     pts = [parse_point(p) for p in points]
-    cfg = load_config(config, collect_overrides(overrides, model, device))
-    pipe = Pipeline(cfg, store=store_path)
-    log.info("pipeline %s (digest %s); store %s", config, cfg.digest(), store_path or "none")
+    pipe = open_pipeline(config, collect_overrides(overrides, model, device), store_path)
+    log.info(
+        "pipeline %s (digest %s); store %s", config, pipe.config.digest(), store_path or "none"
+    )
     src = as_input(source).with_category(category)
     tgt = as_input(target).with_category(category)
     result = pipe.match(src, tgt, pts)

@@ -230,3 +230,22 @@ def test_config_show_output_loads_as_the_same_pipeline(tmp_path, manager):
     original = load_config(source, [PROMPT_OVERRIDE], manager=manager)
     assert again.resolved()["extractor"]["prompt"] == WEIRD_PROMPT
     assert again.resolved() == original.resolved() and again.digest() == original.digest()
+
+
+def test_task_tables_kept_raw_overridable_and_in_the_resolved_config(manager, tmp_path):
+    body = (
+        '[extractor]\nplugin = "dummy"\n[propagation]\ntemperature = 0.2\ntopk = 15\n'
+        '[homography]\nmethod = "lmeds"\n'
+    )
+    path = tmp_path / "p.toml"
+    path.write_text(body)
+    cfg = load_config(path, ["propagation.temperature=0.1"], manager=manager)
+    assert cfg.tasks == {
+        "propagation": {"temperature": 0.1, "topk": 15},
+        "homography": {"method": "lmeds"},
+    }
+    resolved = cfg.resolved()
+    assert resolved["propagation"]["temperature"] == 0.1
+    assert resolved["homography"] == {"method": "lmeds"}
+    with pytest.raises(ConfigError, match=r"\[propagation\] must be a table"):
+        parse_config({"extractor": {"plugin": "color-blur"}, "propagation": 3}, manager=manager)

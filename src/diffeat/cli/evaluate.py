@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 import sys
+from typing import Any
 
 import click
 
@@ -120,6 +121,22 @@ def eval_cmd(
 
     dataset = dataset_from_cli(dataset_name, root, split, dataset_options)
     cfg = load_config(config, collect_overrides(overrides, model, device))
+    task = card_of(dataset).task
+    if task != "pairs":
+        _eval_task(
+            ctx,
+            task,
+            cfg,
+            dataset,
+            dataset_name,
+            store_path,
+            out_dir,
+            limit,
+            no_plots,
+            config,
+            as_json,
+        )
+        return
     default = cfg.protocol or card_of(dataset).default_protocol
     protocol = get_protocol(protocol_name or default)
     protocol = protocol.with_changes(
@@ -148,6 +165,49 @@ def eval_cmd(
             "--store PATH extracts each image once and lets later runs reuse it",
             err=True,
         )
+
+
+def _eval_task(
+    ctx: click.Context,
+    task: str,
+    cfg: Any,
+    dataset: Any,
+    dataset_name: str,
+    store_path: str | None,
+    out_dir: str | None,
+    limit: int | None,
+    no_plots: bool,
+    config: str,
+    as_json: bool,
+) -> None:
+    """``diffeat eval`` on a dataset whose task is not PCK pairs (see diffeat.eval.tasks)."""
+    from tqdm import tqdm
+
+    from diffeat.core.pipeline import Pipeline
+    from diffeat.eval.tasks import TaskContext, task_runner, write_task_outputs
+    from diffeat.store import FeatureStore
+
+    runner = task_runner(task)
+    pipe = Pipeline(cfg, store=FeatureStore(store_path) if store_path else None)
+    with tqdm(desc=f"eval {task}", disable=is_quiet(ctx), file=sys.stderr, leave=False) as bar:
+        ev = runner(
+            TaskContext(
+                pipeline=pipe,
+                dataset=dataset,
+                dataset_name=dataset_name,
+                options=dict(cfg.tasks.get(task, {})),
+                limit=limit,
+                progress=bar,
+            )
+        )
+    extra = {"config_file": config, "command": ["diffeat", *sys.argv[1:]]}
+    written = write_task_outputs(ev, out_dir, plots=not no_plots, extra=extra) if out_dir else {}
+    if as_json:
+        emit_json({**ev.results_dict(records=False), **extra, "outputs": written})
+        return
+    click.echo(ev.terminal_report(), nl=False)
+    if written:
+        click.echo(f"results: {written['json']}, {written['markdown']}")
 
 
 @click.group("datasets", invoke_without_command=True)

@@ -3,7 +3,10 @@
 A pipeline file has ``[extractor]``, ``[aggregator]`` and ``[matcher]`` tables;
 each names its ``plugin`` and gives that plugin's options. An optional
 ``[train]`` table holds the options of ``diffeat train``; it is kept raw here
-and validated by :mod:`diffeat.train.options`. Config files are data: nothing
+and validated by :mod:`diffeat.train.options`. Optional task tables
+(``[homography]``, ``[propagation]``) hold the options of ``diffeat eval``'s
+non-pair tasks (:mod:`diffeat.eval.tasks`); they are kept raw too and
+validated by the task that reads them. Config files are data: nothing
 in them is executed.
 """
 
@@ -13,7 +16,7 @@ import hashlib
 import json
 import re
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -30,7 +33,9 @@ STAGES = ("extractor", "aggregator", "matcher")
 DEFAULT_PLUGIN = {"aggregator": "select", "matcher": "nearest"}
 TOP_LEVEL_KEYS = {"name", "description", "protocol"}
 TRAIN_TABLE = "train"  # options of `diffeat train`, validated by diffeat.train.options
-OVERRIDE_TABLES = (*STAGES, TRAIN_TABLE)
+#: raw option tables of the evaluation tasks other than PCK pairs (see diffeat.eval.tasks)
+TASK_TABLES = ("homography", "propagation")
+OVERRIDE_TABLES = (*STAGES, TRAIN_TABLE, *TASK_TABLES)
 _PART_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]*$")
 
 
@@ -68,6 +73,7 @@ class PipelineConfig:
     source: str = "<memory>"
     train: dict[str, Any] | None = None  # the raw [train] table, when the file has one
     protocol: str = ""  # the PCK protocol `diffeat eval` uses by default (else the dataset's)
+    tasks: dict[str, dict[str, Any]] = field(default_factory=dict)  # raw [homography] etc.
 
     @property
     def extractor(self) -> StageConfig:
@@ -87,6 +93,8 @@ class PipelineConfig:
         out["matcher"] = self.matcher.resolved()
         if self.train is not None:
             out[TRAIN_TABLE] = dict(self.train)
+        for task, table in self.tasks.items():
+            out[task] = dict(table)
         return out
 
     def digest(self) -> str:
@@ -145,12 +153,22 @@ def parse_config(
     """Validate raw config data (as read from TOML) into a :class:`PipelineConfig`."""
     manager = manager or get_plugin_manager()
     for key in data:
-        if key not in STAGES and key not in TOP_LEVEL_KEYS and key != TRAIN_TABLE:
+        if key not in (*STAGES, TRAIN_TABLE, *TASK_TABLES) and key not in TOP_LEVEL_KEYS:
+            optional = ", ".join(f"[{t}]" for t in (TRAIN_TABLE, *TASK_TABLES))
             raise ConfigError(
                 f"{source}: unknown top-level key {key!r}; expected tables "
-                f"{', '.join(f'[{s}]' for s in STAGES)} (and optional [{TRAIN_TABLE}], name, "
+                f"{', '.join(f'[{s}]' for s in STAGES)} (and optional {optional}, name, "
                 "description, protocol)"
             )
+    tasks: dict[str, dict[str, Any]] = {}
+    for task in TASK_TABLES:
+        if task in data:
+            if not isinstance(data[task], dict):
+                raise ConfigError(
+                    f"{source}: [{task}] must be a table of the {task} task's options "
+                    "(see docs/evaluation.md)"
+                )
+            tasks[task] = dict(data[task])
     train = data.get(TRAIN_TABLE)
     if train is not None and not isinstance(train, dict):
         raise ConfigError(
@@ -198,6 +216,7 @@ def parse_config(
         source=source,
         train=dict(train) if train is not None else None,
         protocol=protocol,
+        tasks=tasks,
     )
 
 

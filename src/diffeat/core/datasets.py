@@ -42,6 +42,10 @@ from diffeat.core.options import options_dict
 
 Box = tuple[float, float, float, float]
 
+#: the task kinds a dataset can declare (:attr:`Dataset.task`): image pairs with keypoints
+#: (PCK), sequences of images related by homographies, videos with labels to propagate
+TASKS = ("pairs", "homography", "propagation")
+
 __all__ = [
     "Box",
     "Dataset",
@@ -52,6 +56,7 @@ __all__ = [
     "LazyImages",
     "Pair",
     "Size",
+    "TASKS",
     "card_of",
     "description_of",
     "inside_root",
@@ -263,6 +268,11 @@ class Dataset:
     url: str = ""
     layout: str = ""
     default_protocol: str = "dift"
+    #: the kind of task (see :data:`TASKS`): ``"pairs"`` datasets yield :class:`Pair` s from
+    #: :meth:`pairs`; a ``"homography"`` or ``"propagation"`` dataset yields its own records
+    #: (image sequences, videos) and ``diffeat eval`` runs the matching task of
+    #: :mod:`diffeat.eval.tasks` on it
+    task: str = "pairs"
 
     def __init__(self, options: DatasetOptions) -> None:
         self.options = options
@@ -323,6 +333,7 @@ class DatasetCard:
     url: str = Dataset.url
     layout: str = Dataset.layout
     default_protocol: str = Dataset.default_protocol
+    task: str = Dataset.task
 
 
 def card_of(dataset: object) -> DatasetCard:
@@ -335,6 +346,7 @@ def card_of(dataset: object) -> DatasetCard:
         url=str(getattr(dataset, "url", Dataset.url)),
         layout=" ".join(str(getattr(dataset, "layout", Dataset.layout)).split()),
         default_protocol=str(getattr(dataset, "default_protocol", Dataset.default_protocol)),
+        task=str(getattr(dataset, "task", Dataset.task)),
     )
 
 

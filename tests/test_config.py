@@ -234,7 +234,7 @@ def test_config_show_output_loads_as_the_same_pipeline(tmp_path, manager):
 
 def test_task_tables_kept_raw_overridable_and_in_the_resolved_config(manager, tmp_path):
     body = (
-        '[extractor]\nplugin = "dummy"\n[propagation]\ntemperature = 0.2\ntopk = 15\n'
+        '[extractor]\nplugin = "color-blur"\n[propagation]\ntemperature = 0.2\ntopk = 15\n'
         '[homography]\nmethod = "lmeds"\n'
     )
     path = tmp_path / "p.toml"

@@ -249,3 +249,37 @@ def test_task_tables_kept_raw_overridable_and_in_the_resolved_config(manager, tm
     assert resolved["homography"] == {"method": "lmeds"}
     with pytest.raises(ConfigError, match=r"\[propagation\] must be a table"):
         parse_config({"extractor": {"plugin": "color-blur"}, "propagation": 3}, manager=manager)
+
+
+def test_model_and_device_reach_a_matcher_that_owns_its_model(manager):
+    from diffeat.cli.common import collect_overrides
+
+    preset = EXAMPLES / "hedlin-sd14.toml"
+    cfg = load_config(preset, collect_overrides((), "/models/sd", "cpu"), manager=manager)
+    assert cfg.extractors == []  # the preset has no [extractor]: the matcher works on images
+    assert cfg.matcher.options.model == "/models/sd"
+    assert cfg.matcher.options.device == "cpu"
+    assert "extractor" not in cfg.resolved()
+    with pytest.raises(ConfigError, match=r"no \[extractor\].*cross-attention"):
+        _ = cfg.extractor
+    # a descriptor pipeline: --model goes to the extractor only (nearest has no model option)
+    dift = load_config(
+        EXAMPLES / "dift-sd21.toml", collect_overrides((), "/m", "cpu"), manager=manager
+    )
+    assert dift.extractor.options.model == "/m" and dift.extractor.options.device == "cpu"
+
+
+def test_extractor_still_required_for_a_descriptor_matcher(manager):
+    with pytest.raises(ConfigError, match=r"missing \[extractor\] table"):
+        parse_config({"matcher": {"plugin": "nearest"}}, manager=manager)
+
+
+def test_device_goes_to_every_extractor_of_a_multi_extractor_pipeline(manager):
+    from diffeat.cli.common import collect_overrides
+
+    cfg = load_config(
+        EXAMPLES / "sd-dino.toml", collect_overrides((), None, "cuda"), manager=manager
+    )
+    assert [e.options.device for e in cfg.extractors] == ["cuda", "cuda"]
+    with pytest.raises(ConfigError, match="several extractors"):
+        load_config(EXAMPLES / "sd-dino.toml", collect_overrides((), "/m", None), manager=manager)

@@ -357,9 +357,9 @@ def test_cli_match_end_to_end(tiny_sd: Path, tmp_path: Path) -> None:
     smooth_texture((48, 64), seed=2).save(b)
     out = run_json(
         "match", ROOT / "examples" / "hedlin-sd14.toml", a, b, "--point", "30,20",
-        "--set", f"matcher.model={json.dumps(str(tiny_sd))}",
+        "--model", str(tiny_sd), "--device", "cpu",
         "--set", "matcher.size=64", "--set", "matcher.steps=1", "--set", "matcher.restarts=1",
-        "--set", "matcher.crops=5", "--set", 'matcher.device="cpu"',
+        "--set", "matcher.crops=5",
         timeout=600,
     )  # fmt: skip
     (row,) = out["matches"]

@@ -93,12 +93,14 @@ def config_options(fn: Callable[..., Any]) -> Callable[..., Any]:
 def collect_overrides(
     overrides: tuple[str, ...], model: str | None, device: str | None
 ) -> list[str]:
-    """The ``--set``, ``--model`` and ``--device`` values as ``stage.option=value`` overrides."""
+    """The ``--set``, ``--model`` and ``--device`` values as overrides: ``--model`` and
+    ``--device`` as ``*.option=value``, which the config routes to the extractor and to a
+    matcher that owns its model (``diffeat.core.config.route_overrides``)."""
     out = list(overrides)
     if model:
-        out.append(f"extractor.model={json.dumps(model)}")
+        out.append(f"*.model={json.dumps(model)}")
     if device:
-        out.append(f"extractor.device={json.dumps(device)}")
+        out.append(f"*.device={json.dumps(device)}")
     return out
 
 

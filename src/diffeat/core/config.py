@@ -12,6 +12,7 @@ in them is executed.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import re
@@ -21,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from diffeat.core.errors import ConfigError
-from diffeat.core.options import build_options, options_dict
+from diffeat.core.options import build_options, options_class, options_dict
 from diffeat.core.plugins import PluginManager, get_plugin_manager
 
 if sys.version_info >= (3, 11):
@@ -78,6 +79,12 @@ class PipelineConfig:
     @property
     def extractor(self) -> StageConfig:
         """The (first) extractor."""
+        if not self.extractors:
+            raise ConfigError(
+                f"{self.source}: this pipeline has no [extractor]: its matcher "
+                f"({self.matcher.plugin}) works on the images with its own model and keeps no "
+                "features; add an [extractor] table to extract or store features"
+            )
         return self.extractors[0]
 
     def resolved(self) -> dict[str, Any]:
@@ -88,7 +95,8 @@ class PipelineConfig:
         if self.protocol:
             out["protocol"] = self.protocol
         extractors = [e.resolved() for e in self.extractors]
-        out["extractor"] = extractors[0] if len(extractors) == 1 else extractors
+        if extractors:  # none: a query-conditioned matcher that works on images
+            out["extractor"] = extractors[0] if len(extractors) == 1 else extractors
         out["aggregator"] = self.aggregator.resolved()
         out["matcher"] = self.matcher.resolved()
         if self.train is not None:
@@ -181,10 +189,13 @@ def parse_config(
             f'{source}: protocol must be the name of a PCK protocol, e.g. protocol = "dift" '
             "(see docs/evaluation.md)"
         )
-    if "extractor" not in data:
-        raise ConfigError(f'{source}: missing [extractor] table (with plugin = "...")')
-    tables = data["extractor"]
-    if isinstance(tables, dict):
+    matcher = _stage(manager, "matcher", data.get("matcher", {}), source, "[matcher]")
+    tables = data.get("extractor")
+    if tables is None:
+        if _needs_descriptors(matcher.factory):
+            raise ConfigError(f'{source}: missing [extractor] table (with plugin = "...")')
+        extractors: list[StageConfig] = []  # a query-conditioned matcher works on images
+    elif isinstance(tables, dict):
         extractors = [_stage(manager, "extractor", tables, source, "[extractor]")]
     elif isinstance(tables, list) and tables and all(isinstance(t, dict) for t in tables):
         extractors = []
@@ -207,7 +218,6 @@ def parse_config(
             f"{source}: [extractor] must be a table or a list of [[extractor]] tables"
         )
     aggregator = _stage(manager, "aggregator", data.get("aggregator", {}), source, "[aggregator]")
-    matcher = _stage(manager, "matcher", data.get("matcher", {}), source, "[matcher]")
     return PipelineConfig(
         extractors,
         aggregator,
@@ -250,13 +260,71 @@ def read_toml(path: str | Path) -> dict[str, Any]:
         raise ConfigError(f"{p}: invalid TOML: {exc}") from None
 
 
+#: prefix of an override that goes to every stage that has the option (``--model``, ``--device``)
+ROUTED = "*."
+
+
+def _needs_descriptors(factory: Any) -> bool:
+    return bool(getattr(factory, "needs_descriptors", True))
+
+
+def _has_option(manager: PluginManager, kind: str, table: Any, option: str) -> bool:
+    if not isinstance(table, dict):
+        return False
+    plugin = table.get("plugin", DEFAULT_PLUGIN.get(kind))
+    try:
+        factory = manager.get(kind, str(plugin)).factory
+    except ConfigError:
+        return False  # parse_config reports the unknown plugin
+    cls = options_class(factory)
+    return cls is not None and option in {f.name for f in dataclasses.fields(cls)}
+
+
+def route_overrides(
+    data: dict[str, Any], overrides: list[str], manager: PluginManager
+) -> list[str]:
+    """Expand ``*.OPTION=VALUE`` (what ``--model`` and ``--device`` give) into the stages
+    that take it: the extractor (``model``: only a single one; ``device``: each one), and a
+    query-conditioned matcher (one that owns its model, e.g. ``cross-attention``) that has
+    the option. Other overrides pass unchanged."""
+    out: list[str] = []
+    for item in overrides:
+        if not item.startswith(ROUTED):
+            out.append(item)
+            continue
+        key, _, value = item[len(ROUTED) :].partition("=")
+        option = key.strip()
+        routed: list[str] = []
+        tables = data.get("extractor")
+        if isinstance(tables, list) and option == "device":
+            routed += [
+                f"extractor.{t['name']}.{option}={value}"
+                for t in tables
+                if isinstance(t, dict) and "name" in t
+            ]
+        elif tables is not None:
+            routed.append(f"extractor.{option}={value}")
+        matcher = data.get("matcher", {})
+        if _has_option(manager, "matcher", matcher, option):
+            plugin = matcher.get("plugin", DEFAULT_PLUGIN["matcher"])
+            if not _needs_descriptors(manager.get("matcher", str(plugin)).factory):
+                routed.append(f"matcher.{option}={value}")
+        out += routed or [f"extractor.{option}={value}"]
+    return out
+
+
 def load_config(
     path: str | Path,
     overrides: list[str] | tuple[str, ...] = (),
     manager: PluginManager | None = None,
 ) -> PipelineConfig:
-    """Read, override and validate a pipeline file."""
-    data = apply_overrides(read_toml(path), list(overrides), str(path))
+    """Read, override and validate a pipeline file.
+
+    An override ``*.OPTION=VALUE`` goes to each stage that takes it (:func:`route_overrides`).
+    """
+    manager = manager or get_plugin_manager()
+    data = read_toml(path)
+    data = apply_overrides(data, route_overrides(data, list(overrides), manager), str(path))
     return parse_config(data, source=str(path), manager=manager)
 
 

@@ -188,3 +188,15 @@ def test_user_errors(config, photos, tmp_path):
     assert "1 extracted" in proc.stdout
     assert_user_error(run("store", "info", tmp_path / "missing.zarr", check=None), "missing.zarr")
     assert run("frobnicate", check=None).returncode == 2
+
+
+def test_match_turns_photos_upright_unless_raw_orientation(config, tmp_path):
+    photo = tmp_path / "rotated.png"
+    exif = Image.Exif()
+    exif[0x0112] = 6  # view rotated 90 degrees clockwise: 64 x 32 raster, 32 x 64 upright
+    smooth_texture((64, 32), seed=5).save(photo, exif=exif)
+    # x = 50 lies inside the raster but outside the upright photo
+    proc = run("match", config, photo, photo, "--point", "50,10", check=None)
+    assert_user_error(proc, "outside")
+    out = run_json("--raw-orientation", "match", config, photo, photo, "--point", "50,10")
+    assert out["matches"][0]["source"] == [50.0, 10.0]

@@ -225,3 +225,48 @@ def test_unsupported_arrays_say_what_is_accepted(item, fragment):
     with pytest.raises(ImageError) as err:
         as_input(item)
     assert fragment in str(err.value)
+
+
+def _rotated_photo(path, orientation: int = 6):
+    """A 40 x 20 PNG whose EXIF says: rotate 90 degrees clockwise to view (orientation 6)."""
+    raster = smooth_texture((40, 20), seed=3)
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    raster.save(path, exif=exif)
+    return raster
+
+
+def test_exif_orientation_is_applied_by_default_and_raw_on_request(tmp_path, monkeypatch):
+    path = tmp_path / "photo.png"
+    raster = _rotated_photo(path)
+    monkeypatch.delenv("DIFFEAT_IMAGE_ORIENTATION", raising=False)
+    upright = load_image(path)
+    assert upright.size == (20, 40)  # turned as a photo viewer shows it
+    expected = raster.transpose(Image.Transpose.ROTATE_270)  # 90 degrees clockwise
+    assert np.array_equal(np.asarray(upright), np.asarray(expected))
+    raw = load_image(path, orientation="raw")
+    assert np.array_equal(np.asarray(raw), np.asarray(raster))
+    # the choice is part of the store key: other pixels, another key
+    assert as_input(path).key != as_input(path, orientation="raw").key
+    assert as_input(path, orientation="raw").key == content_key(raster)
+    monkeypatch.setenv("DIFFEAT_IMAGE_ORIENTATION", "raw")
+    assert load_image(path).size == (40, 20)
+
+
+def test_bad_orientation_names_the_variable(tmp_path, monkeypatch):
+    from diffeat.core.errors import ConfigError
+
+    path = tmp_path / "photo.png"
+    _rotated_photo(path)
+    monkeypatch.setenv("DIFFEAT_IMAGE_ORIENTATION", "sideways")
+    with pytest.raises(ConfigError, match="DIFFEAT_IMAGE_ORIENTATION='sideways'.*exif.*raw"):
+        load_image(path)
+
+
+def test_dataset_images_are_read_raw_as_their_annotations(tmp_path, monkeypatch):
+    from diffeat.core.datasets import ImageRef
+
+    monkeypatch.delenv("DIFFEAT_IMAGE_ORIENTATION", raising=False)
+    path = tmp_path / "photo.png"
+    raster = _rotated_photo(path)
+    assert ImageRef(path, "cat").load().size == raster.size

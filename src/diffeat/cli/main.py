@@ -22,6 +22,8 @@ Environment:
                            (entry points) to load; built-ins always load
   DIFFEAT_DISABLE_PLUGINS  comma-separated plugins (built-in or third-party)
                            not to load, their commands included
+  DIFFEAT_IMAGE_ORIENTATION  raw: keep a photo's stored raster (default exif:
+                           turn it upright by its EXIF orientation)
   DIFFEAT_ZARR_FAST_PATH   0 to read and write the store through zarr's
                            public API only (default 1: the faster path)
   HF_HUB_OFFLINE           1: use only models already in the Hugging Face
@@ -52,11 +54,22 @@ Every command also takes --quiet and -v/--verbose after its name.
     callback=verbose_callback,
     help="Log what happens on stderr (-vv: debug, every library).",
 )
+@click.option(
+    "--raw-orientation",
+    is_flag=True,
+    help="Keep photos' stored pixels: do not apply their EXIF orientation.",
+)
 @click.pass_context
-def cli(ctx: click.Context, quiet: bool) -> None:
+def cli(ctx: click.Context, quiet: bool, raw_orientation: bool) -> None:
     """Correspondences from diffusion-model features."""
     obj = ctx.ensure_object(dict)
     obj["quiet"] = bool(quiet or obj.get("quiet"))
+    if raw_orientation:
+        import os
+
+        from diffeat.core.images import ORIENTATION_ENV
+
+        os.environ[ORIENTATION_ENV] = "raw"  # read by every image load of this process
 
 
 def _add_commands() -> None:

@@ -368,7 +368,7 @@ class ImageRef:
 
     def load(self) -> ImageInput:
         """The decoded image, tagged with its category (a :class:`ImageError` if unreadable)."""
-        return as_input(self.path).with_category(self.category)
+        return as_input(self.path, orientation="raw").with_category(self.category)
 
 
 @dataclass(frozen=True)

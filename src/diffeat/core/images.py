@@ -1,9 +1,13 @@
 """Loading and preprocessing images: the one place pixels come from.
 
 Every image becomes 8-bit RGB: grayscale, palette, RGBA (alpha dropped),
-16-bit and CMYK images are converted, not rejected. EXIF orientation is not
-applied, so pixel coordinates match the stored raster (as benchmark
-annotations do).
+16-bit and CMYK images are converted, not rejected. A photo's EXIF orientation
+is applied, as photo viewers do, so points are given on the upright image;
+``orientation="raw"`` (or ``DIFFEAT_IMAGE_ORIENTATION=raw``, or ``diffeat
+--raw-orientation``) keeps the stored raster. Benchmark annotations are in raster
+coordinates, so dataset images are always read raw (as the official loaders
+do). The choice is part of the store key: the key hashes the decoded pixels, and
+a rotated photo decodes to other pixels.
 
 An image file larger than :func:`max_image_pixels` (Pillow's guard against
 decompression bombs, about 179 megapixels by default) is refused with an
@@ -28,7 +32,7 @@ from typing import Union
 
 import numpy as np
 import torch
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 from diffeat.core.errors import ConfigError, ImageError
 from diffeat.core.geometry import ImageTransform, Size
@@ -38,6 +42,8 @@ IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".g
 ImageLike = Union[str, os.PathLike, Image.Image, np.ndarray, torch.Tensor, "ImageInput"]
 
 MAX_PIXELS_ENV = "DIFFEAT_MAX_IMAGE_PIXELS"
+ORIENTATION_ENV = "DIFFEAT_IMAGE_ORIENTATION"
+ORIENTATIONS = ("exif", "raw")
 _PILLOW_LIMIT_LOCK = threading.Lock()
 
 
@@ -129,9 +135,24 @@ def _too_large(path: Path, size: str) -> ImageError:
     )
 
 
-def load_image(path: str | os.PathLike) -> Image.Image:
+def image_orientation(orientation: str | None = None) -> str:
+    """``orientation``, else ``DIFFEAT_IMAGE_ORIENTATION``, else ``"exif"``: checked."""
+    value = orientation or os.environ.get(ORIENTATION_ENV, "").strip().lower() or "exif"
+    if value not in ORIENTATIONS:
+        where = "orientation" if orientation else ORIENTATION_ENV
+        raise ConfigError(
+            f"{where}={value!r} is not an image orientation; use exif (apply the photo's "
+            "EXIF orientation, the default) or raw (keep the stored raster)"
+        )
+    return value
+
+
+def load_image(path: str | os.PathLike, *, orientation: str | None = None) -> Image.Image:
     """Open an image file as 8-bit RGB, with a clear :class:`ImageError` on failure
-    (including an image over :func:`max_image_pixels`)."""
+    (including an image over :func:`max_image_pixels`). ``orientation`` (see
+    :func:`image_orientation`): ``"exif"`` turns a photo upright by its EXIF orientation,
+    ``"raw"`` keeps the stored raster."""
+    upright = image_orientation(orientation) == "exif"
     p = Path(path)
     if not p.exists():
         raise ImageError(f"image not found: {p}")
@@ -146,6 +167,8 @@ def load_image(path: str | os.PathLike) -> Image.Image:
                         p, f"{w} x {h} = {w * h:,} pixels, more than the limit of {limit:,}"
                     )
                 img.load()
+                if upright:
+                    return _to_rgb(ImageOps.exif_transpose(img))
                 return _to_rgb(img)
         except Image.DecompressionBombError as exc:
             raise _too_large(
@@ -250,13 +273,14 @@ def _tensor_to_pil(tensor: torch.Tensor) -> Image.Image:
     return _array_to_pil(arr, f"{what} (as HxWxC)")
 
 
-def as_input(item: ImageLike) -> ImageInput:
+def as_input(item: ImageLike, *, orientation: str | None = None) -> ImageInput:
     """Normalise an image into an :class:`ImageInput`: a path, a PIL image, a numpy array
     (``HxWx3`` / ``HxWx4`` / ``HxW``, uint8 or float in ``[0, 1]``), a torch tensor
     (``3xHxW`` / ``1xHxW`` / ``HxW``, uint8 or float in ``[0, 1]``) or an :class:`ImageInput`.
 
     The key hashes the decoded 8-bit RGB pixels, so the same pixels give the same key however
-    they are passed; anything else is an :class:`ImageError` saying what is accepted.
+    they are passed; anything else is an :class:`ImageError` saying what is accepted. A file
+    is read with ``orientation`` (:func:`load_image`).
     """
     if isinstance(item, ImageInput):
         return item
@@ -274,7 +298,7 @@ def as_input(item: ImageLike) -> ImageInput:
             f"cannot use a {type(item).__name__} as an image: pass a file path, a PIL image, a "
             "numpy array or a torch tensor"
         )
-    rgb = load_image(item)
+    rgb = load_image(item, orientation=orientation)
     return ImageInput(rgb, content_key(rgb), str(item))
 
 

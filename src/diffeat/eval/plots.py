@@ -229,8 +229,8 @@ def qualitative_figure(ev: Evaluation, count: int = 6) -> Figure:
         ok = ev.protocol.correct(dist, t, alpha)
         colors = [CORRECT if o else WRONG for o in ok[vis]]
         ax_s, ax_t = axes[row]
-        ax_s.imshow(load_image(pair.source))
-        target_image = load_image(pair.target)
+        ax_s.imshow(load_image(pair.source, orientation="raw"))
+        target_image = load_image(pair.target, orientation="raw")
         ax_t.imshow(target_image)
         # predictions off the image are not drawn: every panel shows its whole image
         ax_t.set_xlim(-0.5, target_image.width - 0.5)

@@ -113,7 +113,7 @@ class ImageCache:
         if item is not None:
             self._items.move_to_end(key)
             return item
-        item = as_input(path)
+        item = as_input(path, orientation="raw")
         self.loads += 1
         self._items[key] = item
         if len(self._items) > self.size:

@@ -231,8 +231,9 @@ def test_presets_encode_each_papers_choices():
     hedlin = get_protocol("hedlin")
     assert hedlin.thresholds_for("spair") == ("bbox-source",)  # the source-box quirk
     assert hedlin.thresholds_for("synthetic") == ("bbox-source",)  # SPair layout, SPair rules
-    assert hedlin.thresholds_for("pfwillow") == ("kps-target",)
-    assert hedlin.thresholds_for("cub") == ("bbox-target",)
+    assert hedlin.thresholds_for("pfwillow") == ("kps-target-padded",)
+    assert hedlin.thresholds_for("cub") == ("bbox-target-wscale",)
+    assert hedlin.frame == 512  # distances and thresholds in the 512 x 512 squashed frame
     assert hedlin.alphas == (0.05, 0.1) and "45.4" in hedlin.reproduces
     hyper = get_protocol("hyperfeatures")
     assert hyper.thresholds == ("img", "bbox-target") and hyper.average == "per-point"
@@ -366,3 +367,97 @@ def test_each_preset_compares_as_its_official_script():
     assert changed.arithmetic == "divide" and changed.name == "hyperfeatures (modified)"
     with pytest.raises(DiffeatError, match="arithmetic must be one of multiply, divide"):
         PCKProtocol("x", arithmetic="ratio")
+
+
+# -- Hedlin et al.'s evaluator: the 512 frame -------------------------------------------------
+
+
+def _official_hedlin_pck(dataset, pred, src_kps, trg_kps, src_size, trg_size, src_box, trg_box):
+    """Hedlin et al.'s loaders and classify_prd, written out (torch, float32): keypoints
+    scaled into the 512 x 512 squashed frame, then torch.le(dist, T * alpha)."""
+    import torch
+
+    def scaled(kps, size):  # get_points: x * 512 / W, y * 512 / H, padded with -1 to 40
+        k = torch.tensor(kps, dtype=torch.float32).t()
+        k = torch.stack([k[0] * (512 / size[0]), k[1] * (512 / size[1])])
+        return torch.cat([k, torch.zeros((2, 40 - k.shape[1])) - 1], dim=1), k.shape[1]
+
+    trg, n = scaled(trg_kps, trg_size)
+    prd = torch.tensor(pred, dtype=torch.float32).t()
+    prd = torch.stack([prd[0] * (512 / trg_size[0]), prd[1] * (512 / trg_size[1])])
+    if dataset == "spair":  # get_bbox on the source box with the source's size, max side
+        b = torch.tensor(src_box, dtype=torch.float32)
+        b[0::2] *= 512 / src_size[0]
+        b[1::2] *= 512 / src_size[1]
+        thres = torch.max(b[2] - b[0], b[3] - b[1])
+    elif dataset == "pfwillow":  # max(trg_kps.max(1) - trg_kps.min(1)) over padded kps
+        thres = max(trg.max(1)[0] - trg.min(1)[0])
+    else:  # cub: max(w, h) of the (x, y, w, h) box times 512 / W
+        x0, y0, x1, y1 = trg_box
+        thres = max(x1 - x0, y1 - y0) * (512 / trg_size[0])
+    dist = (prd - trg[:, :n]).pow(2).sum(dim=0).pow(0.5)
+    return [
+        torch.le(dist, torch.as_tensor(thres).expand_as(dist).float() * a).sum().item() / n
+        for a in (0.05, 0.1)
+    ]
+
+
+@pytest.mark.parametrize("dataset", ["spair", "pfwillow", "cub"])
+def test_hedlin_protocol_reproduces_the_official_evaluator(dataset):
+    from pathlib import Path
+
+    from diffeat.core.datasets import Pair
+    from diffeat.eval.runner import PairOutcome, score
+
+    rng = np.random.default_rng({"spair": 1, "pfwillow": 2, "cub": 3}[dataset])
+    protocol = get_protocol("hedlin")
+    outcomes, expected = [], []
+    for i in range(30):
+        n = 10 if dataset == "pfwillow" else int(rng.integers(1, 9))
+        src_size = (int(rng.integers(150, 700)), int(rng.integers(150, 700)))
+        trg_size = (int(rng.integers(150, 700)), int(rng.integers(150, 700)))
+        src = rng.uniform(0, 1, (n, 2)) * np.array(src_size) * 0.9
+        trg = rng.uniform(0, 1, (n, 2)) * np.array(trg_size) * 0.9
+        # predictions near the truth (so some are right at each alpha), on Hedlin's grid:
+        # argmax + 0.5 in the 512 frame, back in target pixels
+        near = trg + rng.normal(0, 0.06, (n, 2)) * np.array(trg_size)
+        cell = np.floor(near * 512 / np.array(trg_size))
+        pred = (cell + 0.5) * np.array(trg_size) / 512
+        src_box = tuple(float(v) for v in (*src.min(0), *src.max(0) + 20))
+        trg_box = tuple(float(v) for v in (*trg.min(0), *trg.max(0) + 15))
+        pair = Pair(
+            str(i), Path("s.jpg"), Path("t.jpg"), "cat", src, trg,
+            source_bbox=src_box, target_bbox=trg_box,
+            source_size=src_size, target_size=trg_size,
+        )  # fmt: skip
+        outcomes.append(PairOutcome(pair, pred, np.ones(n), np.ones(n, dtype=bool), 0.0))
+        expected.append(_official_hedlin_pck(dataset, pred, src, trg, src_size, trg_size,
+                                             src_box, trg_box))  # fmt: skip
+    kinds, _, summaries = score(outcomes, protocol, dataset)
+    (kind,) = kinds
+    by_alpha = summaries[kind]["by_alpha"]
+    mean = np.mean(expected, axis=0)
+    assert 0 < mean[0] < mean[1] < 1  # a case where the thresholds decide
+    assert by_alpha["0.05"]["per_image"] == pytest.approx(mean[0], abs=1e-12)
+    assert by_alpha["0.1"]["per_image"] == pytest.approx(mean[1], abs=1e-12)
+
+
+def test_frame_thresholds_by_hand():
+    # a 1000 x 500 target squashed to 512: x * 0.512, y * 1.024
+    box = (100.0, 100.0, 300.0, 200.0)  # 200 wide, 100 high
+    assert threshold_of("bbox-target", target_bbox=box, target_size=(1000, 500), frame=512) == (
+        pytest.approx(max(200 * 0.512, 100 * 1.024))
+    )
+    assert threshold_of(
+        "bbox-target-wscale", target_bbox=box, target_size=(1000, 500), frame=512
+    ) == pytest.approx(200 * 0.512)
+    pts = [[10.0, 20.0], [400.0, 50.0]]
+    assert threshold_of("kps-target-padded", target_points=pts) == 401.0
+    assert threshold_of(
+        "kps-target-padded", target_points=pts, target_size=(1000, 500), frame=512
+    ) == pytest.approx(400 * 0.512 + 1)
+    assert threshold_of("img", target_size=(1000, 500), frame=512) == 512.0
+    with pytest.raises(ValueError, match="needs the image size"):
+        threshold_of("bbox-source", source_bbox=box, target_size=(10, 10), frame=512)
+    # distances in the frame: 10 px in x of a 1000-wide target are 5.12 there
+    assert distances([[10.0, 0.0]], [[0.0, 0.0]], scale=(0.512, 1.024))[0] == pytest.approx(5.12)

@@ -17,7 +17,15 @@ from diffeat.cli.datasets_common import (  # noqa: F401  (build_dataset: importe
 )
 from diffeat.core.errors import DiffeatError
 
-THRESHOLD_CHOICES = ("bbox-target", "bbox-source", "img", "kps-target", "kps-source")
+THRESHOLD_CHOICES = (
+    "bbox-target",
+    "bbox-source",
+    "img",
+    "kps-target",
+    "kps-source",
+    "kps-target-padded",
+    "bbox-target-wscale",
+)
 
 
 def parse_alphas(values: tuple[str, ...]) -> tuple[float, ...]:
@@ -81,6 +89,13 @@ def parse_alphas(values: tuple[str, ...]) -> tuple[float, ...]:
     default=None,
     help="Correct if distance <= or < alpha * T.",
 )
+@click.option(
+    "--frame",
+    type=click.IntRange(min=0),
+    default=None,
+    metavar="S",
+    help="Measure distances and thresholds in each image squashed to S x S (0: its own pixels).",
+)
 @click.option("--limit", type=click.IntRange(min=1), default=None, help="Only the first N pairs.")
 @click.option("--no-plots", is_flag=True, help="Do not draw plots into --out.")
 @config_options
@@ -101,6 +116,7 @@ def eval_cmd(
     alphas: tuple[str, ...],
     thresholds: tuple[str, ...],
     comparison: str | None,
+    frame: int | None,
     limit: int | None,
     no_plots: bool,
     overrides: tuple[str, ...],
@@ -140,7 +156,7 @@ def eval_cmd(
     default = cfg.protocol or card_of(dataset).default_protocol
     protocol = get_protocol(protocol_name or default)
     protocol = protocol.with_changes(
-        alphas=parse_alphas(alphas), thresholds=thresholds, comparison=comparison
+        alphas=parse_alphas(alphas), thresholds=thresholds, comparison=comparison, frame=frame
     )
     pipe = Pipeline(cfg, store=FeatureStore(store_path) if store_path else None)
     pairs = list(itertools.islice(dataset.pairs(), limit))

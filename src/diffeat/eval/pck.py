@@ -22,7 +22,20 @@ The reference length ``T`` of a pair is one of:
   Hedlin et al.);
 - ``img``: ``max(w, h)`` of the target image (``alpha_img``);
 - ``kps-target`` / ``kps-source``: ``max(w, h)`` of the extent of the pair's
-  scored keypoints in the target / source image (PF-Willow's ``alpha_bbox``).
+  scored keypoints in the target / source image (PF-Willow's ``alpha_bbox``);
+- ``kps-target-padded``: ``max(x, y) + 1`` over the scored target keypoints:
+  the extent as Hedlin et al.'s PF-Willow loader computes it, ``max - min`` over
+  keypoints padded with ``-1`` (the padding is the minimum);
+- ``bbox-target-wscale``: ``max(w, h)`` of the target box times ``S / W`` (the
+  frame over the target image's *width*) in a framed evaluation: Hedlin et
+  al.'s CUB loader scales both sides by the width's factor.
+
+The frame: by default distances and thresholds are in the images' own pixels.
+A protocol with ``frame = S`` measures them in the ``S x S`` squashed frame of
+each image, as Hedlin et al.'s CATs-derived evaluator does: every x is scaled by
+``S / W`` and every y by ``S / H`` of its own image (target points and
+predictions by the target's, source points and box by the source's) before
+distances and thresholds are taken; ``img`` is then ``S``.
 
 A box with ``x1 < x0`` or ``y1 < y0`` is normalised: only ``|x1 - x0|`` and
 ``|y1 - y0|`` enter. A threshold must be finite and ``>= 0`` (a zero one
@@ -66,7 +79,15 @@ COMPARISONS: tuple[str, ...] = ("<=", "<")
 Arithmetic = Literal["multiply", "divide"]
 #: ``multiply``: ``d <= alpha * T``; ``divide``: ``d / T <= alpha`` (see the module doc)
 ARITHMETICS: tuple[str, ...] = ("multiply", "divide")
-THRESHOLDS: tuple[str, ...] = ("bbox-target", "bbox-source", "img", "kps-target", "kps-source")
+THRESHOLDS: tuple[str, ...] = (
+    "bbox-target",
+    "bbox-source",
+    "img",
+    "kps-target",
+    "kps-source",
+    "kps-target-padded",
+    "bbox-target-wscale",
+)
 AVERAGES: tuple[str, ...] = (
     "per-image",
     "per-point",
@@ -95,6 +116,24 @@ def keypoint_extent(points: Any, mask: Any = None) -> float:
     return float(span.max())
 
 
+def frame_scale(size: Sequence[float] | None, frame: int) -> np.ndarray:
+    """``[S / W, S / H]`` of an image of ``size`` ``(W, H)`` for the frame ``S`` (``[1, 1]``
+    when ``frame`` is 0: the image's own pixels)."""
+    if not frame:
+        return np.ones(2)
+    if size is None:
+        raise ValueError(f"measuring in the {frame} x {frame} frame needs the image size")
+    w, h = (float(v) for v in list(size)[:2])
+    return np.array([frame / w, frame / h])
+
+
+def _scaled_box(box: Sequence[float] | None, scale: np.ndarray) -> tuple[float, ...] | None:
+    if box is None:
+        return None
+    x0, y0, x1, y1 = (float(v) for v in box)
+    return (x0 * scale[0], y0 * scale[1], x1 * scale[0], y1 * scale[1])
+
+
 def threshold_of(
     kind: str,
     *,
@@ -104,8 +143,44 @@ def threshold_of(
     source_points: Any = None,
     target_points: Any = None,
     visible: Any = None,
+    source_size: Sequence[int] | None = None,
+    frame: int = 0,
 ) -> float:
-    """The reference length ``T`` of one pair for a threshold ``kind`` (see module doc)."""
+    """The reference length ``T`` of one pair for a threshold ``kind`` (see module doc), in
+    the images' own pixels or, with ``frame = S``, in the ``S x S`` squashed frame (which
+    needs ``target_size`` and, for the source's box or points, ``source_size``)."""
+    if frame:
+        t_scale = frame_scale(target_size, frame)
+        if kind == "bbox-target-wscale":
+            if target_bbox is None:
+                raise ValueError(f"threshold {kind!r} needs the target bounding box")
+            return box_side(target_bbox) * float(t_scale[0])
+        if kind == "img":
+            return float(frame)
+        s_scale = frame_scale(source_size, frame) if kind.endswith("source") else t_scale
+        return threshold_of(
+            kind,
+            source_bbox=_scaled_box(source_bbox, s_scale),
+            target_bbox=_scaled_box(target_bbox, t_scale),
+            source_points=None
+            if source_points is None
+            else np.asarray(source_points, dtype=np.float64).reshape(-1, 2) * s_scale,
+            target_points=None
+            if target_points is None
+            else np.asarray(target_points, dtype=np.float64).reshape(-1, 2) * t_scale,
+            visible=visible,
+        )
+    if kind == "bbox-target-wscale":
+        kind = "bbox-target"  # in the images' own pixels, the plain target box
+    if kind == "kps-target-padded":
+        if target_points is None:
+            raise ValueError(f"threshold {kind!r} needs the target keypoints")
+        pts = np.asarray(target_points, dtype=np.float64).reshape(-1, 2)
+        if visible is not None:
+            pts = pts[np.asarray(visible, dtype=bool).reshape(-1)]
+        if len(pts) == 0:
+            raise ValueError(f"threshold {kind!r} needs at least one keypoint")
+        return float(pts.max()) + 1.0
     if kind == "bbox-target":
         if target_bbox is None:
             raise ValueError("threshold 'bbox-target' needs the target bounding box")
@@ -142,12 +217,23 @@ def usable_predictions(predicted: Any, valid: Any = None) -> np.ndarray:
     return ok
 
 
-def distances(predicted: Any, target: Any, visible: Any = None, valid: Any = None) -> np.ndarray:
+def distances(
+    predicted: Any,
+    target: Any,
+    visible: Any = None,
+    valid: Any = None,
+    *,
+    scale: Sequence[float] | None = None,
+) -> np.ndarray:
     """Euclidean distances ``[N]``: ``NaN`` where ``visible`` is false (not scored), ``+inf``
     where the keypoint is scored but the prediction is unusable (a non-finite coordinate, or
-    ``valid`` false): such a keypoint counts as wrong."""
+    ``valid`` false): such a keypoint counts as wrong. ``scale`` ``(sx, sy)`` multiplies both
+    point sets first (a framed evaluation, :func:`frame_scale`)."""
     pred = np.asarray(predicted, dtype=np.float64).reshape(-1, 2)
     gt = np.asarray(target, dtype=np.float64).reshape(-1, 2)
+    if scale is not None:
+        factor = np.asarray(scale, dtype=np.float64).reshape(1, 2)
+        pred, gt = pred * factor, gt * factor
     if pred.shape != gt.shape:
         raise ValueError(f"{len(pred)} predicted points for {len(gt)} ground-truth points")
     usable = usable_predictions(pred, valid)

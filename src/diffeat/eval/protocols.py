@@ -9,7 +9,7 @@ reproducing them also needs the paper's pipeline (``examples/*.toml``).
 | preset | threshold | test | headline | alphas | reproduces |
 |---|---|---|---|---|---|
 | `dift` | target bbox | `d / T <= a` | per image (per point also printed) | 0.1 | DIFT SPair-71k PCK@0.1(bbox): 52.9 per image, 59.5 per point (SD 2.1) |
-| `hedlin` | SPair: *source* bbox; PF-Willow: target keypoint extent; CUB: target bbox | `d <= a * T` | per image | 0.05, 0.1 | Hedlin et al.: SPair 28.9 / 45.4, PF-Willow 53.0 / 84.3, CUB 61.6 / 77.5 |
+| `hedlin` | in the 512 x 512 squashed frame: SPair *source* bbox; PF-Willow max keypoint coordinate + 1; CUB target bbox x 512 / W | `d <= a * T` | per image | 0.05, 0.1 | Hedlin et al.: SPair 28.9 / 45.4, PF-Willow 53.0 / 84.3, CUB 61.6 / 77.5 |
 | `hyperfeatures` | target image (`alpha_img`) and target bbox (`alpha_bbox`) | `d <= a * T` | per point | 0.1 | Diffusion Hyperfeatures: SPair 72.56 (img) / 64.61 (bbox); CUB 82.29 / 69.42 |
 | `sd-dino` | target bbox | `d < a * T` | pair-weighted mean of categories of per-point PCK | 0.1, 0.05, 0.01 | SD-DINO SPair PCK@0.1 about 64 |
 | `pf-willow` | target keypoint extent | `d <= a * T` | per image | 0.05, 0.1 | the usual PF-Willow `alpha_bbox` protocol |
@@ -48,6 +48,8 @@ class PCKProtocol:
     average: str = "per-image"
     alphas: tuple[float, ...] = (0.1,)
     dataset_thresholds: dict[str, tuple[str, ...]] = field(default_factory=dict)
+    #: measure in the frame x frame squashed frame of each image (0: the images' own pixels)
+    frame: int = 0
     reproduces: str = ""
     notes: str = ""
 
@@ -72,6 +74,8 @@ class PCKProtocol:
             raise DiffeatError(
                 f"protocol {self.name!r}: average must be one of {', '.join(AVERAGES)}"
             )
+        if self.frame < 0:
+            raise DiffeatError(f"protocol {self.name!r}: frame must be 0 or a size in pixels")
         if not self.alphas or any(not (a > 0) for a in self.alphas):
             raise DiffeatError(f"protocol {self.name!r}: alphas must be positive numbers")
 
@@ -88,6 +92,7 @@ class PCKProtocol:
         comparison: str | None = None,
         average: str | None = None,
         arithmetic: str | None = None,
+        frame: int | None = None,
     ) -> PCKProtocol:
         """A copy with command-line overrides (a threshold override applies to every dataset)."""
         changes: dict[str, Any] = {}
@@ -102,6 +107,8 @@ class PCKProtocol:
             changes["average"] = average
         if arithmetic:
             changes["arithmetic"] = arithmetic
+        if frame is not None and frame != self.frame:
+            changes["frame"] = frame
         if not changes:
             return self
         return replace(self, **changes, name=f"{self.name} (modified)")
@@ -127,6 +134,7 @@ class PCKProtocol:
             "invalid_predictions": "wrong",
             "average": self.average,
             "alphas": list(self.alphas),
+            "frame": f"{self.frame} x {self.frame} squashed" if self.frame else "image pixels",
             "reproduces": self.reproduces,
             "notes": self.notes,
         }
@@ -158,17 +166,26 @@ PROTOCOLS: dict[str, PCKProtocol] = {
         PCKProtocol(
             "hedlin",
             thresholds=("bbox-target",),
-            dataset_thresholds={"spair": ("bbox-source",), "pfwillow": ("kps-target",)},
+            dataset_thresholds={
+                "spair": ("bbox-source",),
+                "pfwillow": ("kps-target-padded",),
+                "cub": ("bbox-target-wscale",),
+            },
             comparison="<=",
             average="per-image",
             alphas=(0.05, 0.1),
+            frame=512,
             reproduces=(
                 "Hedlin et al. 2023 PCK@0.05 / @0.1: SPair-71k 28.9 / 45.4 (source-box quirk), "
                 "PF-Willow 53.0 / 84.3, CUB 61.6 / 77.5"
             ),
             notes=(
-                "CATs-style evaluator (mean of per-pair PCK; torch.le(dist, T * alpha) in float32, "
-                "in their 512x512 frame); on SPair the reference length is the source box. Their CUB test set is every test pair of classes 1-3: "
+                "CATs-style evaluator (mean of per-pair PCK; torch.le(dist, T * alpha)), distances "
+                "and thresholds in the 512 x 512 squashed frame of each image (frame = 512). SPair: "
+                "T = max side of the source box (scaled by the source's factors); PF-Willow: "
+                "T = max keypoint coordinate + 1 (max - min over the -1-padded keypoints); CUB: "
+                "T = max side of the target box x 512 / W. Their CUB test set is every test pair "
+                "of classes 1-3 with a part visible in both: "
                 "-o max_classes=3 -o pairs_per_class=0 -o min_common_parts=1"
             ),
         ),

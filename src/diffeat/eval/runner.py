@@ -31,7 +31,14 @@ from diffeat.core.components import needs_descriptors
 from diffeat.core.datasets import Dataset, Pair, description_of
 from diffeat.core.errors import DiffeatError
 from diffeat.core.images import ImageInput, as_input
-from diffeat.eval.pck import ScoredPair, distances, outside_image, summarize, threshold_of
+from diffeat.eval.pck import (
+    ScoredPair,
+    distances,
+    frame_scale,
+    outside_image,
+    summarize,
+    threshold_of,
+)
 from diffeat.eval.protocols import PCKProtocol
 
 if TYPE_CHECKING:
@@ -51,11 +58,17 @@ class PairOutcome:
     valid: np.ndarray
     seconds: float
     clipped: int = 0
+    #: measure distances in the frame x frame squashed target (0: the image's own pixels)
+    frame: int = 0
 
     def distances(self) -> np.ndarray:
         """Distances to the ground truth: ``NaN`` where not scored (not visible in both
-        images), ``+inf`` where scored without a usable prediction (counts as wrong)."""
-        return distances(self.predicted, self.pair.target_points, self.pair.visible, self.valid)
+        images), ``+inf`` where scored without a usable prediction (counts as wrong); in
+        the protocol's frame (see :mod:`diffeat.eval.pck`)."""
+        scale = frame_scale(self.pair.target_size, self.frame) if self.frame else None
+        return distances(
+            self.predicted, self.pair.target_points, self.pair.visible, self.valid, scale=scale
+        )
 
     def invalid(self) -> np.ndarray:
         """``[N]``: scored keypoints without a usable prediction (counted as wrong)."""
@@ -210,8 +223,9 @@ def run_pairs(
     return outcomes, stats
 
 
-def pair_threshold(pair: Pair, kind: str) -> float:
-    """The reference length of ``pair`` for threshold ``kind``, with errors naming the pair."""
+def pair_threshold(pair: Pair, kind: str, frame: int = 0) -> float:
+    """The reference length of ``pair`` for threshold ``kind`` (in the ``frame`` x ``frame``
+    squashed frame when ``frame`` is set), with errors naming the pair."""
     try:
         return threshold_of(
             kind,
@@ -221,6 +235,8 @@ def pair_threshold(pair: Pair, kind: str) -> float:
             source_points=pair.source_points,
             target_points=pair.target_points,
             visible=pair.visible,
+            source_size=pair.source_size,
+            frame=frame,
         )
     except ValueError as exc:
         raise DiffeatError(f"pair {pair.id}: {exc}") from None
@@ -271,9 +287,12 @@ def score(
     kinds = protocol.thresholds_for(dataset)
     per_pair: list[dict[str, float]] = []
     for o in outcomes:
+        o.frame = protocol.frame  # distances in the protocol's frame, as its thresholds
         values: dict[str, float] = {}
         for kind in kinds:
-            values[kind] = pair_threshold(o.pair, kind) if o.pair.num_visible else math.nan
+            values[kind] = (
+                pair_threshold(o.pair, kind, protocol.frame) if o.pair.num_visible else math.nan
+            )
         per_pair.append(values)
     summaries = {
         kind: summarize(

@@ -457,3 +457,82 @@ def test_eval_runs_on_a_synthetic_benchmark(tiny_sd: Path, tmp_path: Path) -> No
     (outcome,) = ev.outcomes
     assert len(outcome.distances()) == 2
     assert 0.0 <= ev.headline() <= 1.0
+
+
+# -- contexts kept in the store ------------------------------------------------------------------
+
+
+def _pipeline(tiny_sd: Path, store: Path, **options: object):
+    from diffeat.core.pipeline import Pipeline
+
+    matcher = {"plugin": "cross-attention", "model": str(tiny_sd), **TINY, **options}
+    return Pipeline.from_dict({"matcher": matcher}, store=store)
+
+
+def _count_optimised(pipe) -> list[int]:
+    """Wrap the matcher's optimisation: the list gets the number of jobs of each call."""
+    matcher = pipe.matcher
+    calls: list[int] = []
+    inner = matcher._optimise_chunk
+
+    def counted(image, jobs):
+        calls.append(len(jobs))
+        return inner(image, jobs)
+
+    matcher._optimise_chunk = counted
+    return calls
+
+
+def test_contexts_are_kept_and_reused_bit_for_bit(tiny_sd: Path, tmp_path: Path) -> None:
+    source, target = _view((80, 60), 1), _view((48, 64), 2)
+    other = _view((56, 40), 3)
+    store = tmp_path / "feats.zarr"
+    points = torch.tensor([[30.0, 20.0], [10.0, 50.0]])
+    first = _pipeline(tiny_sd, store)
+    calls = _count_optimised(first)
+    fresh = first.match(source.image, target.image, points)
+    assert sum(calls) == 2 * 2  # two points x two restarts
+    # a new process-like pipeline on the same store: a rerun and a second target optimise nothing
+    again = _pipeline(tiny_sd, store)
+    calls = _count_optimised(again)
+    rerun = again.match(source.image, target.image, points)
+    again.match(source.image, other.image, points)
+    assert calls == []
+    assert torch.equal(rerun.points, fresh.points)
+    assert torch.equal(rerun.extras["losses"], fresh.extras["losses"])
+    assert torch.equal(rerun.extras["attention"], fresh.extras["attention"])
+    # inference-only options share the contexts; an optimisation option does not
+    more_crops = _pipeline(tiny_sd, store, crops=6)
+    calls = _count_optimised(more_crops)
+    more_crops.match(source.image, target.image, points)
+    assert calls == []
+    more_steps = _pipeline(tiny_sd, store, steps=3)
+    calls = _count_optimised(more_steps)
+    more_steps.match(source.image, target.image, points[:1])
+    assert sum(calls) == 2
+    from diffeat.store import FeatureStore
+
+    info = FeatureStore(store).info()
+    kept = {k: v for k, v in info["extractors"].items() if k.startswith("cross-attention-")}
+    assert len(kept) == 2 and sorted(v["entries"] for v in kept.values()) == [1, 2]
+
+
+def test_an_interrupted_run_resumes_with_the_points_it_finished(
+    tiny_sd: Path, tmp_path: Path
+) -> None:
+    source, target = _view((80, 60), 1), _view((48, 64), 2)
+    store = tmp_path / "feats.zarr"
+    pipe = _pipeline(tiny_sd, store)
+    calls = _count_optimised(pipe)
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    pipe.matcher.attend = interrupted  # killed after the optimisation of both points
+    with pytest.raises(KeyboardInterrupt):
+        pipe.match(source.image, target.image, torch.tensor([[30.0, 20.0], [10.0, 50.0]]))
+    assert sum(calls) == 4
+    resumed = _pipeline(tiny_sd, store)
+    calls = _count_optimised(resumed)
+    resumed.match(source.image, target.image, torch.tensor([[30.0, 20.0], [5.0, 5.0]]))
+    assert sum(calls) == 2  # only the new point's two restarts

@@ -20,6 +20,7 @@ fusing                 :class:`FusingAggregator`                   multi-extract
 fusing per pair        :class:`PairFusingAggregator`               ``Pipeline.views``
 training               :class:`TrainableAggregator`                ``diffeat train``
 query-conditioned      ``Matcher.needs_descriptors = False``       ``Pipeline.view``
+caching queries        :class:`CachingMatcher`                     ``Pipeline.matcher``
 =====================  ==========================================  =========================
 """
 
@@ -352,6 +353,29 @@ def is_pair_fusing(aggregator: object) -> bool:
 def is_trainable(aggregator: object) -> bool:
     """Whether ``diffeat train`` can train an aggregator (:class:`TrainableAggregator`)."""
     return isinstance(aggregator, TrainableAggregator)
+
+
+@runtime_checkable
+class CachingMatcher(Protocol):
+    """A query-conditioned matcher whose per-(image, query) work is worth keeping.
+
+    With a store, the pipeline hands it a :class:`~diffeat.core.query_cache.QueryCache`
+    (keyed by the matcher's plugin, its result-affecting options and
+    :meth:`model_identity`) before its first match; without one, ``None``.
+    """
+
+    def model_identity(self) -> dict[str, Any]:
+        """A fingerprint of the model's weights (enters the cache key)."""
+        ...
+
+    def use_cache(self, cache: Any) -> None:
+        """Keep per-(image, query) results in ``cache`` (a ``QueryCache``) or nowhere."""
+        ...
+
+
+def is_caching(matcher: object) -> bool:
+    """Whether a matcher keeps per-query results in the store (:class:`CachingMatcher`)."""
+    return isinstance(matcher, CachingMatcher)
 
 
 def is_generating(extractor: object) -> bool:

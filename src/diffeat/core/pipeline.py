@@ -18,6 +18,7 @@ from diffeat.core.components import (
     MatchResult,
     PairFusingAggregator,
     View,
+    is_caching,
     is_fusing,
     needs_descriptors,
 )
@@ -107,7 +108,23 @@ class Pipeline:
     @property
     def matcher(self) -> Matcher:
         if self._matcher is None:
-            self._matcher = self.config.matcher.build()
+            matcher = self.config.matcher.build()
+            if is_caching(matcher):  # it keeps its per-query work in the store
+                from diffeat.core.query_cache import QueryCache
+
+                stage = self.config.matcher
+                matcher.use_cache(
+                    QueryCache(
+                        self.store,
+                        stage.plugin,
+                        stage.options,
+                        matcher.model_identity,
+                        config=stage.resolved(),
+                    )
+                    if self.store is not None
+                    else None
+                )
+            self._matcher = matcher
         return self._matcher
 
     def layers(self) -> list[LayerInfo]:

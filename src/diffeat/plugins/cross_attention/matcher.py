@@ -10,11 +10,19 @@ are averaged and softmaxed over pixels, the layers averaged and the argmax is
 the match. Every random draw comes from a per-(point, restart) seeded generator,
 so batching several optimisations in one UNet call (``max_batch``) changes
 nothing.
+
+With a feature store the optimised contexts of each source point are kept there
+(:class:`~diffeat.core.query_cache.QueryCache`, float32, with their loss
+curves) as soon as the point's restarts are done: a second target, a rerun or
+an evaluation where the image recurs optimises nothing twice, with the same
+result bit for bit.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -22,7 +30,8 @@ import torch.nn.functional as F
 from diffeat.core.components import Matcher, MatchResult, View
 from diffeat.core.devices import pick_device
 from diffeat.core.errors import ConfigError
-from diffeat.core.geometry import check_points
+from diffeat.core.features import FeatureSet
+from diffeat.core.geometry import ImageTransform, check_points
 from diffeat.plugins.cross_attention.attention import (
     CrossAttentionLayer,
     TokenAttention,
@@ -70,6 +79,11 @@ class CrossAttentionMatcher(Matcher):
         self.device = pick_device(self.options.device)
         self._parts: DiffusionParts | None = None
         self._layers: list[CrossAttentionLayer] | None = None
+        self._cache: Any = None  # a QueryCache when the pipeline has a store
+
+    def use_cache(self, cache: Any) -> None:
+        """Keep each source point's optimised contexts in ``cache`` (a ``QueryCache``)."""
+        self._cache = cache
 
     # -- the model, loaded on first use ----------------------------------------------------
 
@@ -140,10 +154,18 @@ class CrossAttentionMatcher(Matcher):
 
     # -- phase 1: contexts ------------------------------------------------------------------
 
-    def optimise(self, image: torch.Tensor, jobs: list[Job]) -> None:
-        """Optimise each job's context on the squashed source ``image`` ``[3, S, S]``."""
+    def optimise(
+        self,
+        image: torch.Tensor,
+        jobs: list[Job],
+        done: Callable[[list[Job]], None] | None = None,
+    ) -> None:
+        """Optimise each job's context on the squashed source ``image`` ``[3, S, S]``;
+        ``done`` gets the jobs of each chunk once it is optimised."""
         for chunk in _chunks(jobs, self.options.max_batch):
             self._optimise_chunk(image, chunk)
+            if done is not None:
+                done(chunk)
 
     def _optimise_chunk(self, image: torch.Tensor, jobs: list[Job]) -> None:
         o = self.options
@@ -241,6 +263,55 @@ class CrossAttentionMatcher(Matcher):
                 count[b, :, y0 : y0 + crop, x0 : x0 + crop] += 1
         return total / count
 
+    # -- contexts kept in the store ---------------------------------------------------------
+
+    @staticmethod
+    def _query(point: Point) -> str:
+        """The cache query of a point: its exact coordinates in the size frame."""
+        return f"point {point[0]!r},{point[1]!r}"
+
+    def _optimise_or_reuse(self, source: View, image: torch.Tensor, jobs: list[Job]) -> None:
+        """Optimise the jobs whose point is not in the cache; keep each point once done."""
+        cache, restarts = self._cache, self.options.restarts
+        if cache is None:
+            self.optimise(image, jobs)
+            return
+        todo: list[Job] = []
+        for start in range(0, len(jobs), restarts):
+            point_jobs = jobs[start : start + restarts]
+            stored = cache.get(source.image, self._query(point_jobs[0].point))
+            if stored is None:
+                todo += point_jobs
+                continue
+            contexts = stored.layers["contexts"][0]  # [R, length, width]
+            losses = stored.meta["losses"]
+            for r, job in enumerate(point_jobs):
+                job.context = contexts[r : r + 1].to(self.device)
+                job.losses = [float(v) for v in losses[r]]
+
+        def keep(chunk: list[Job]) -> None:
+            for job in chunk:
+                if job.restart != restarts - 1:
+                    continue  # a point is complete when its last restart is
+                index = next(i for i, j in enumerate(todo) if j is job)
+                point_jobs = todo[index - restarts + 1 : index + 1]
+                assert all(j.context is not None for j in point_jobs)
+                contexts = torch.cat([j.context for j in point_jobs if j.context is not None])
+                size = image.shape[-1]
+                result = FeatureSet(
+                    {"contexts": contexts[None].detach().float().cpu()},
+                    (self.options.optimise_timestep,),
+                    {
+                        "transform": ImageTransform.resize((size, size), (size, size)).to_dict(),
+                        "point": list(job.point),
+                        "losses": [j.losses for j in point_jobs],
+                    },
+                )
+                cache.put(source.image, self._query(job.point), result, source=source.source)
+
+        if todo:
+            self.optimise(image, todo, keep)
+
     # -- the matcher ------------------------------------------------------------------------
 
     def jobs(self, points: list[Point], kind: str) -> list[Job]:
@@ -272,7 +343,7 @@ class CrossAttentionMatcher(Matcher):
         src = squashed(source.image, size)
         tgt = squashed(target.image, size)
         optimised = self.jobs([(float(x), float(y)) for x, y in frame], "optimise")
-        self.optimise(src, optimised)
+        self._optimise_or_reuse(source, src, optimised)
         inference = self.jobs([(float(x), float(y)) for x, y in frame], "infer")
         for job, done in zip(inference, optimised):
             job.context = done.context

@@ -34,7 +34,9 @@ class CrossAttentionOptions:
     optimise_timestep: int = opt(
         140, "UNet timestep of the optimisation (the 50-step DDIM grid's index -8)"
     )
-    inference_timestep: int = opt(40, "UNet timestep at inference (the grid's index -3)")
+    inference_timestep: int = opt(
+        40, "UNet timestep at inference (the grid's index -3)", cache=False
+    )
     noise: Literal["uniform", "normal"] = opt(
         "uniform", "noise added to the latent: uniform [0, 1) as the official rand_like, or normal"
     )
@@ -44,14 +46,18 @@ class CrossAttentionOptions:
     margin: float = opt(0.15, "the point stays this fraction of the crop side from its border")
     sigma: float = opt(27.97853316316864, "target Gaussian sigma in pixels of the size frame")
     crops: int = opt(
-        20, "inference crops per context: the 4 corners, then crops around the running argmax"
+        20,
+        "inference crops per context: the 4 corners, then crops around the running argmax",
+        cache=False,
     )
     heads: Literal["upper-half", "all"] = opt(
         "upper-half",
         "attention heads averaged: upper-half keeps heads n/2..n-1 as the official code "
         "(Prompt-to-Prompt's CFG slice), all averages every head",
     )
-    offset: float = opt(0.5, "added to the argmax pixel (in the size frame) as the official")
+    offset: float = opt(
+        0.5, "added to the argmax pixel (in the size frame) as the official", cache=False
+    )
     return_maps: bool = opt(
         False,
         "keep each point's per-layer softmax maps [L, size, size] in the result's "

@@ -366,6 +366,34 @@ def test_cli_match_end_to_end(tiny_sd: Path, tmp_path: Path) -> None:
     assert row["source"] == [30.0, 20.0]
     x, y = row["target"]
     assert 0 <= x < 48 and 0 <= y < 64 and row["valid"]
+    # --json gives each layer's peak softmax probability (a map of 64 x 64 pixels)
+    assert list(row["layer_peaks"]) == list(CrossAttentionOptions().layers)
+    assert all(1 / 64**2 <= v <= 1 for v in row["layer_peaks"].values())
+
+
+def test_cli_plot_attention(tiny_sd: Path, tmp_path: Path) -> None:
+    from PIL import Image
+
+    a, b = tmp_path / "a.png", tmp_path / "b.png"
+    smooth_texture((80, 60), seed=1).save(a)
+    smooth_texture((48, 64), seed=2).save(b)
+    png = tmp_path / "attention.png"
+    out = run_json(
+        "plot", "attention", ROOT / "examples" / "hedlin-sd14.toml", a, b,
+        "--point", "30,20", "--point", "5,5", "--out", png,
+        "--model", str(tiny_sd), "--device", "cpu",
+        "--set", "matcher.size=64", "--set", "matcher.steps=1", "--set", "matcher.restarts=1",
+        "--set", "matcher.crops=4",
+        timeout=600,
+    )  # fmt: skip
+    assert out["layers"] == list(CrossAttentionOptions().layers) and len(out["matches"]) == 2
+    with Image.open(png) as im:  # two rows of source + 4 layers + their mean
+        assert im.width > im.height > 0
+    proc = run(
+        "plot", "attention", ROOT / "examples" / "dift-sd21.toml", a, b, "--point", "1,1",
+        "--out", png, check=2,
+    )  # fmt: skip
+    assert "cross-attention matcher" in proc.stderr and "Traceback" not in proc.stderr
 
 
 def test_cli_names_a_layer_without_cross_attention(tiny_sd: Path, tmp_path: Path) -> None:

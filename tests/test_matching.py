@@ -262,3 +262,19 @@ def test_grid_resolution_with_scaled_points_equals_the_sd_dino_code():
     result = nearest.match(view(src_desc, src_size), view(tgt_desc, tgt_size), points)
     torch.testing.assert_close(result.points, torch.from_numpy(expected).float())
     torch.testing.assert_close(result.scores, sims.max(dim=1).values)
+
+
+def test_match_result_json_carries_the_declared_per_point_extras():
+    from diffeat.core.components import MatchResult
+
+    result = MatchResult(
+        torch.tensor([[1.0, 2.0], [3.0, 4.0]]),
+        torch.tensor([0.5, 0.25]),
+        torch.tensor([True, False]),
+        {"peaks": torch.tensor([[0.1, 0.2], [0.3, 0.4]]), "big": torch.zeros(2, 9, 9)},
+        json_extras={"peaks": ["a", "b"]},
+    )
+    rows = result.to_json()
+    assert rows[1] == {"target": [3.0, 4.0], "score": 0.25, "valid": False,
+                       "peaks": {"a": pytest.approx(0.3), "b": pytest.approx(0.4)}}  # fmt: skip
+    assert "big" not in rows[0]

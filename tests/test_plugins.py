@@ -160,13 +160,14 @@ def test_builtin_plugins_bring_their_commands():
     pm.add_commands(cli)
     assert {"generate", "checkpoint", "plot"} <= set(cli.commands)
     assert set(cli.commands["checkpoint"].commands) == {"info", "import-official"}
-    assert list(cli.commands["plot"].commands) == ["mixing-weights"]
+    assert set(cli.commands["plot"].commands) == {"mixing-weights", "attention"}
     assert "command:generate" in pm.records["stable-diffusion"].provides
+    assert "command:plot attention" in pm.records["cross-attention"].provides
     assert "command:plot mixing-weights" in pm.records["hyperfeatures"].provides
 
 
 def test_disabled_plugin_brings_no_commands(monkeypatch):
-    monkeypatch.setenv("DIFFEAT_DISABLE_PLUGINS", "hyperfeatures,stable-diffusion")
+    monkeypatch.setenv("DIFFEAT_DISABLE_PLUGINS", "hyperfeatures,stable-diffusion,cross-attention")
     cli = fresh_cli()
     PluginManager(entry_points=False).add_commands(cli)
     assert not {"generate", "checkpoint", "plot"} & set(cli.commands)
@@ -183,7 +184,7 @@ def test_plugin_commands_share_groups_and_failures_are_isolated():
     assert "RuntimeError: no commands today" in records["raising"].error
     assert records["hello"].provides == ["command:hello", "command:plot hello-plot"]
     # the hyperfeatures plugin and this one add to the same `plot` group
-    assert set(cli.commands["plot"].commands) == {"mixing-weights", "hello-plot"}
+    assert set(cli.commands["plot"].commands) == {"mixing-weights", "attention", "hello-plot"}
     runner = CliRunner()
     assert runner.invoke(cli, ["hello"], obj={}).output == "hello world\n"
     assert runner.invoke(cli, ["-q", "hello"], obj={}).output == ""
@@ -319,7 +320,7 @@ def test_a_command_under_a_taken_name_is_refused_naming_both(plugin, path, owner
     assert cli.commands["extract"] is extract and before["extract"] is extract
     assert "new-one" not in cli.commands
     assert set(cli.commands["checkpoint"].commands) == {"info", "import-official"}
-    assert set(cli.commands["plot"].commands) == {"mixing-weights"}
+    assert set(cli.commands["plot"].commands) == {"mixing-weights", "attention"}
     assert pm.records["hyperfeatures"].ok and "command:plot mixing-weights" in (
         pm.records["hyperfeatures"].provides
     )

@@ -220,15 +220,23 @@ class View:
 
 @dataclass
 class MatchResult:
-    """Target points ``[N, 2]`` (x, y, target pixel indices), scores ``[N]`` and validity ``[N]``."""
+    """Target points ``[N, 2]`` (x, y, target pixel indices), scores ``[N]`` and validity ``[N]``.
+
+    ``extras`` holds whatever else a matcher reports (tensors with a first axis of
+    ``N``, or anything else). The extras named in ``json_extras`` are small
+    per-point values that ``--json`` prints with each match: ``{name: labels}``,
+    where ``labels`` names the values of a point (e.g. layers) or is empty for a
+    plain list.
+    """
 
     points: torch.Tensor
     scores: torch.Tensor
     valid: torch.Tensor
     extras: dict[str, Any] = field(default_factory=dict)
+    json_extras: dict[str, list[str]] = field(default_factory=dict)
 
     def to_json(self) -> list[dict[str, Any]]:
-        return [
+        rows = [
             {
                 "target": [round(float(x), 3), round(float(y), 3)],
                 "score": float(s),
@@ -236,6 +244,11 @@ class MatchResult:
             }
             for (x, y), s, v in zip(self.points.tolist(), self.scores.tolist(), self.valid.tolist())
         ]
+        for name, labels in self.json_extras.items():
+            values = torch.as_tensor(self.extras[name]).reshape(len(rows), -1).tolist()
+            for row, vals in zip(rows, values):
+                row[name] = dict(zip(labels, vals)) if labels else vals
+        return rows
 
 
 class Matcher:

@@ -325,8 +325,10 @@ class CrossAttentionMatcher(Matcher):
 
     def match(self, source: View, target: View, points: torch.Tensor) -> MatchResult:
         """Target points for source ``points`` ``[N, 2]``; ``extras["losses"]`` holds every
-        optimisation step's loss ``[N, restarts, steps]`` (and ``extras["attention"]`` the
-        per-layer softmax maps ``[N, L, size, size]`` with ``return_maps``)."""
+        optimisation step's loss ``[N, restarts, steps]``, ``extras["layer_peaks"]`` each
+        layer's peak softmax probability ``[N, L]`` (printed by ``--json``), and
+        ``extras["attention"]`` the per-layer softmax maps ``[N, L, size, size]`` with
+        ``return_maps``."""
         o = self.options
         pts = torch.as_tensor(points, dtype=torch.float32).reshape(-1, 2)
         if len(pts) == 0:
@@ -348,10 +350,11 @@ class CrossAttentionMatcher(Matcher):
         for job, done in zip(inference, optimised):
             job.context = done.context
         canvases = self.attend(tgt, inference)  # [N * R, L, S, S]
-        found, scores, kept = [], [], []
+        found, scores, kept, peaks = [], [], [], []
         for n in range(len(pts)):
             maps = canvases[n * o.restarts : (n + 1) * o.restarts].mean(dim=0)  # [L, S, S]
             probs = torch.softmax(maps.reshape(maps.shape[0], -1), dim=-1).reshape(maps.shape)
+            peaks.append(probs.reshape(probs.shape[0], -1).amax(dim=1).cpu())
             if o.return_maps:
                 kept.append(probs.cpu())
             mean = probs.mean(dim=0)
@@ -362,7 +365,7 @@ class CrossAttentionMatcher(Matcher):
         back = torch.tensor([tw / size, th / size], dtype=torch.float32)
         points_out = torch.tensor(found, dtype=torch.float32) * back
         losses = torch.tensor([j.losses for j in optimised]).reshape(len(pts), o.restarts, o.steps)
-        extras: dict[str, torch.Tensor] = {"losses": losses}
+        extras: dict[str, torch.Tensor] = {"losses": losses, "layer_peaks": torch.stack(peaks)}
         if o.return_maps:
             extras["attention"] = torch.stack(kept)
         return MatchResult(
@@ -370,4 +373,5 @@ class CrossAttentionMatcher(Matcher):
             torch.tensor(scores, dtype=torch.float32),
             torch.ones(len(pts), dtype=torch.bool),
             extras,
+            json_extras={"layer_peaks": list(o.layers)},
         )

@@ -429,11 +429,10 @@ def run(context: TaskContext) -> HomographyEvaluation:
     skipped: list[dict[str, str]] = []
     given: set[bool] = set()
     start = time.perf_counter()
-    units = 0
-    for item in sequences():
-        if context.limit is not None and units >= context.limit:
-            break
-        units += 1
+    items = list(sequences())[: context.limit]  # reading them is cheap: no image is decoded
+    if context.progress is not None:
+        context.progress.total = len(items)
+    for item in items:
         if isinstance(item, SkippedSequence):
             skipped.append(item.to_dict())
         else:

@@ -372,3 +372,21 @@ def test_cli_eval_hpatches_end_to_end(blur_env, tmp_path):
     proc = run(*args, "--set", 'homography.metric="dot"', env=blur_env, check=2)
     assert "[homography].metric: 'dot' is not one of 'cosine', 'l2'" in proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+def test_the_geometric_preset_and_the_defaults_are_dift_settings_and_documented(manager):
+    from dataclasses import fields
+
+    from diffeat.core.config import load_config
+    from diffeat.core.options import build_options, options_dict
+    from diffeat.eval.homography import OFFICIAL, HomographyOptions, _Task
+
+    root = Path(__file__).resolve().parents[1]
+    cfg = load_config(root / "examples" / "dift-sd21-geometric.toml", manager=manager)
+    from_file = options_dict(build_options(_Task, cfg.tasks["homography"], "[homography]"))
+    defaults = options_dict(HomographyOptions())
+    for opts in (from_file, defaults):
+        assert {k: opts[k] for k in OFFICIAL} == OFFICIAL and opts["thresholds"] == [1, 3, 5]
+    doc = (root / "docs" / "evaluation.md").read_text()
+    for f in fields(HomographyOptions):
+        assert f"| `{f.name}` |" in doc, f.name

@@ -390,3 +390,23 @@ def test_the_geometric_preset_and_the_defaults_are_dift_settings_and_documented(
     doc = (root / "docs" / "evaluation.md").read_text()
     for f in fields(HomographyOptions):
         assert f"| `{f.name}` |" in doc, f.name
+
+
+@pytest.mark.parametrize("detector", ["sift", "orb", "gftt"])
+def test_detectors_keep_the_strongest_keypoints_inside_the_image(detector):
+    from diffeat.eval.keypoints import detect_keypoints
+
+    image = photo_like(SIZE, seed=5)
+    many = detect_keypoints(image, detector, 1000)
+    few = detect_keypoints(image, detector, 20)
+    assert 20 < len(many) <= 1000 and len(few) == 20
+    np.testing.assert_array_equal(few, many[:20])  # the strongest first
+    assert (many >= 0).all() and (many[:, 0] <= SIZE[0] - 1).all()
+    assert (many[:, 1] <= SIZE[1] - 1).all()
+
+
+def test_an_unknown_detector_is_named():
+    from diffeat.eval.keypoints import detect_keypoints
+
+    with pytest.raises(DiffeatError, match="detector must be one of sift, orb, gftt, got 'fast'"):
+        detect_keypoints(photo_like((32, 32)), "fast")

@@ -326,6 +326,8 @@ def blur_env(tmp_path_factory) -> dict[str, str]:
 
 @pytest.mark.slow
 def test_cli_eval_hpatches_end_to_end(blur_env, tmp_path):
+    listed = {d["name"]: d for d in run_json("datasets", env=blur_env)["datasets"]}
+    assert listed["hpatches"]["task"] == "homography" and listed["spair"]["task"] == "pairs"
     made = run_json(
         "datasets",
         "make-synthetic",

@@ -234,6 +234,7 @@ def datasets_group(ctx: click.Context, as_json: bool) -> None:
                 "url": card.url,
                 "layout": card.layout,
                 "default_protocol": card.default_protocol,
+                "task": card.task,
                 "options": describe_options(reg.factory),
             }
         )
@@ -243,9 +244,12 @@ def datasets_group(ctx: click.Context, as_json: bool) -> None:
     if not rows:
         click.echo("no dataset plugins installed")
     for row in rows:
-        click.echo(
-            f"{row['name']}  {row['title']}  [plugin {row['plugin']}; protocol {row['default_protocol']}]"
+        scoring = (
+            f"protocol {row['default_protocol']}"
+            if row["task"] == "pairs"
+            else f"task {row['task']}"
         )
+        click.echo(f"{row['name']}  {row['title']}  [plugin {row['plugin']}; {scoring}]")
         click.echo(f"    expects: {row['layout']}")
         click.echo(f"    get it:  {row['url']}")
         opts = ", ".join(f"{o['name']}={o['default']!r}" for o in row["options"])

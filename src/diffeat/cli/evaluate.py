@@ -250,6 +250,7 @@ def datasets_group(ctx: click.Context, as_json: bool) -> None:
                 "url": card.url,
                 "layout": card.layout,
                 "default_protocol": card.default_protocol,
+                "task": card.task,
                 "options": describe_options(reg.factory),
             }
         )
@@ -259,9 +260,12 @@ def datasets_group(ctx: click.Context, as_json: bool) -> None:
     if not rows:
         click.echo("no dataset plugins installed")
     for row in rows:
-        click.echo(
-            f"{row['name']}  {row['title']}  [plugin {row['plugin']}; protocol {row['default_protocol']}]"
+        scoring = (
+            f"protocol {row['default_protocol']}"
+            if row["task"] == "pairs"
+            else f"task {row['task']}"
         )
+        click.echo(f"{row['name']}  {row['title']}  [plugin {row['plugin']}; {scoring}]")
         click.echo(f"    expects: {row['layout']}")
         click.echo(f"    get it:  {row['url']}")
         opts = ", ".join(f"{o['name']}={o['default']!r}" for o in row["options"])
@@ -280,7 +284,11 @@ def datasets_group(ctx: click.Context, as_json: bool) -> None:
     help="Image file or folder (recursive; repeatable).",
 )
 @click.option(
-    "--pairs", default=20, show_default=True, type=click.IntRange(min=1), help="Number of pairs."
+    "--pairs",
+    default=20,
+    show_default=True,
+    type=click.IntRange(min=1),
+    help="Number of pairs (--layout hpatches: of sequences, 5 pairs each).",
 )
 @click.option("--seed", default=0, show_default=True, type=int, help="Seed of every random choice.")
 @click.option(
@@ -315,6 +323,14 @@ def datasets_group(ctx: click.Context, as_json: bool) -> None:
     type=click.IntRange(min=0),
     help="Downscale source images to this longest side (0: keep).",
 )
+@click.option(
+    "--layout",
+    type=click.Choice(["spair", "hpatches"]),
+    default="spair",
+    show_default=True,
+    help="spair: keypoint pairs (dataset synthetic); hpatches: i_*/v_* sequences with "
+    "H_1_k files (dataset hpatches; --kinds, --points, --ext, --category do not apply).",
+)
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 def make_synthetic_cmd(
     out: str,
@@ -326,9 +342,26 @@ def make_synthetic_cmd(
     ext: str,
     category: str,
     max_side: int,
+    layout: str,
     as_json: bool,
 ) -> None:
-    """Write pairs made by random known transforms of your images, in the SPair-71k layout."""
+    """Write pairs made by random known transforms of your images, in the SPair-71k layout
+    (or, with --layout hpatches, HPatches sequences)."""
+    if layout == "hpatches":
+        from diffeat.plugins.datasets.hpatches_synthetic import make_hpatches_synthetic
+
+        made = make_hpatches_synthetic(
+            out, list(sources), sequences=pairs, seed=seed, max_side=max_side
+        )
+        if as_json:
+            emit_json(made.to_dict())
+            return
+        kinds_text = ", ".join(f"{k} {n}" for k, n in sorted(made.kinds.items()))
+        click.echo(
+            f"{made.sequences} sequences ({kinds_text}), {made.pairs} pairs -> {out}; "
+            f"evaluate with: diffeat eval CONFIG --dataset hpatches --root {out}"
+        )
+        return
     from diffeat.plugins.datasets.synthetic import make_synthetic
 
     report = make_synthetic(

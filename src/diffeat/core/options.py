@@ -38,7 +38,7 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
     if origin is Literal:
         if value in get_args(tp):
             return value
-        raise ConfigError(f"{where}: {value!r} is not one of {_type_name(tp)}")
+        raise ConfigError(f"{where}: {value!r} is not {_type_name(tp)}")
     if origin is list:
         if not isinstance(value, (list, tuple)):
             raise ConfigError(f"{where}: expected a list, got {value!r}")

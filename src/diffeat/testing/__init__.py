@@ -1,6 +1,6 @@
 """Offline test helpers for diffeat and for third-party plugin authors (like ``zarr.testing``).
 
-- :mod:`diffeat.testing.extractors`: :func:`smooth_texture` test images and the
+- :mod:`diffeat.testing.extractors`: :func:`smooth_texture` and :func:`photo_like` test images and the
   deterministic :class:`ColorBlurExtractor` / :class:`MultiColorBlurExtractor`.
 - :mod:`diffeat.testing.sd`: a tiny random-weight Stable Diffusion
   (:func:`build_tiny_stable_diffusion`), a CLIP tokenizer written offline and
@@ -31,6 +31,7 @@ from diffeat.testing.extractors import (
     ColorBlurOptions,
     MultiColorBlurExtractor,
     MultiColorBlurOptions,
+    photo_like,
     smooth_texture,
 )
 from diffeat.testing.plugins import AllHooksPlugin, TestPlugin
@@ -63,6 +64,7 @@ __all__ = [
     "build_tiny_dinov2",
     "build_tiny_openclip",
     "build_tiny_stable_diffusion",
+    "photo_like",
     "smooth_texture",
     "write_clip_tokenizer",
 ]

@@ -2,6 +2,8 @@
 
 - :func:`smooth_texture` is a smooth random colour field: locally distinctive,
   no edges, so known-transform tests have something to match.
+- :func:`photo_like` adds random shapes to such fields: edges and corners for
+  keypoint detectors (homography tests), colours for local descriptors.
 - :class:`ColorBlurExtractor` (``color-blur``) is a deterministic
   local-descriptor extractor (colour blurred at several scales: invariant to
   shifts and flips) for known-transform tests of a whole pipeline;
@@ -33,6 +35,7 @@ __all__ = [
     "ColorBlurOptions",
     "MultiColorBlurExtractor",
     "MultiColorBlurOptions",
+    "photo_like",
     "smooth_texture",
 ]
 
@@ -44,6 +47,31 @@ def smooth_texture(size: Size, *, seed: int = 0, cells: int = 6) -> Image.Image:
     coarse = rng.integers(0, 256, size=(cells, cells, 3), dtype=np.uint8)
     small = Image.fromarray(coarse, "RGB")
     return small.resize((w, h), Image.Resampling.BICUBIC)
+
+
+def photo_like(size: Size, *, seed: int = 0, shapes: int = 40) -> Image.Image:
+    """A textured, photo-like test image: smooth colour fields at two scales under
+    ``shapes`` random rectangles and ellipses of random colours (corners to detect,
+    colours to describe). Deterministic in ``seed``."""
+    from PIL import ImageDraw
+
+    rng = np.random.default_rng(seed)
+    w, h = size
+    coarse = np.asarray(smooth_texture(size, seed=seed, cells=4), dtype=np.float64)
+    fine = np.asarray(smooth_texture(size, seed=seed + 1000, cells=16), dtype=np.float64)
+    image = Image.fromarray((0.6 * coarse + 0.4 * fine).astype(np.uint8), "RGB")
+    draw = ImageDraw.Draw(image)
+    side = min(w, h)
+    for _ in range(shapes):
+        cx, cy = rng.uniform(0, w), rng.uniform(0, h)
+        rx, ry = rng.uniform(0.03, 0.12, size=2) * side
+        color = tuple(int(c) for c in rng.integers(0, 256, size=3))
+        box = (cx - rx, cy - ry, cx + rx, cy + ry)
+        if rng.random() < 0.5:
+            draw.rectangle(box, fill=color)
+        else:
+            draw.ellipse(box, fill=color)
+    return image
 
 
 def _gaussian_blur(x: torch.Tensor, sigma: float) -> torch.Tensor:

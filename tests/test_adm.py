@@ -26,7 +26,6 @@ from diffeat.plugins.adm.extractor import AdmExtractor, q_sample_coefficients
 from diffeat.plugins.adm.options import AdmOptions
 from diffeat.testing import smooth_texture
 from diffeat.testing.adm import (
-    build_tiny_adm,
     reference_blocks,
     tiny_adm_architecture,
     tiny_official_state_dict,
@@ -49,8 +48,8 @@ def tiny_unet(tiny_state):
 
 
 @pytest.fixture(scope="module")
-def tiny_adm(tmp_path_factory) -> Path:
-    return build_tiny_adm(tmp_path_factory.mktemp("adm") / "tiny-adm")
+def tiny_adm(tiny_adm_model) -> Path:
+    return tiny_adm_model
 
 
 # -- the qkv layout --------------------------------------------------------------------------
@@ -85,7 +84,10 @@ def test_the_256_model_official_keys():
     assert shapes["output_blocks.17.0.skip_connection.weight"] == (256, 512, 1, 1)
     assert shapes["out.2.weight"] == (6, 256, 3, 3)
     assert "output_blocks.17.1.in_layers.0.weight" not in shapes  # no upsampler at level 0
-    assert sum(k.startswith("input_blocks.") and k.endswith(".0.in_layers.0.weight") for k in shapes) == 17
+    assert (
+        sum(k.startswith("input_blocks.") and k.endswith(".0.in_layers.0.weight") for k in shapes)
+        == 17
+    )
     assert sum(math.prod(s) for s in shapes.values()) == 552_814_086
 
 
@@ -148,7 +150,10 @@ def test_splitting_qkv_into_thirds_would_be_wrong(tiny_state, tiny_unet):
     wrong, _ = convert_state_dict(
         tiny_state, num_head_channels=16, image_size=64, attention_order="new"
     )
-    x, t = torch.randn(1, 3, 64, 64, generator=torch.Generator().manual_seed(2)), torch.tensor([101])
+    x, t = (
+        torch.randn(1, 3, 64, 64, generator=torch.Generator().manual_seed(2)),
+        torch.tensor([101]),
+    )
     with torch.no_grad():
         good, bad = tiny_unet(x, t).sample, wrong(x, t).sample
     ref = reference_blocks(tiny_state, x, t)["out"]
@@ -378,10 +383,19 @@ def test_presets_match_methods(manager):
         return load_config(ROOT / "examples" / name, manager=manager).resolved()
 
     sem, geo, tmp = (ex(f"dift-adm-{n}.toml") for n in ("semantic", "geometric", "temporal"))
-    assert (sem["extractor"]["timesteps"], sem["extractor"]["layers"]) == ([101], ["output_blocks.4"])
+    assert (sem["extractor"]["timesteps"], sem["extractor"]["layers"]) == (
+        [101],
+        ["output_blocks.4"],
+    )
     assert sem["extractor"]["ensemble_size"] == 8 and sem["extractor"]["image_size"] == [512, 512]
     assert sem["extractor"]["dtype"] == "float32" and sem["matcher"]["plugin"] == "nearest"
-    assert (geo["extractor"]["timesteps"], geo["extractor"]["layers"]) == ([41], ["output_blocks.11"])
+    assert (geo["extractor"]["timesteps"], geo["extractor"]["layers"]) == (
+        [41],
+        ["output_blocks.11"],
+    )
     assert geo["extractor"]["ensemble_size"] == 4
     assert geo["matcher"] == {"plugin": "mutual", "tolerance": 1.0, "metric": "l2"}
-    assert (tmp["extractor"]["timesteps"], tmp["extractor"]["layers"]) == ([51], ["output_blocks.7"])
+    assert (tmp["extractor"]["timesteps"], tmp["extractor"]["layers"]) == (
+        [51],
+        ["output_blocks.7"],
+    )

@@ -99,7 +99,9 @@ def build_tiny_adm(folder: str | Path, seed: int = 0) -> Path:
 
     folder = Path(folder)
     arch = tiny_adm_architecture()
-    source = write_tiny_official_state(folder.with_name(folder.name + ".official.safetensors"), arch, seed)
+    source = write_tiny_official_state(
+        folder.with_name(folder.name + ".official.safetensors"), arch, seed
+    )
     convert_file(
         source, folder, num_head_channels=arch.num_head_channels, image_size=arch.image_size
     )
@@ -129,7 +131,10 @@ def _resblock(
 ) -> torch.Tensor:
     h = F.silu(_norm(x, s, f"{key}.in_layers.0"))
     if updown == "up":
-        h, x = F.interpolate(h, scale_factor=2, mode="nearest"), F.interpolate(x, scale_factor=2, mode="nearest")
+        h, x = (
+            F.interpolate(h, scale_factor=2, mode="nearest"),
+            F.interpolate(x, scale_factor=2, mode="nearest"),
+        )
     elif updown == "down":
         h, x = F.avg_pool2d(h, 2, 2), F.avg_pool2d(x, 2, 2)
     h = F.conv2d(h, s[f"{key}.in_layers.2.weight"], s[f"{key}.in_layers.2.bias"], padding=1)
@@ -140,7 +145,9 @@ def _resblock(
         h = _norm(h, s, f"{key}.out_layers.0") * (1 + scale) + shift
     else:
         h = _norm(h + e, s, f"{key}.out_layers.0")
-    h = F.conv2d(F.silu(h), s[f"{key}.out_layers.3.weight"], s[f"{key}.out_layers.3.bias"], padding=1)
+    h = F.conv2d(
+        F.silu(h), s[f"{key}.out_layers.3.weight"], s[f"{key}.out_layers.3.bias"], padding=1
+    )
     if f"{key}.skip_connection.weight" in s:
         x = F.conv2d(x, s[f"{key}.skip_connection.weight"], s[f"{key}.skip_connection.bias"])
     return x + h

@@ -132,7 +132,9 @@ class AdmArchitecture:
                 yield Part(f"{name}.0", f"{down}.resnets.{r}", "resnet", ch, out, name, stride)
                 ch = out
                 if level in self.attention_levels:
-                    yield Part(f"{name}.1", f"{down}.attentions.{r}", "attention", ch, ch, name, stride)
+                    yield Part(
+                        f"{name}.1", f"{down}.attentions.{r}", "attention", ch, ch, name, stride
+                    )
                 skips.append(ch)
                 block += 1
             if level != last:
@@ -153,11 +155,15 @@ class AdmArchitecture:
             out, stride = self.block_out_channels[level], 2**level
             for k in range(self.num_res_blocks + 1):
                 name, up = f"output_blocks.{block}", f"up_blocks.{j}"
-                yield Part(f"{name}.0", f"{up}.resnets.{k}", "resnet", ch + skips.pop(), out, name, stride)
+                yield Part(
+                    f"{name}.0", f"{up}.resnets.{k}", "resnet", ch + skips.pop(), out, name, stride
+                )
                 ch = out
                 sub = 1
                 if level in self.attention_levels:
-                    yield Part(f"{name}.1", f"{up}.attentions.{k}", "attention", ch, ch, name, stride)
+                    yield Part(
+                        f"{name}.1", f"{up}.attentions.{k}", "attention", ch, ch, name, stride
+                    )
                     sub = 2
                 if level and k == self.num_res_blocks:
                     yield Part(
@@ -253,7 +259,9 @@ class AdmArchitecture:
         }
 
     @classmethod
-    def from_unet_config(cls, config: Mapping[str, Any], where: str = "config.json") -> AdmArchitecture:
+    def from_unet_config(
+        cls, config: Mapping[str, Any], where: str = "config.json"
+    ) -> AdmArchitecture:
         """The architecture of a ``UNet2DModel`` config written by :meth:`unet_config`;
         anything else is refused with a message naming what was found."""
         found = config.get("_class_name", "?")

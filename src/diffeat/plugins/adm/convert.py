@@ -289,5 +289,7 @@ def read_adm_meta(folder: Path) -> dict[str, Any]:
         try:
             meta.update(json.loads(path.read_text()))
         except ValueError as exc:
-            raise DiffeatError(f"{path} is not valid JSON ({exc}): convert the weights again") from None
+            raise DiffeatError(
+                f"{path} is not valid JSON ({exc}): convert the weights again"
+            ) from None
     return meta

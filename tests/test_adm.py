@@ -399,3 +399,25 @@ def test_presets_match_methods(manager):
         [51],
         ["output_blocks.7"],
     )
+
+
+def test_mutual_l2_metric_differs_from_cosine_as_written_out():
+    """DIFT_adm's HPatches matching: nearest by Euclidean distance of the raw descriptors."""
+    from diffeat.core.components import View
+    from diffeat.core.geometry import ImageTransform
+    from diffeat.plugins.matchers import Mutual, MutualOptions
+
+    def view(desc: torch.Tensor) -> View:
+        size = (desc.shape[2], desc.shape[1])
+        return View(Image.new("RGB", size), ImageTransform.resize(size, size), descriptors=desc)
+
+    # source cell (0, 0) holds [1, 0]; target cell (0, 0) = [10, 0] (cosine 1, distance 9),
+    # cell (1, 0) = [1, 0.5] (cosine 0.89, distance 0.5)
+    src = torch.tensor([[[1.0, -5.0]], [[0.0, 5.0]]])
+    tgt = torch.tensor([[[10.0, 1.0]], [[0.0, 0.5]]])
+    point = torch.tensor([[0.0, 0.0]])
+    cos = Mutual(MutualOptions()).match(view(src), view(tgt), point)
+    l2 = Mutual(MutualOptions(metric="l2")).match(view(src), view(tgt), point)
+    assert cos.points.tolist() == [[0.0, 0.0]] and bool(cos.valid[0])
+    assert l2.points.tolist() == [[1.0, 0.0]] and bool(l2.valid[0])
+    assert l2.scores[0].item() == pytest.approx(-0.5)

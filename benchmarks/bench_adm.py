@@ -15,7 +15,11 @@ Reported: seconds per image, peak resident memory while the timed images ran (Li
 ``torch.cuda.max_memory_allocated``. ``--no-stop-early`` runs the whole UNet, as the
 original featurizer's loop does not (it returns at the block) but a plain forward would.
 
-    python benchmarks/bench_adm.py --ensemble 1 --images 1          # ~1.5 min on 2 CPU cores
+``--check`` first compares every block output of the converted full-size UNet with
+guided-diffusion's forward written out (``diffeat.testing.adm.reference_blocks``) on the
+same official-key weights, at 64 px (about 2.5 min and 7 GB on a CPU).
+
+    python benchmarks/bench_adm.py --ensemble 1 --images 1          # ~3 min on 2 busy CPU cores
     python benchmarks/bench_adm.py --device cuda --images 10
 """
 
@@ -77,6 +81,34 @@ def build_adm_random(folder: Path) -> dict[str, Any]:
         folder, ADM_RECIPE, parameters=params, write_official_s=written, convert_s=convert_s
     )
     return marker_facts(folder)
+
+
+def check_conversion(model: Path) -> dict[str, float]:
+    """Worst relative difference over every block between the converted UNet and the
+    written-out official forward on the same weights (seed 0 of the build), at 64 px."""
+    import torch
+    from diffusers import UNet2DModel
+
+    from diffeat.plugins.adm.architecture import AdmArchitecture
+    from diffeat.plugins.module_capture import HookTarget, ModuleCapture
+    from diffeat.testing.adm import reference_blocks, tiny_official_state_dict
+
+    arch = AdmArchitecture()
+    state = tiny_official_state_dict(arch, seed=0)
+    unet = UNet2DModel.from_pretrained(model).eval()
+    x = torch.randn(1, 3, 64, 64, generator=torch.Generator().manual_seed(0))
+    t = torch.tensor([101])
+    modules = dict(unet.named_modules())
+    targets = [HookTarget(b.name, modules[b.module], "output", lambda o: o) for b in arch.blocks()]
+    with torch.no_grad():
+        ref = reference_blocks(state, x, t, head_channels=arch.num_head_channels)
+        with ModuleCapture(targets, stop_early=False) as cap:
+            outs = cap.run(lambda: unet(x, t))
+    errors = {
+        name: float((outs[name] - ref[name]).abs().max() / ref[name].abs().max()) for name in outs
+    }
+    worst = max(errors, key=errors.__getitem__)
+    return {"blocks": len(errors), "worst_block": worst, "worst_relative_error": errors[worst]}
 
 
 def run(args: argparse.Namespace, model: Path) -> dict[str, Any]:
@@ -151,6 +183,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
     p.add_argument("--threads", type=int, default=0, help="torch.set_num_threads (0: default)")
     p.add_argument("--no-stop-early", action="store_true", help="run the whole UNet")
+    p.add_argument("--check", action="store_true", help="check the conversion numerically first")
     p.add_argument("--json", type=Path, default=None, help="write the results here")
     args = p.parse_args(argv)
     if args.threads:
@@ -159,7 +192,11 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(args.threads)
     build = build_adm_random(args.model_dir)
     print(f"model: {build}", file=sys.stderr, flush=True)
-    result = {"machine": machine_info(), "build": build, **run(args, args.model_dir)}
+    result: dict[str, Any] = {"machine": machine_info(), "build": build}
+    if args.check:
+        result["check"] = check_conversion(args.model_dir)
+        print(f"conversion check: {result['check']}", file=sys.stderr, flush=True)
+    result.update(run(args, args.model_dir))
     print(
         f"adm {args.layer} ensemble {args.ensemble} at {args.size} px on {result['device']} "
         f"({args.dtype}): {result['seconds_per_image']:.1f} s/image, peak RSS "

@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import fnmatch
 from collections.abc import Iterator, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Literal
 
 from diffeat.core.errors import DiffeatError
@@ -85,7 +85,6 @@ class AdmArchitecture:
     out_channels: int = 6
     scale_shift: bool = True
     image_size: int = 256
-    extra: Mapping[str, Any] = field(default_factory=dict, compare=False)
 
     def __post_init__(self) -> None:
         for level in self.attention_levels:
@@ -139,10 +138,8 @@ class AdmArchitecture:
                 block += 1
             if level != last:
                 name = f"input_blocks.{block}"
-                yield Part(
-                    f"{name}.0", f"down_blocks.{level}.downsamplers.0", "resnet", ch, ch, name,
-                    2 * stride,
-                )  # fmt: skip
+                down = f"down_blocks.{level}.downsamplers.0"
+                yield Part(f"{name}.0", down, "resnet", ch, ch, name, 2 * stride)
                 skips.append(ch)
                 block += 1
         stride = 2**last

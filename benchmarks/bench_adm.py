@@ -90,9 +90,11 @@ def check_conversion(model: Path) -> dict[str, float]:
     from diffusers import UNet2DModel
 
     from diffeat.plugins.adm.architecture import AdmArchitecture
+    from diffeat.plugins.diffusers_models import quiet_diffusers
     from diffeat.plugins.module_capture import HookTarget, ModuleCapture
     from diffeat.testing.adm import reference_blocks, tiny_official_state_dict
 
+    quiet_diffusers()
     arch = AdmArchitecture()
     state = tiny_official_state_dict(arch, seed=0)
     unet = UNet2DModel.from_pretrained(model).eval()

@@ -34,6 +34,14 @@ def tiny_sd_v(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def tiny_adm_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny random guided-diffusion ADM UNet, converted from official key names."""
+    from diffeat.testing.adm import build_tiny_adm
+
+    return build_tiny_adm(tmp_path_factory.mktemp("tiny-adm") / "model")
+
+
+@pytest.fixture(scope="session")
 def tiny_dino_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A tiny random DINO ViT (patch 8, trained at 32 px), built once per session."""
     from diffeat.testing.vit import build_tiny_dino

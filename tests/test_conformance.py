@@ -82,6 +82,20 @@ class TinyExtractor:
 SD = {"image_size": [64, 64], "device": "cpu", "layers": ["up_blocks.1", "up_blocks.2"]}
 
 TINY_EXTRACTORS: dict[str, dict[str, TinyExtractor]] = {
+    "adm": {
+        "dift": TinyExtractor(
+            "tiny_adm_model",
+            lambda m: {
+                "model": str(m),
+                "device": "cpu",
+                "layers": ["output_blocks.4", "output_blocks.11"],
+                "timesteps": [101, 41],
+                "ensemble_size": 2,
+                "image_size": [64, 64],
+            },
+            images=1,
+        ),
+    },
     "stable-diffusion": {
         "add-noise": TinyExtractor(
             "tiny_sd",

@@ -1,6 +1,7 @@
 """Dense matchers over descriptor maps: ``nearest``, ``mutual`` and ``soft-argmax``.
 
-All use cosine similarity. Source descriptors are read at the exact source
+All use cosine similarity (``mutual`` optionally the L2 distance, as DIFT_adm's
+HPatches evaluation). Source descriptors are read at the exact source
 point by bilinear sampling (``align_corners=False``), which for integer points
 equals upsampling the source map to the image size and indexing it, as DIFT
 evaluates.
@@ -285,6 +286,19 @@ class MutualOptions:
     tolerance: float = opt(
         1.0, "a match is mutual if the reverse match lands within this many source grid cells"
     )
+    metric: Literal["cosine", "l2"] = opt(
+        "cosine",
+        "cosine: highest cosine similarity (DIFT on SD); l2: smallest Euclidean distance of "
+        "the raw descriptors (DIFT_adm's HPatches evaluation), scores are minus the distance",
+        cache="if-set",
+    )
+
+
+def l2_scores(queries: torch.Tensor, view: View) -> torch.Tensor:
+    """Minus the Euclidean distance ``[N, h, w]`` of raw query vectors to every grid cell."""
+    desc = _descriptors(view)
+    c, h, w = desc.shape
+    return -torch.cdist(queries, desc.reshape(c, h * w).T).reshape(-1, h, w)
 
 
 def mutual_nearest(
@@ -319,12 +333,19 @@ class Mutual(Matcher):
         self.options = options or MutualOptions()
 
     def match(self, source: View, target: View, points: torch.Tensor) -> MatchResult:
-        q = query_vectors(source, points)
-        sims = grid_similarity(q, target)
+        l2 = self.options.metric == "l2"
+        if l2:
+            grid_pts = source.image_to_grid(points.to(_descriptors(source).device, torch.float32))
+            sims = l2_scores(sample_at(_descriptors(source), grid_pts), target)
+        else:
+            sims = grid_similarity(query_vectors(source, points), target)
         scores, idx = sims.flatten(1).max(dim=1)
         t_cells = _cell_points(idx, sims.shape[-1])
-        back_q = F.normalize(sample_at(_descriptors(target), t_cells), dim=1)
-        back = grid_similarity(back_q, source)
+        back_q = sample_at(_descriptors(target), t_cells)
+        if l2:
+            back = l2_scores(back_q, source)
+        else:
+            back = grid_similarity(F.normalize(back_q, dim=1), source)
         _, back_idx = back.flatten(1).max(dim=1)
         back_cells = _cell_points(back_idx, back.shape[-1])
         src_cells = source.image_to_grid(points.to(back_cells.device))

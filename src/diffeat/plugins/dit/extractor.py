@@ -76,7 +76,7 @@ def image_tokens(output: Any, n_image: int) -> torch.Tensor:
 
 def tokens_to_map(tokens: torch.Tensor, h: int, w: int) -> torch.Tensor:
     """Row-major tokens ``[B, h*w, C]`` -> maps ``[B, C, h, w]``."""
-    b, n, c = tokens.shape
+    b, _n, c = tokens.shape
     return tokens.reshape(b, h, w, c).permute(0, 3, 1, 2)
 
 
@@ -201,8 +201,8 @@ class DiffusionTransformerExtractor(Extractor):
         w, h = image_size
         s = max(self.model_size) / max(w, h)
         return (
-            max(PATCH_PIXELS, int(round(w * s / PATCH_PIXELS)) * PATCH_PIXELS),
-            max(PATCH_PIXELS, int(round(h * s / PATCH_PIXELS)) * PATCH_PIXELS),
+            max(PATCH_PIXELS, round(w * s / PATCH_PIXELS) * PATCH_PIXELS),
+            max(PATCH_PIXELS, round(h * s / PATCH_PIXELS) * PATCH_PIXELS),
         )
 
     def transform_for(self, image_size: Size) -> ImageTransform:

@@ -167,9 +167,10 @@ def load_parts(
         else:
             text[part] = load_component(cls, folder, part, torch_dtype=dtype)
             text[part].to(text_device).eval().requires_grad_(False)
-    for module in (transformer, vae):
-        module.to(device).eval().requires_grad_(False)
-    vae.to(device, torch.float32)
+    # some diffusers classes keep modules in float32 when loading with torch_dtype (SD3's
+    # patch embedding); the transformer runs in one dtype
+    transformer.to(device, dtype).eval().requires_grad_(False)
+    vae.to(device, torch.float32).eval().requires_grad_(False)
     pipeline_cls = getattr(importlib.import_module("diffusers"), index.get("_class_name", ""), None)
     if pipeline_cls is None:
         raise ModelLoadError(

@@ -16,7 +16,7 @@ from diffeat.plugins.dit.extractor import DiffusionTransformerExtractor
 from diffeat.plugins.dit.families import flow_sigma
 from diffeat.plugins.dit.massive import ditf_normalise
 from diffeat.plugins.dit.options import DiffusionTransformerOptions
-from diffeat.testing import smooth_texture
+from diffeat.testing import ExtractorConformance, smooth_texture
 from diffeat.testing.dit import build_tiny_flux, build_tiny_pixart, build_tiny_sd3
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -333,3 +333,30 @@ def test_cli_layers_extract_store_match(tiny, tmp_path, family):
     ex = make(tiny[family], layers=[layer], image_size=[64, 64], size_rule="longest")
     fs = ex.extract([as_input(smooth_texture((80, 64), seed=0))])[0]
     assert fs.layers[layer].shape[1:] == (16, 48 // 16, 64 // 16)
+
+
+# -- the conformance mixin -------------------------------------------------------------------------
+
+
+class TestFluxConformance(ExtractorConformance):
+    @pytest.fixture(autouse=True)
+    def _folder(self, tiny):
+        self.folder = tiny["flux"]
+
+    def make_extractor(self):
+        return make(
+            self.folder,
+            layers=["transformer_blocks.1", "single_transformer_blocks.0"],
+            timesteps=[100, 500],
+            massive_activations="ditf",
+            size_rule="longest",
+        )
+
+
+class TestPixArtConformance(ExtractorConformance):
+    @pytest.fixture(autouse=True)
+    def _folder(self, tiny):
+        self.folder = tiny["pixart"]
+
+    def make_extractor(self):
+        return make(self.folder, layers=["transformer_blocks.*"], size_rule="pad")

@@ -20,9 +20,14 @@ from diffeat.testing import ExtractorConformance, smooth_texture
 from diffeat.testing.dit import build_tiny_flux, build_tiny_pixart, build_tiny_sd3
 
 ROOT = Path(__file__).resolve().parents[1]
-BUILDERS = {"flux": build_tiny_flux, "sd3": build_tiny_sd3, "pixart": build_tiny_pixart}
+BUILDERS = {
+    "flux": build_tiny_flux,
+    "sd3": build_tiny_sd3,
+    "sd35": lambda p: build_tiny_sd3(p, sd35=True, seed=1),
+    "pixart": build_tiny_pixart,
+}
 LAST = {"flux": "single_transformer_blocks.2", "sd3": "transformer_blocks.2"}
-LAST["pixart"] = LAST["sd3"]
+LAST["pixart"] = LAST["sd35"] = LAST["sd3"]
 
 
 @pytest.fixture(scope="module")
@@ -109,7 +114,7 @@ def written_out(ex: DiffusionTransformerExtractor, name: str, noise: dict) -> to
     return maps.mean(0)
 
 
-@pytest.mark.parametrize("family", ["flux", "sd3", "pixart"])
+@pytest.mark.parametrize("family", ["flux", "sd3", "sd35", "pixart"])
 def test_features_equal_the_written_out_block_output(tiny, family):
     """Noise, latents, the transformer call and the token reshape, against a hand computation;
     one token per 16 pixels (64 x 48 input -> 4 x 3 map)."""
@@ -117,7 +122,7 @@ def test_features_equal_the_written_out_block_output(tiny, family):
     ex = make(tiny[family], layers=[name], timestep_shift="scheduler")
     noise = ex.make_noise(IMAGE.key)
     fs = ex.extract([IMAGE], noise=[noise])[0]
-    assert ex.family.name == family
+    assert ex.family.name == family.replace("sd35", "sd3")
     assert fs.layers[name].shape == (1, 16, 3, 4)
     expected = written_out(ex, name, noise)
     torch.testing.assert_close(fs.layers[name][0], expected, atol=1e-5, rtol=1e-4)
@@ -168,7 +173,7 @@ def test_ditf_normalise_by_hand():
     assert x[1, 0, 0] == 1000.0  # the input is untouched
 
 
-@pytest.mark.parametrize("family", ["flux", "sd3", "pixart"])
+@pytest.mark.parametrize("family", ["flux", "sd3", "sd35", "pixart"])
 def test_ditf_uses_the_adaln_that_reads_the_block(tiny, family):
     """ditf = the raw ensemble mean normalised with the next block's shift_msa / scale_msa
     (after the last block: the output norm's), computed here from the model's modules."""
@@ -216,7 +221,10 @@ def test_ditf_uses_the_adaln_that_reads_the_block(tiny, family):
                 sh, sc = tf.single_transformer_blocks[0].norm.linear(F.silu(temb))[0].chunk(3)[:2]
             else:
                 nxt = tf.transformer_blocks[int(name.split(".")[1]) + 1]
-                sh, sc = nxt.norm1.linear(F.silu(temb))[0].chunk(6)[:2]
+                chunks = (
+                    9 if getattr(nxt, "use_dual_attention", False) else 6
+                )  # SD35AdaLayerNormZeroX: 9
+                sh, sc = nxt.norm1.linear(F.silu(temb))[0].chunk(chunks)[:2]
             x = plain.layers[name][0].clone()
             x[3] = 0
             ln = F.layer_norm(x.permute(1, 2, 0), (16,), eps=1e-6).permute(2, 0, 1)

@@ -156,13 +156,31 @@ def _seeded(seed: int, builders: list[Any]) -> list[Any]:
     return out
 
 
-def build_tiny_flux(path: str | Path, *, seed: int = 0, guidance_embeds: bool = True) -> Path:
+def _rope_axes(head_dim: int) -> tuple[int, int, int]:
+    """FLUX's rotary axes for a head dim: (16, 56, 56) for 128, (2, 2, 4) for 8."""
+    first = 2 * max(1, head_dim // 16)
+    second = (head_dim - first) // 4 * 2
+    return (first, second, head_dim - first - second)
+
+
+def build_tiny_flux(
+    path: str | Path,
+    *,
+    seed: int = 0,
+    guidance_embeds: bool = True,
+    heads: int = TINY_DIT_HEADS,
+    head_dim: int = TINY_DIT_HEAD_DIM,
+    num_layers: int = 2,
+    num_single_layers: int = 3,
+) -> Path:
     """A tiny random FLUX folder (``FluxPipeline`` layout, FLUX.1-dev's structure).
 
-    2 double-stream ``transformer_blocks`` and 3 ``single_transformer_blocks`` of
-    width 16, a CLIP text encoder (pooled) and a T5 encoder, a 16-channel VAE with
-    FLUX's scaling and shift factors, FLUX.1-dev's flow-matching scheduler config
-    (dynamic shifting) and, with ``guidance_embeds``, its guidance embedding.
+    ``num_layers`` double-stream ``transformer_blocks`` and ``num_single_layers``
+    ``single_transformer_blocks`` of width ``heads * head_dim`` (16; FLUX.1-dev:
+    19, 38, 24 x 128), a CLIP text encoder (pooled) and a T5 encoder, a 16-channel
+    VAE with FLUX's scaling and shift factors, FLUX.1-dev's flow-matching
+    scheduler config (dynamic shifting) and, with ``guidance_embeds``, its
+    guidance embedding.
     """
     from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
     from transformers import CLIPTokenizer, T5TokenizerFast
@@ -179,14 +197,14 @@ def build_tiny_flux(path: str | Path, *, seed: int = 0, guidance_embeds: bool = 
             lambda: FluxTransformer2DModel(
                 patch_size=1,
                 in_channels=64,
-                num_layers=2,
-                num_single_layers=3,
-                attention_head_dim=TINY_DIT_HEAD_DIM,
-                num_attention_heads=TINY_DIT_HEADS,
+                num_layers=num_layers,
+                num_single_layers=num_single_layers,
+                attention_head_dim=head_dim,
+                num_attention_heads=heads,
                 joint_attention_dim=_T5_DIM,
                 pooled_projection_dim=_CLIP_DIM,
                 guidance_embeds=guidance_embeds,
-                axes_dims_rope=(2, 2, 4),
+                axes_dims_rope=_rope_axes(head_dim),
             ),
             lambda: _vae(16, 0.3611, 0.1159, quant=False),
             lambda: _clip_encoder(tokenizer, projection=False),
@@ -224,11 +242,22 @@ def build_tiny_flux(path: str | Path, *, seed: int = 0, guidance_embeds: bool = 
     return out
 
 
-def build_tiny_sd3(path: str | Path, *, seed: int = 0, t5: bool = True) -> Path:
+def build_tiny_sd3(
+    path: str | Path,
+    *,
+    seed: int = 0,
+    t5: bool = True,
+    sd35: bool = False,
+    heads: int = TINY_DIT_HEADS,
+    head_dim: int = TINY_DIT_HEAD_DIM,
+    num_layers: int = 3,
+) -> Path:
     """A tiny random Stable Diffusion 3 folder (``StableDiffusion3Pipeline`` layout).
 
-    3 ``JointTransformerBlock``s of width 16 (the last ``context_pre_only``, as in
-    SD3), two CLIP encoders with projection (their penultimate states and pooled
+    ``num_layers`` ``JointTransformerBlock``s of width ``heads * head_dim`` (16;
+    SD3 medium: 24 blocks, 24 x 64), the last ``context_pre_only`` as in SD3; with
+    ``sd35`` the first two blocks have SD3.5 medium's second attention (``dual_attention_layers``,
+    ``SD35AdaLayerNormZeroX``) and the attentions RMS-normalise q and k. Two CLIP encoders with projection (their penultimate states and pooled
     outputs concatenated as SD3 does) and, with ``t5``, a T5 encoder (without it
     ``text_encoder_3`` is absent, as ``StableDiffusion3Pipeline(text_encoder_3=None)``
     allows); a 16-channel VAE with SD3's scaling and shift factors and SD3's
@@ -257,14 +286,16 @@ def build_tiny_sd3(path: str | Path, *, seed: int = 0, t5: bool = True) -> Path:
             sample_size=32,
             patch_size=2,
             in_channels=16,
-            num_layers=3,
-            attention_head_dim=TINY_DIT_HEAD_DIM,
-            num_attention_heads=TINY_DIT_HEADS,
+            num_layers=num_layers,
+            attention_head_dim=head_dim,
+            num_attention_heads=heads,
             joint_attention_dim=_T5_DIM,
-            caption_projection_dim=TINY_DIT_HEADS * TINY_DIT_HEAD_DIM,
+            caption_projection_dim=heads * head_dim,
             pooled_projection_dim=2 * _CLIP_DIM,
             out_channels=16,
-            pos_embed_max_size=64,
+            pos_embed_max_size=96,
+            dual_attention_layers=(0, 1) if sd35 else (),
+            qk_norm="rms_norm" if sd35 else None,
         ),
         lambda: _vae(16, 1.5305, 0.0609, quant=False),
         lambda: _clip_encoder(tokenizer, projection=True),
@@ -300,11 +331,19 @@ def build_tiny_sd3(path: str | Path, *, seed: int = 0, t5: bool = True) -> Path:
     return out
 
 
-def build_tiny_pixart(path: str | Path, *, seed: int = 0) -> Path:
+def build_tiny_pixart(
+    path: str | Path,
+    *,
+    seed: int = 0,
+    heads: int = TINY_DIT_HEADS,
+    head_dim: int = TINY_DIT_HEAD_DIM,
+    num_layers: int = 3,
+) -> Path:
     """A tiny random PixArt-alpha folder (``PixArtAlphaPipeline`` layout).
 
-    3 ``BasicTransformerBlock``s with AdaLN-single (``norm_type="ada_norm_single"``)
-    of width 16, a T5 encoder, an SD-style 4-channel VAE (scaling 0.18215, no
+    ``num_layers`` ``BasicTransformerBlock``s with AdaLN-single
+    (``norm_type="ada_norm_single"``) of width ``heads * head_dim`` (16; PixArt-alpha
+    XL: 28 blocks, 16 x 72), a T5 encoder, an SD-style 4-channel VAE (scaling 0.18215, no
     shift) and PixArt's DPM-Solver scheduler config (linear betas, 1000 steps),
     whose ``add_noise`` the extractor uses.
     """
@@ -318,13 +357,13 @@ def build_tiny_pixart(path: str | Path, *, seed: int = 0) -> Path:
         seed,
         [
             lambda: PixArtTransformer2DModel(
-                num_attention_heads=TINY_DIT_HEADS,
-                attention_head_dim=TINY_DIT_HEAD_DIM,
+                num_attention_heads=heads,
+                attention_head_dim=head_dim,
                 in_channels=4,
                 out_channels=8,
-                num_layers=3,
-                cross_attention_dim=TINY_DIT_HEADS * TINY_DIT_HEAD_DIM,
-                sample_size=16,
+                num_layers=num_layers,
+                cross_attention_dim=heads * head_dim,
+                sample_size=64,
                 patch_size=2,
                 caption_channels=_T5_DIM,
                 use_additional_conditions=False,

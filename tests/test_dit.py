@@ -120,13 +120,14 @@ def test_features_equal_the_written_out_block_output(tiny, family):
     one token per 16 pixels (64 x 48 input -> 4 x 3 map)."""
     name = "transformer_blocks.1"
     ex = make(tiny[family], layers=[name], timestep_shift="scheduler")
+    (info,) = ex.layers()
+    assert ex._parts is None  # declared from the configs, no weights loaded
     noise = ex.make_noise(IMAGE.key)
     fs = ex.extract([IMAGE], noise=[noise])[0]
     assert ex.family.name == family.replace("sd35", "sd3")
     assert fs.layers[name].shape == (1, 16, 3, 4)
     expected = written_out(ex, name, noise)
     torch.testing.assert_close(fs.layers[name][0], expected, atol=1e-5, rtol=1e-4)
-    (info,) = ex.layers()
     assert (info.channels, info.stride) == (16, 16.0)
     assert 48 / info.stride == fs.layers[name].shape[-2] and 64 / info.stride == 4
 
@@ -285,7 +286,35 @@ def test_unsupported_family_and_bad_layer(tiny, tmp_path):
         _ = make(tiny["flux"], layers=["single_transformer_block.1"]).module_names
     assert "nearest: single_transformer_blocks.1" in str(err.value)
     with pytest.raises(DiffeatError, match="massive_channels"):
-        _ = make(tiny["flux"], massive_activations="ditf", massive_channels=[16]).parts
+        make(
+            tiny["flux"],
+            layers=["transformer_blocks.0"],
+            massive_activations="ditf",
+            massive_channels=[16],
+        ).layers()
+
+
+def test_bfloat16_is_close_to_float32(tiny):
+    name = "single_transformer_blocks.0"
+    full = make(tiny["flux"], layers=[name]).extract([IMAGE])[0].layers[name]
+    half = make(tiny["flux"], layers=[name], dtype="bfloat16").extract([IMAGE])[0].layers[name]
+    assert half.dtype == torch.float32
+    assert (half - full).norm() / full.norm() < 0.05
+
+
+def test_pixart_with_resolution_conditions(tmp_path):
+    """PixArt-alpha 1024 conditions on the pixel size and aspect ratio (added_cond_kwargs)."""
+    from diffusers import PixArtTransformer2DModel
+
+    folder = build_tiny_pixart(tmp_path / "pixart", heads=3)  # size embeddings: width / 3
+    cfg = PixArtTransformer2DModel.load_config(folder / "transformer")
+    model = PixArtTransformer2DModel.from_config({**cfg, "use_additional_conditions": True})
+    model.save_pretrained(folder / "transformer")
+    ex = make(folder, layers=["transformer_blocks.0"])
+    assert ex.parts.transformer.use_additional_conditions
+    fs = ex.extract([IMAGE])[0]
+    assert fs.layers["transformer_blocks.0"].shape == (1, 24, 3, 4)
+    assert torch.isfinite(fs.layers["transformer_blocks.0"]).all()
 
 
 def test_stop_early_gives_the_same_features(tiny):

@@ -16,6 +16,7 @@ from __future__ import annotations
 import difflib
 import fnmatch
 import hashlib
+import json
 from collections.abc import Sequence
 from typing import Any
 
@@ -23,13 +24,13 @@ import torch
 
 from diffeat.core.components import Extractor
 from diffeat.core.devices import pick_device
-from diffeat.core.errors import ConfigError, DiffeatError
+from diffeat.core.errors import ConfigError, DiffeatError, ModelLoadError
 from diffeat.core.features import FeatureSet, LayerInfo
 from diffeat.core.geometry import ImageTransform, Size
 from diffeat.core.images import ImageInput, fit_image, fit_transform, resize, to_tensor
 from diffeat.plugins.dit.families import (
     Family,
-    block_names,
+    config_block_names,
     ddpm_noise,
     encode_prompt,
     flow_sigma,
@@ -96,6 +97,7 @@ class DiffusionTransformerExtractor(Extractor):
         self._parts: DitParts | None = None
         self._names: list[str] | None = None
         self._prompts: dict[str, dict[str, torch.Tensor]] = {}
+        self._configs: dict[str, dict[str, Any]] = {}
 
     # -- model -------------------------------------------------------------------
 
@@ -124,7 +126,6 @@ class DiffusionTransformerExtractor(Extractor):
                 text_device=text_device,
                 t5=o.t5,
             )
-            self._check_channels()
         return self._parts
 
     def _check_channels(self) -> None:
@@ -138,8 +139,18 @@ class DiffusionTransformerExtractor(Extractor):
 
     @property
     def channels(self) -> int:
-        cfg = self.parts.transformer.config
-        return int(cfg.num_attention_heads * cfg.attention_head_dim)
+        cfg = self.config("transformer")
+        return int(cfg["num_attention_heads"] * cfg["attention_head_dim"])
+
+    def config(self, part: str) -> dict[str, Any]:
+        """``<part>/config.json`` of the model folder (read without loading weights)."""
+        if part not in self._configs:
+            path = self.folder / part / "config.json"
+            try:
+                self._configs[part] = json.loads(path.read_text())
+            except (OSError, ValueError) as exc:
+                raise ModelLoadError(f"cannot read {path}: {exc}") from None
+        return self._configs[part]
 
     def model_identity(self) -> dict[str, Any]:
         index = read_index(self.folder)
@@ -160,7 +171,7 @@ class DiffusionTransformerExtractor(Extractor):
     def module_names(self) -> list[str]:
         """The requested blocks, in forward order (names and globs resolved)."""
         if self._names is None:
-            valid = block_names(self.parts.transformer)
+            valid = config_block_names(self.family, self.config("transformer"))
             chosen: list[str] = []
             for pattern in self.options.layers:
                 matches = [n for n in valid if fnmatch.fnmatchcase(n, pattern)]
@@ -182,6 +193,7 @@ class DiffusionTransformerExtractor(Extractor):
                 chosen.extend(m for m in matches if m not in chosen)
             order = {n: i for i, n in enumerate(valid)}
             self._names = sorted(chosen, key=order.__getitem__)
+            self._check_channels()
         return self._names
 
     # -- declarations ------------------------------------------------------------
@@ -212,16 +224,17 @@ class DiffusionTransformerExtractor(Extractor):
 
     @property
     def vae_factor(self) -> int:
-        return 2 ** (len(self.parts.vae.config.block_out_channels) - 1)
+        return 2 ** (len(self.config("vae")["block_out_channels"]) - 1)
 
     @property
     def stride(self) -> int:
         """Pixels per token: the VAE factor times the 2x2 patch (FLUX packs it, the others patchify)."""
-        patch = 2 if self.family.name == "flux" else int(self.parts.transformer.config.patch_size)
+        patch = 2 if self.family.name == "flux" else int(self.config("transformer")["patch_size"])
         return self.vae_factor * patch
 
     def layers(self) -> list[LayerInfo]:
-        """Every requested block: the transformer's width, one token per ``stride`` pixels."""
+        """Every requested block: the transformer's width, one token per ``stride`` pixels
+        (from the configs: no weights are loaded)."""
         return [LayerInfo(n, self.channels, float(self.stride)) for n in self.module_names]
 
     # -- prompts -------------------------------------------------------------------
@@ -271,7 +284,7 @@ class DiffusionTransformerExtractor(Extractor):
     def latent_shape(self, size: Size) -> tuple[int, int, int]:
         w, h = size
         f = self.vae_factor
-        return (int(self.parts.vae.config.latent_channels), h // f, w // f)
+        return (int(self.config("vae")["latent_channels"]), h // f, w // f)
 
     def make_noise(self, key: str, size: Size | None = None) -> dict[str, torch.Tensor]:
         """``posterior`` ``[E, c, h, w]`` and ``noise`` ``[T, E, c, h, w]`` of one image,

@@ -207,6 +207,15 @@ def block_names(transformer: nn.Module) -> list[str]:
     return names + [f"single_transformer_blocks.{i}" for i in range(len(singles))]
 
 
+def config_block_names(family: Family, config: dict[str, Any]) -> list[str]:
+    """:func:`block_names` from ``transformer/config.json`` alone (no weights loaded)."""
+    names = [f"transformer_blocks.{i}" for i in range(int(config.get("num_layers", 0)))]
+    if family.name == "flux":
+        singles = int(config.get("num_single_layers", 0))
+        names += [f"single_transformer_blocks.{i}" for i in range(singles)]
+    return names
+
+
 def reader_modulation(
     family: Family, transformer: nn.Module, name: str, cond: Any
 ) -> tuple[torch.Tensor, torch.Tensor]:

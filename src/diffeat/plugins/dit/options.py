@@ -29,8 +29,8 @@ class DiffusionTransformerOptions:
         ["single_transformer_blocks.8"],
         "transformer blocks whose image-token outputs are captured, by module name or glob: "
         "transformer_blocks.N (SD3, PixArt, FLUX double-stream), single_transformer_blocks.N "
-        "(FLUX single-stream). DiTF's FLUX block k >= 19 is the output of "
-        "single_transformer_blocks.(k-20), the input of single_transformer_blocks.(k-19)",
+        "(FLUX single-stream). DiTF's FLUX block k (the input of block k, counted from 0) is the output "
+        "of single_transformer_blocks.(k-20) for k >= 20, of transformer_blocks.18 for k = 19",
     )
     timesteps: list[int] = opt(
         [260], "timesteps in [0, 1000): one transformer pass each (flow models: sigma = t/1000)"

@@ -317,6 +317,23 @@ def test_pixart_with_resolution_conditions(tmp_path):
     assert torch.isfinite(fs.layers["transformer_blocks.0"]).all()
 
 
+def test_only_the_needed_parts_load_and_the_forward_stops(tiny):
+    ex = make(tiny["flux"], layers=["transformer_blocks.0"])
+    assert set(ex.parts.text) == {"text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2"}
+    assert ex.parts.vae.decoder is None
+    ran = []
+    later = ex.parts.transformer.single_transformer_blocks[0]
+    handle = later.register_forward_pre_hook(lambda m, a: ran.append(1))
+    try:
+        ex.extract([IMAGE])
+        assert ran == []  # stopped after transformer_blocks.0
+        ex.options.stop_early = False
+        ex.extract([IMAGE])
+        assert len(ran) == 1  # the whole forward
+    finally:
+        handle.remove()
+
+
 def test_stop_early_gives_the_same_features(tiny):
     a = make(tiny["flux"], layers=["transformer_blocks.0"]).extract([IMAGE])[0]
     b = make(tiny["flux"], layers=["transformer_blocks.0"], stop_early=False).extract([IMAGE])[0]

@@ -39,6 +39,7 @@ _NAME = re.compile(r"^[a-z0-9][a-z0-9_.-]*$")
 
 BUILTIN_MODULES = {
     "stable-diffusion": "diffeat.plugins.stable_diffusion",
+    "diffusion-transformer": "diffeat.plugins.dit",
     "vit": "diffeat.plugins.vit",
     "adm": "diffeat.plugins.adm",
     "aggregators": "diffeat.plugins.aggregators",

@@ -6,6 +6,8 @@
   (:func:`build_tiny_stable_diffusion`), a CLIP tokenizer written offline and
   tiny implicit-captioner weights; nothing is downloaded.
 - :mod:`diffeat.testing.vit`: tiny random DINO, DINOv2 and OpenCLIP models.
+- :mod:`diffeat.testing.dit`: tiny random diffusion transformers (SD3, FLUX,
+  PixArt) with CLIP and T5 tokenizers written offline.
 - :mod:`diffeat.testing.plugins`: :class:`TestPlugin` and :class:`AllHooksPlugin`
   (every hook implemented, third-party style).
 - :mod:`diffeat.testing.conformance`: the conformance mixins a plugin author
@@ -25,6 +27,12 @@ from diffeat.testing.conformance import (
     DatasetConformance,
     ExtractorConformance,
     MatcherConformance,
+)
+from diffeat.testing.dit import (
+    build_tiny_flux,
+    build_tiny_pixart,
+    build_tiny_sd3,
+    write_t5_tokenizer,
 )
 from diffeat.testing.extractors import (
     ColorBlurExtractor,
@@ -62,9 +70,13 @@ __all__ = [
     "build_tiny_captioner",
     "build_tiny_dino",
     "build_tiny_dinov2",
+    "build_tiny_flux",
     "build_tiny_openclip",
+    "build_tiny_pixart",
+    "build_tiny_sd3",
     "build_tiny_stable_diffusion",
     "photo_like",
     "smooth_texture",
     "write_clip_tokenizer",
+    "write_t5_tokenizer",
 ]

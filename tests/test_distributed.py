@@ -410,3 +410,32 @@ def test_ray_worker_killed_mid_job_still_fills_the_store(
     assert [Path(f).name for f, _ in report.failed] == ["broken.png"]
     assert report.computed + report.cached + report.found == 8
     assert_same_store(store, reference)
+
+
+def failing_worker() -> type:
+    """An ExtractWorker whose batches fail with a user error (before any model runs)."""
+    from diffeat.core.errors import StoreError
+    from diffeat.distributed.ray_job import ExtractWorker
+
+    class Failing(ExtractWorker):
+        def extract_batch(self, inputs):
+            raise StoreError("cannot write the store: check the store path on the workers")
+
+    return Failing
+
+
+@pytest.mark.slow
+def test_ray_user_error_in_a_worker_reaches_the_caller(config, photos, ray_cluster, tmp_path):
+    """A DiffeatError raised in an actor comes back as itself (the CLI prints its message)."""
+    from diffeat.core.errors import StoreError
+    from diffeat.distributed import ray_extract
+
+    with pytest.raises(StoreError, match="check the store path on the workers") as info:
+        ray_extract(
+            config,
+            files_of(photos)[:2],
+            tmp_path / "s.zarr",
+            workers=1,
+            worker_class=failing_worker(),
+        )
+    assert "Traceback" not in str(info.value)

@@ -28,7 +28,8 @@ dead actor and reruns its in-flight batch (its defaults for actor pools,
 ``max_restarts=-1`` and ``max_task_retries=-1``): a lost worker costs that batch
 only, and whatever of it was already stored is found stored on the rerun. An
 exception in extraction (not an unreadable image) stops the job, as it stops a
-single process.
+single process; a :class:`DiffeatError` (a user error) is raised again on the
+driver with its class and message.
 
 Every worker must reach the store path and the input files (a shared filesystem
 or an object store) and have diffeat, its plugins and the model files the config
@@ -125,15 +126,39 @@ class ExtractWorker:
     """
 
     def __init__(self, config: dict[str, Any], config_source: str, store: str) -> None:
-        cfg = parse_config(config, source=config_source)
-        self.pipe = Pipeline(cfg, store=open_store(store))
-        self.sources = len(cfg.extractors)
+        #: a user error building the pipeline here (a plugin or store this node lacks) is
+        #: reported by the first batch, so that the driver raises it with its message
+        self.error: DiffeatError | None = None
+        try:
+            cfg = parse_config(config, source=config_source)
+            self.pipe = Pipeline(cfg, store=open_store(store))
+            self.sources = len(cfg.extractors)
+        except DiffeatError as exc:
+            self.error = exc
 
     def extract_batch(self, inputs: list[ImageInput]) -> ExtractReport:
         """Extract and store ``inputs`` (the single-process ``Pipeline.extract``)."""
         return self.pipe.extract(inputs) if inputs else ExtractReport()
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, Any]:
+        try:
+            if self.error is not None:
+                raise self.error
+            return self.run_batch(batch)
+        except DiffeatError as exc:
+            # a user error stops the job, as in one process; Ray would keep only its text
+            n = len(batch["index"])
+            return {
+                "index": [int(v) for v in batch["index"]],
+                "source": [str(v) for v in batch["source"]],
+                "key": [""] * n,
+                "status": [f"error:{type(exc).__name__}"] * n,
+                "error": [str(exc)] * n,
+                **{name: [0] * n for name in COUNTS},
+            }
+
+    def run_batch(self, batch: dict[str, np.ndarray]) -> dict[str, Any]:
+        """Extract one batch of decoded rows; a row per image with its key and status."""
         n = len(batch["index"])
         inputs = []
         keys = [""] * n
@@ -161,19 +186,14 @@ class ExtractWorker:
         }
 
 
-def _user_error(exc: BaseException) -> DiffeatError | None:
-    """The :class:`DiffeatError` a Ray task raised, found through Ray's wrappers."""
-    seen: set[int] = set()
-    stack: list[BaseException | None] = [exc]
-    while stack:
-        e = stack.pop()
-        if e is None or id(e) in seen:
-            continue
-        seen.add(id(e))
-        if isinstance(e, DiffeatError):
-            return e
-        stack += [e.__cause__, e.__context__, getattr(e, "cause", None)]
-    return None
+def _error_class(name: str) -> type[DiffeatError]:
+    """The :mod:`diffeat.core.errors` class named ``name`` (else :class:`DiffeatError`)."""
+    from diffeat.core import errors
+
+    found = getattr(errors, name, None)
+    if isinstance(found, type) and issubclass(found, DiffeatError):
+        return found
+    return DiffeatError
 
 
 def _cluster_shape(
@@ -268,13 +288,10 @@ def ray_extract(
             ):
                 if status == "failed":
                     failed.append((int(index), str(source), str(error)))
+                elif str(status).startswith("error:"):
+                    raise _error_class(str(status)[len("error:") :])(str(error))
             if progress is not None:
                 progress.update(len(out["index"]))
-    except Exception as exc:
-        cause = _user_error(exc)
-        if cause is not None and cause is not exc:
-            raise type(cause)(str(cause)) from None
-        raise
     finally:
         if started:
             ray.shutdown()

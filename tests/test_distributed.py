@@ -439,3 +439,19 @@ def test_ray_user_error_in_a_worker_reaches_the_caller(config, photos, ray_clust
             worker_class=failing_worker(),
         )
     assert "Traceback" not in str(info.value)
+
+
+def test_torchrun_processes_take_their_own_gpu(monkeypatch):
+    """LOCAL_RANK picks the current CUDA device (so device "auto" is this process's GPU)."""
+    import diffeat.distributed.shard as shard_module
+
+    chosen = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 4)
+    monkeypatch.setattr(torch.cuda, "set_device", chosen.append)
+    assert shard_module.bind_local_gpu({"LOCAL_RANK": "2"}) == 2
+    assert shard_module.bind_local_gpu({"LOCAL_RANK": "6"}) == 2  # more processes than GPUs
+    assert shard_module.bind_local_gpu({}) is None
+    assert chosen == [2, 2]
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    assert shard_module.bind_local_gpu({"LOCAL_RANK": "0"}) is None

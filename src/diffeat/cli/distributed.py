@@ -148,8 +148,14 @@ def this_shard(ctx: click.Context, scale: ScaleOptions) -> Shard | None:
     from diffeat.distributed.shard import resolve_shard
 
     shard = resolve_shard(scale.shard)
-    if shard is not None and not is_quiet(ctx):
+    if shard is not None:
         log.info("shard %s (from %s), by %s", shard, shard.origin, scale.shard_by)
+        if shard.origin == "RANK/WORLD_SIZE":
+            from diffeat.distributed.shard import bind_local_gpu
+
+            gpu = bind_local_gpu()
+            if gpu is not None:
+                log.info("LOCAL_RANK: this process extracts on cuda:%d", gpu)
     return shard
 
 

@@ -149,6 +149,22 @@ def resolve_shard(spec: str | None, env: Mapping[str, str] | None = None) -> Sha
     return parse_shard(text)
 
 
+def bind_local_gpu(env: Mapping[str, str] | None = None) -> int | None:
+    """Under torchrun (``LOCAL_RANK`` set, several GPUs visible), make GPU ``LOCAL_RANK`` the
+    current CUDA device, so that ``device = "auto"`` (``cuda``) means this process's own GPU
+    and not GPU 0 for every process of the node. Returns the index, or ``None``."""
+    env = os.environ if env is None else env
+    if "LOCAL_RANK" not in env:
+        return None
+    import torch
+
+    if not torch.cuda.is_available() or torch.cuda.device_count() < 2:
+        return None
+    index = _int(env["LOCAL_RANK"], "LOCAL_RANK") % torch.cuda.device_count()
+    torch.cuda.set_device(index)
+    return index
+
+
 class Subset(Sequence[T]):
     """The items of ``base`` at ``indices`` (lazy: a :class:`LazyImages` still decodes on
     access); picklable when ``base`` is."""

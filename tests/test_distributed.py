@@ -92,14 +92,16 @@ def test_resolve_shard_from_flags_and_schedulers():
     assert resolve_shard(None, torchrun) == Shard(3, 4, "RANK/WORLD_SIZE")
     assert resolve_shard("auto", torchrun) == Shard(3, 4, "RANK/WORLD_SIZE")
     assert resolve_shard("1/2", torchrun) == Shard(1, 2)  # an explicit --shard wins
-    # Slurm arrays, numbered from SLURM_ARRAY_TASK_MIN
-    slurm = {
-        "SLURM_ARRAY_TASK_ID": "5",
-        "SLURM_ARRAY_TASK_MIN": "1",
-        "SLURM_ARRAY_TASK_COUNT": "8",
-    }
+    # Slurm arrays, numbered from 0; a rerun of task 3 alone (count 1) needs auto/N
+    slurm = {"SLURM_ARRAY_TASK_ID": "5", "SLURM_ARRAY_TASK_MIN": "0", "SLURM_ARRAY_TASK_COUNT": "8"}
     assert resolve_shard(None, slurm) is None  # only with --shard auto
-    assert resolve_shard("auto", slurm) == Shard(4, 8, "SLURM_ARRAY_TASK_ID/SLURM_ARRAY_TASK_COUNT")
+    assert resolve_shard("auto", slurm) == Shard(5, 8, "SLURM_ARRAY_TASK_ID/SLURM_ARRAY_TASK_COUNT")
+    rerun = {"SLURM_ARRAY_TASK_ID": "3", "SLURM_ARRAY_TASK_MIN": "3", "SLURM_ARRAY_TASK_COUNT": "1"}
+    assert resolve_shard("auto/8", rerun) == Shard(
+        3, 8, "SLURM_ARRAY_TASK_ID/SLURM_ARRAY_TASK_COUNT"
+    )
+    with pytest.raises(DiffeatError, match=r"number the array from 0 .*--shard auto/N"):
+        resolve_shard("auto", rerun)
     # Kubernetes indexed jobs: the index from the environment, N from auto/N
     k8s = {"JOB_COMPLETION_INDEX": "6"}
     assert resolve_shard("auto/7", k8s) == Shard(6, 7, "JOB_COMPLETION_INDEX")

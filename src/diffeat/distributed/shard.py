@@ -20,10 +20,10 @@ paths (the same command line).
 
 Where K/N come from (:func:`resolve_shard`): ``--shard K/N``; ``--shard auto``
 (or ``auto/N``) reads the scheduler's environment: ``RANK``/``WORLD_SIZE``
-(torchrun, ``torch.distributed``), ``SLURM_ARRAY_TASK_ID`` (minus
-``SLURM_ARRAY_TASK_MIN``)/``SLURM_ARRAY_TASK_COUNT`` (Slurm job arrays), or
-``JOB_COMPLETION_INDEX`` (Kubernetes indexed jobs; N from ``auto/N``, the job's
-``completions``). Without ``--shard``, ``RANK``/``WORLD_SIZE`` are used when
+(torchrun, ``torch.distributed``), ``SLURM_ARRAY_TASK_ID``/``SLURM_ARRAY_TASK_COUNT``
+(Slurm job arrays numbered from 0; with ``auto/N`` the count is N, which a rerun of
+some tasks needs), or ``JOB_COMPLETION_INDEX`` (Kubernetes indexed jobs; N from
+``auto/N``, the job's ``completions``). Without ``--shard``, ``RANK``/``WORLD_SIZE`` are used when
 both are set, as torchrun sets them.
 """
 
@@ -104,11 +104,18 @@ def _from_env(env: Mapping[str, str], count: int | None) -> Shard:
         index, total = _int(env["RANK"], "RANK"), _int(env["WORLD_SIZE"], "WORLD_SIZE")
         origin = "RANK/WORLD_SIZE"
     elif "SLURM_ARRAY_TASK_ID" in env:
-        first = _int(env.get("SLURM_ARRAY_TASK_MIN", "0"), "SLURM_ARRAY_TASK_MIN")
-        index = _int(env["SLURM_ARRAY_TASK_ID"], "SLURM_ARRAY_TASK_ID") - first
+        # the task id itself (arrays numbered from 0), so that a rerun of some tasks
+        # (--array=3,5 with --shard auto/N) keeps their shards; the count only without N
+        index = _int(env["SLURM_ARRAY_TASK_ID"], "SLURM_ARRAY_TASK_ID")
         raw = env.get("SLURM_ARRAY_TASK_COUNT")
-        total = _int(raw, "SLURM_ARRAY_TASK_COUNT") if raw is not None else -1
+        total = _int(raw, "SLURM_ARRAY_TASK_COUNT") if raw is not None and count is None else -1
         origin = "SLURM_ARRAY_TASK_ID/SLURM_ARRAY_TASK_COUNT"
+        if count is None and index >= total > 0:
+            raise DiffeatError(
+                f"--shard auto: SLURM_ARRAY_TASK_ID = {index} but SLURM_ARRAY_TASK_COUNT = "
+                f"{total}: number the array from 0 (--array=0-{total - 1}), or give the number "
+                "of shards with --shard auto/N (also when rerunning some tasks)"
+            )
     elif "JOB_COMPLETION_INDEX" in env:
         index, total = _int(env["JOB_COMPLETION_INDEX"], "JOB_COMPLETION_INDEX"), -1
         origin = "JOB_COMPLETION_INDEX"

@@ -254,7 +254,7 @@ def worker_env(**extra: str) -> dict[str, str]:
 
 
 @pytest.mark.slow
-def test_sharded_cli_workers_fill_one_store(config, photos, reference, tmp_path):
+def test_sharded_cli_workers_fill_one_store(config, photos, reference, tmp_path, capsys):
     """Three real `diffeat extract` processes at once, each told its shard another way
     (--shard K/N, torchrun's RANK/WORLD_SIZE, a Kubernetes index with --shard auto/N),
     write disjoint entries that together equal one process's store; a rerun resumes."""
@@ -286,16 +286,19 @@ def test_sharded_cli_workers_fill_one_store(config, photos, reference, tmp_path)
     assert [Path(f).name for f in failed] == ["broken.png"]
     assert_same_store(store, reference)
 
-    # a rerun of one shard computes nothing
-    proc = subprocess.run(
-        [*base, "--shard", "1/3", "--json"],
-        env=worker_env(),
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    again = json.loads(proc.stdout)
-    assert again["computed"] == 0 and again["images"] == reports[1]["images"]
+    # a rerun of one shard computes nothing (in this process: the CLI's code, no startup)
+    from diffeat.cli.main import main
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(
+            ["--quiet", "extract", str(config), str(photos), "--store", str(store)]
+            + ["--shard", "1/3", "--json"]
+        )
+    assert exit_info.value.code in (0, 2)
+    again = json.loads(capsys.readouterr().out)
+    assert again["images"] == reports[1]["images"]
+    assert again["computed"] == 0
+    assert again["cached"] + len(again["failed"]) == again["images"]
 
 
 # -- Ray ------------------------------------------------------------------------------
@@ -457,3 +460,28 @@ def test_torchrun_processes_take_their_own_gpu(monkeypatch):
     assert chosen == [2, 2]
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
     assert shard_module.bind_local_gpu({"LOCAL_RANK": "0"}) is None
+
+
+def test_ray_rows_carry_paths_categories_and_decoded_pixels(photos, monkeypatch):
+    """What the Ray job's first two stages make of inputs (no cluster needed)."""
+    from diffeat.distributed.ray_job import decode_row, image_items
+
+    monkeypatch.chdir(photos.parent)
+    relative = [Path(photos.name) / "p1.png", Path(photos.name) / "broken.png"]
+    rows = image_items(relative)
+    assert [r["source"] for r in rows] == [str(p) for p in relative]  # stored as given
+    assert [r["path"] for r in rows] == [str(photos / "p1.png"), str(photos / "broken.png")]
+    refs = LazyImages([ImageRef(photos / "p2.png", "dog"), ImageRef(photos / "p0.png", "cat")])
+    assert [(r["index"], r["category"]) for r in image_items(refs)] == [(0, "dog"), (1, "cat")]
+    sub = select_shard(refs, Shard(0, 1))
+    assert [r["category"] for r in image_items(sub)] == ["dog", "cat"]
+    with pytest.raises(DiffeatError, match="pass its path"):
+        image_items([smooth_texture((8, 8), seed=0)])
+
+    good, bad = (decode_row(r) for r in rows)
+    expected = as_input(photos / "p1.png")
+    assert good["key"] == expected.key and good["error"] == ""
+    assert good["pixels"] == expected.image.tobytes()
+    assert (good["width"], good["height"]) == expected.image.size
+    assert bad["key"] == "" and str(relative[1]) in bad["error"]
+    assert str(photos) not in bad["error"]  # the message names the path as given

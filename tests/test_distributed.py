@@ -311,6 +311,7 @@ def ray_cluster():
     pytest.importorskip("ray.data")
     saved = os.environ.get("OMP_NUM_THREADS")
     os.environ["OMP_NUM_THREADS"] = "1"  # the workers inherit it
+    address = os.environ.pop("RAY_ADDRESS", None)  # a cluster of our own, not one found
     try:
         context = ray.init(
             num_cpus=4,
@@ -325,6 +326,8 @@ def ray_cluster():
             os.environ.pop("OMP_NUM_THREADS", None)
         else:
             os.environ["OMP_NUM_THREADS"] = saved
+        if address is not None:
+            os.environ["RAY_ADDRESS"] = address
 
 
 @pytest.mark.slow
@@ -409,7 +412,8 @@ def test_ray_worker_killed_mid_job_still_fills_the_store(
         worker_class=crash_once_worker(marker, pids),
     )
     assert marker.exists()  # a worker did die
-    assert len(list(pids.iterdir())) >= 2  # the pool had several actor processes
+    # the crashed process's batch went on in another (the other actor, or its restart)
+    assert len(list(pids.iterdir())) >= 2
     assert progress.n == 9
     assert report.total == 9
     assert [Path(f).name for f, _ in report.failed] == ["broken.png"]

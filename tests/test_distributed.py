@@ -165,6 +165,11 @@ def test_select_shard_partitions_files_by_content(photos):
     by_path = [list(select_shard(files, Shard(k, n), by="path")) for k in range(n)]
     assert sorted(p for part in by_path for p in part) == files
     assert all(shard_of(str(p), n) == k for k, part in enumerate(by_path) for p in part)
+    # many inputs go through in bounded chunks, in input order
+    names = [f"dir/{i:04d}.png" for i in range(300)]
+    chunks = [list(select_shard(names, Shard(k, 4), by="path", threads=1)) for k in range(4)]
+    assert sorted(x for c in chunks for x in c) == names
+    assert all(c == sorted(c) and all(shard_of(x, 4) == k for x in c) for k, c in enumerate(chunks))
 
 
 def test_select_shard_keeps_dataset_images_lazy(photos):

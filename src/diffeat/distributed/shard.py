@@ -244,10 +244,13 @@ def select_shard(
     keyer = _key_of if by == "key" else _path_of
     workers = threads or min(8, os.cpu_count() or 1)
     mine: list[int] = []
+    chunk = 64 * workers  # a bounded number of images in flight, however many inputs
     with ThreadPoolExecutor(max_workers=workers) as pool:
-        for index, key in enumerate(pool.map(lambda i: keyer(images, i), range(len(images)))):
-            if shard.owns(key):
-                mine.append(index)
-            if progress is not None:
-                progress(1)
+        for start in range(0, len(images), chunk):
+            indices = range(start, min(start + chunk, len(images)))
+            for index, key in zip(indices, pool.map(lambda i: keyer(images, i), indices)):
+                if shard.owns(key):
+                    mine.append(index)
+                if progress is not None:
+                    progress(1)
     return Subset(images, mine)

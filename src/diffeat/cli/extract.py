@@ -17,6 +17,7 @@ from diffeat.cli.common import (
     progress_bar,
 )
 from diffeat.cli.datasets_common import dataset_option
+from diffeat.cli.distributed import ScaleOptions, scale_options
 from diffeat.core.errors import DiffeatError
 
 if TYPE_CHECKING:
@@ -82,6 +83,7 @@ def input_images(inputs: tuple[str, ...]) -> list[Path]:
 @dataset_option("A dataset option (repeatable; see `diffeat datasets`).")
 @config_options
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON report.")
+@scale_options
 @click.pass_context
 def extract_cmd(
     ctx: click.Context,
@@ -96,9 +98,14 @@ def extract_cmd(
     model: str | None,
     device: str | None,
     as_json: bool,
+    scale: ScaleOptions,
 ) -> None:
     """Extract features of INPUTS (images or folders), or of every image of a dataset's pairs
-    (--dataset NAME --root DIR), into the store; finished images are skipped."""
+    (--dataset NAME --root DIR), into the store; finished images are skipped.
+
+    Many workers fill one store with --shard K/N each (or torchrun's RANK/WORLD_SIZE), or
+    with --ray on a Ray cluster (docs/scaling.md)."""
+    from diffeat.cli import distributed
     from diffeat.core.config import load_config
     from diffeat.core.pipeline import Pipeline
     from diffeat.store import FeatureStore
@@ -112,16 +119,24 @@ def extract_cmd(
         raise DiffeatError("--root, --split and -o describe a dataset: add --dataset NAME")
     if dataset_name is not None and not root:
         raise DiffeatError(f"--dataset {dataset_name} needs --root DIR, the dataset's folder")
+    distributed.check(scale)
     cfg = load_config(config, collect_overrides(overrides, model, device))
     if dataset_name is not None:
         assert root is not None
         images = dataset_images(dataset_name, root, split, dataset_options)
     else:
         images = input_images(inputs)
+    inputs_total = len(images)
+    shard = distributed.this_shard(ctx, scale)
+    if shard is not None:
+        images = distributed.shard_inputs(ctx, scale, shard, images)
     pipe = Pipeline(cfg, store=FeatureStore(store_path))
     log.info("%d images -> store %s under cache key %s", len(images), store_path, pipe.cache_key)
-    with progress_bar(len(images), "extract", is_quiet(ctx)) as bar:
-        report = pipe.extract(images, progress=bar)
+    if scale.uses_ray:
+        report = distributed.ray_report(ctx, scale, cfg, images, store_path)
+    else:
+        with progress_bar(len(images), "extract", is_quiet(ctx)) as bar:
+            report = pipe.extract(images, progress=bar)
     summary = {
         "store": store_path,
         "cache_key": pipe.cache_key,
@@ -132,11 +147,15 @@ def extract_cmd(
         "found": report.found,
         "failed": [{"image": i, "error": e} for i, e in report.failed],
     }
+    if shard is not None:
+        summary["shard"] = {"index": shard.index, "count": shard.count, "by": scale.shard_by}
+        summary["inputs"] = inputs_total
     if as_json:
         emit_json(summary)
     else:
+        where = f"shard {shard} of {inputs_total} inputs: " if shard is not None else ""
         click.echo(
-            f"{report.total} images: {report.computed} extracted, {report.cached} already stored, "
+            f"{where}{report.total} images: {report.computed} extracted, {report.cached} already stored, "
             f"{report.found} stored meanwhile by another process, "
             f"{len(report.failed)} failed -> {store_path} ({pipe.cache_key})"
         )

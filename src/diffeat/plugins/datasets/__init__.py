@@ -1,4 +1,5 @@
-"""Built-in dataset plugins: ``spair``, ``pfwillow``, ``cub`` and ``synthetic``.
+"""Built-in dataset plugins: ``spair``, ``pfwillow``, ``cub``, ``synthetic`` and ``davis2017``
+(a ``"propagation"`` dataset yielding videos).
 
 Each factory takes its validated options (``root``, ``split`` and more) and
 returns a :class:`~diffeat.core.datasets.Dataset` (the contract, in core) that
@@ -15,14 +16,21 @@ from diffeat.core.hookspecs import Register, hookimpl
 
 if TYPE_CHECKING:
     from diffeat.plugins.datasets.cub import CUB
+    from diffeat.plugins.datasets.davis import Davis2017
     from diffeat.plugins.datasets.pfwillow import PFWillow
     from diffeat.plugins.datasets.spair import SPair
     from diffeat.plugins.datasets.synthetic import Synthetic
 
 # Imported on first use (they need torch), so listing commands stays fast.
-_EXPORTS = {"CUB": "cub", "PFWillow": "pfwillow", "SPair": "spair", "Synthetic": "synthetic"}
+_EXPORTS = {
+    "CUB": "cub",
+    "Davis2017": "davis",
+    "PFWillow": "pfwillow",
+    "SPair": "spair",
+    "Synthetic": "synthetic",
+}
 
-__all__ = ["CUB", "PFWillow", "SPair", "Synthetic"]
+__all__ = ["CUB", "Davis2017", "PFWillow", "SPair", "Synthetic"]
 
 
 def __getattr__(name: str) -> object:
@@ -35,6 +43,7 @@ def __getattr__(name: str) -> object:
 @hookimpl
 def register_datasets(register: Register) -> None:
     from diffeat.plugins.datasets.cub import CUB
+    from diffeat.plugins.datasets.davis import Davis2017
     from diffeat.plugins.datasets.pfwillow import PFWillow
     from diffeat.plugins.datasets.spair import SPair
     from diffeat.plugins.datasets.synthetic import Synthetic
@@ -43,3 +52,4 @@ def register_datasets(register: Register) -> None:
     register("pfwillow", PFWillow)
     register("cub", CUB)
     register("synthetic", Synthetic)
+    register("davis2017", Davis2017)

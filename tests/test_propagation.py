@@ -50,11 +50,12 @@ def _random_context(n: int, h: int, w: int, c: int = 5, labels: int = 3, seed: i
 
 
 @pytest.mark.parametrize(
-    ("radius", "topk", "chunk"), [(2, 4, 2), (2, 4, 3), (0, 6, 4), (1, 5, 1), (3, 15, 7)]
+    ("radius", "topk", "chunk"),
+    [(2, 4, 2), (2, 4, 3), (0, 6, 4), (1, 5, 1), (3, 15, 7), (15, 15, 8)],
 )
 def test_chunked_propagation_equals_the_dense_official_computation(radius, topk, chunk):
     target, feats, soft = _random_context(3, 7, 9)
-    s = PropagationSettings(temperature=0.2, topk=topk, context=28, radius=radius, chunk_rows=chunk)
+    s = PropagationSettings(temperature=0.2, topk=topk, context=28, radius=radius, block=chunk)
     ours = propagate(target, feats, soft, s)
     official = dense_reference(target, feats, soft, s)
     torch.testing.assert_close(ours, official, rtol=1e-5, atol=1e-6)
@@ -66,7 +67,7 @@ def test_topk_beyond_the_window_keeps_every_window_value_like_the_official():
     # 1 context frame, radius 1: at most 9 positive affinities per target, top-k 12 > 9, so
     # the official k-th value is a zero from outside the window and nothing in it is dropped
     target, feats, soft = _random_context(1, 7, 3, seed=3)
-    s = PropagationSettings(temperature=0.1, topk=12, context=0, radius=1, chunk_rows=1)
+    s = PropagationSettings(temperature=0.1, topk=12, context=0, radius=1, block=1)
     torch.testing.assert_close(
         propagate(target, feats, soft, s), dense_reference(target, feats, soft, s)
     )
@@ -89,7 +90,7 @@ def test_propagator_context_is_the_first_frame_and_the_last_n_soft_predictions()
     h, w, c = 5, 6, 4
     maps = [torch.randn(c, h, w, generator=g) for _ in range(6)]
     first = one_hot(torch.randint(0, 3, (h, w), generator=g))
-    s = PropagationSettings(temperature=0.2, topk=5, context=2, radius=2, chunk_rows=2)
+    s = PropagationSettings(temperature=0.2, topk=5, context=2, radius=2, block=2)
     prop = Propagator(s)
     prop.start(maps[0], first)
 
@@ -317,7 +318,7 @@ def test_frames_are_read_from_the_store_on_a_second_run(manager, davis_copy, tmp
 
     ds = Davis2017(DavisOptions(root=str(davis_copy), sequences=["shapes-1"]))
     store = FeatureStore(tmp_path / "f.zarr")
-    cfg = {"extractor": {"plugin": "color-blur", "image_size": [96, 64]}}
+    cfg = {"extractor": {"plugin": "color-blur", "image_size": [96, 64], "stride": 2}}
     before = ColorBlurExtractor.calls
     first = run(TaskContext(Pipeline.from_dict(cfg, manager=manager, store=store), ds, "d"))
     assert ColorBlurExtractor.calls - before == 6

@@ -20,10 +20,10 @@ normalisation (channels whose maximum is not positive are left alone), argmax,
 and a nearest resize to the original frame size.
 
 Unlike the official code, which builds a dense ``[hw, hw]`` window mask per
-context frame, the affinity is computed in chunks of target rows against only
-the context rows the window can reach; the values kept and their sums are the
+context frame, the affinity is computed in blocks of target cells against only
+the context cells the window can reach; the values kept and their sums are the
 same (tested against a dense transcription), the memory is bounded by
-``chunk_rows``. The context queue (:class:`Propagator`) lives on the device of
+``block``. The context queue (:class:`Propagator`) lives on the device of
 the features given to it.
 """
 
@@ -56,7 +56,7 @@ class PropagationSettings:
     topk: int = 15
     context: int = 28
     radius: int = 15
-    chunk_rows: int = 8
+    block: int = 8
 
 
 def one_hot(ids: torch.Tensor, channels: int | None = None) -> torch.Tensor:
@@ -88,32 +88,41 @@ def propagate(
     labels_n, h, w = context_labels.shape[1:]
     assert h * w == hw == target.shape[0], "target and context grids differ"
     r = settings.radius if settings.radius > 0 else max(h, w)
-    out = torch.empty(labels_n, hw, device=target.device, dtype=context_labels.dtype)
+    out = torch.empty(labels_n, h, w, device=target.device, dtype=context_labels.dtype)
+    tgt = target.view(h, w, c)
     ctx_f = context_feats.view(n, h, w, c)
     ctx_l = context_labels.view(n, labels_n, h, w)
-    xs = torch.arange(w, device=target.device)
-    step = max(1, settings.chunk_rows)
+    dev = target.device
+    step = max(1, settings.block)
     for y0 in range(0, h, step):
         y1 = min(h, y0 + step)
         b0, b1 = max(0, y0 - r), min(h, y1 + r)  # the context rows the window reaches
-        q = target[y0 * w : y1 * w]  # [m, C]
-        keys = ctx_f[:, b0:b1].reshape(-1, c)  # [n*band, C]
-        aff = torch.exp((keys @ q.T) / settings.temperature)  # [n*band, m]
-        ty = torch.arange(y0, y1, device=target.device).repeat_interleave(w)
-        tx = xs.repeat(y1 - y0)
-        ky = torch.arange(b0, b1, device=target.device).repeat_interleave(w)
-        kx = xs.repeat(b1 - b0)
-        inside = ((ky[:, None] - ty[None, :]).abs() <= r) & ((kx[:, None] - tx[None, :]).abs() <= r)
-        aff = aff.view(n, -1, aff.shape[1]) * inside.unsqueeze(0)
-        aff = aff.reshape(-1, aff.shape[2])
-        k = min(settings.topk, aff.shape[0])
-        kth = torch.topk(aff, k=k, dim=0).values.min(dim=0).values
-        if aff.shape[0] < n * hw and settings.topk > aff.shape[0]:
-            kth = torch.zeros_like(kth)  # the official top-k also sees the zeros out of reach
-        aff = torch.where(aff < kth, torch.zeros_like(aff), aff)
-        aff = aff / aff.sum(dim=0, keepdim=True)
-        labels = ctx_l[:, :, b0:b1].permute(1, 0, 2, 3).reshape(labels_n, -1)  # [L, n*band]
-        out[:, y0 * w : y1 * w] = labels @ aff
+        for x0 in range(0, w, step):
+            x1 = min(w, x0 + step)
+            a0, a1 = max(0, x0 - r), min(w, x1 + r)  # ... and columns
+            q = tgt[y0:y1, x0:x1].reshape(-1, c)  # [m, C]
+            keys = ctx_f[:, b0:b1, a0:a1].reshape(-1, c)  # [n*band, C]
+            aff = torch.exp((q @ keys.T) / settings.temperature)  # [m, n*band]
+            ty, tx = torch.meshgrid(
+                torch.arange(y0, y1, device=dev), torch.arange(x0, x1, device=dev), indexing="ij"
+            )
+            ky, kx = torch.meshgrid(
+                torch.arange(b0, b1, device=dev), torch.arange(a0, a1, device=dev), indexing="ij"
+            )
+            ty, tx, ky, kx = ty.reshape(-1), tx.reshape(-1), ky.reshape(-1), kx.reshape(-1)
+            inside = ((ty[:, None] - ky[None, :]).abs() <= r) & (
+                (tx[:, None] - kx[None, :]).abs() <= r
+            )
+            m = aff.shape[0]
+            aff = (aff.view(m, n, -1) * inside.unsqueeze(1)).view(m, -1)
+            k = min(settings.topk, aff.shape[1])
+            kth = torch.topk(aff, k=k, dim=1).values[:, -1:]
+            if settings.topk > aff.shape[1]:
+                kth = torch.zeros_like(kth)  # the official top-k also sees the zeros out of reach
+            aff = aff.masked_fill_(aff < kth, 0.0)
+            aff = aff / aff.sum(dim=1, keepdim=True)
+            labels = ctx_l[:, :, b0:b1, a0:a1].permute(0, 2, 3, 1).reshape(-1, labels_n)
+            out[:, y0:y1, x0:x1] = (aff @ labels).T.view(labels_n, y1 - y0, x1 - x0)
     return out.view(labels_n, h, w)
 
 

@@ -63,7 +63,9 @@ class PropagationOptions:
     context: int = opt(28, "previous predicted frames in the context (plus the first frame)")
     radius: int = opt(15, "local window radius in feature cells ((2r+1)^2); 0: no window")
     sigma: float = opt(0.5, "joints: Gaussian label-map sigma in feature cells (VideoWalk)")
-    chunk_rows: int = opt(8, "target grid rows per affinity chunk (memory, not results)")
+    block: int = opt(
+        8, "target cells per side of an affinity block (memory and speed, not results)"
+    )
     plots: int = opt(3, "videos drawn in plots/ (first, middle and last frame)")
 
     def validate(self) -> None:
@@ -73,14 +75,14 @@ class PropagationOptions:
             raise ValueError(f"topk must be >= 1, got {self.topk}")
         if self.context < 0:
             raise ValueError(f"context must be >= 0, got {self.context}")
-        if self.chunk_rows < 1:
-            raise ValueError(f"chunk_rows must be >= 1, got {self.chunk_rows}")
+        if self.block < 1:
+            raise ValueError(f"block must be >= 1, got {self.block}")
         if self.sigma <= 0:
             raise ValueError(f"sigma must be > 0, got {self.sigma}")
 
     def settings(self) -> PropagationSettings:
         return PropagationSettings(
-            self.temperature, self.topk, self.context, self.radius, self.chunk_rows
+            self.temperature, self.topk, self.context, self.radius, self.block
         )
 
 

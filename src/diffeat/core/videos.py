@@ -229,7 +229,8 @@ def read_video(path: str | os.PathLike[str]) -> list[Frame]:
         try:
             frames = decode(p)
         except Exception as exc:  # any decoder failure: try the next, then report them all
-            errors.append(f"{decode.__name__.strip('_').replace('decode_', '')}: {exc}")
+            detail = " ".join(str(exc).split())
+            errors.append(f"{decode.__name__.strip('_').replace('decode_', '')}: {detail}")
             continue
         if frames:
             return list(frames)

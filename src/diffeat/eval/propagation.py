@@ -431,7 +431,7 @@ def _mask_video(
 
 def run(context: TaskContext) -> PropagationEvaluation:
     """Propagate every video of the dataset and score it (the ``"propagation"`` runner)."""
-    options = parse_options(context.options)
+    options = parse_options(context.options, f"{context.pipeline.config.source}: [propagation]")
     dataset = context.dataset
     videos = getattr(dataset, "videos", None)
     if videos is None:

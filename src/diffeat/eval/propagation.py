@@ -200,7 +200,7 @@ def _frame_size(path: Path) -> Size:
 
 def check_masks(video: Video) -> None:
     """Refuse a mask video whose annotations are missing or sized unlike their frames."""
-    if not video.frames:
+    if video.meta.get("error") or not video.frames:
         raise DiffeatError(str(video.meta.get("error") or f"{video.id}: no frames"))
     if video.first is None:
         raise DiffeatError(f"{video.id}: no first-frame annotation")

@@ -138,3 +138,13 @@ def test_cli_propagate_writes_masks_and_an_overlay(env, config, tmp_path):
         check=2,
     )
     assert "the first mask is 20x20 but the frame is 96x64" in proc.stderr
+
+
+def test_cli_eval_jhmdb_tracks_joints(env, config, tmp_path):
+    pytest.importorskip("scipy")
+    from diffeat.testing.videos import make_jhmdb
+
+    made = make_jhmdb(tmp_path / "JHMDB", videos=2, frames=5)
+    data = run_json("eval", config, "--dataset", "jhmdb", "--root", made["root"], env=env)
+    assert data["protocol"]["name"] == "jhmdb-videowalk"
+    assert data["summary"]["videos"] == 2 and data["summary"]["PCK@0.2"] > 0.9

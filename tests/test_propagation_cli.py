@@ -148,3 +148,30 @@ def test_cli_eval_jhmdb_tracks_joints(env, config, tmp_path):
     data = run_json("eval", config, "--dataset", "jhmdb", "--root", made["root"], env=env)
     assert data["protocol"]["name"] == "jhmdb-videowalk"
     assert data["summary"]["videos"] == 2 and data["summary"]["PCK@0.2"] > 0.9
+
+
+def test_cli_extract_reads_video_files_and_video_datasets_keyed_by_frame_content(
+    env, config, tmp_path
+):
+    av = pytest.importorskip("av")
+    images, _ = moving_shapes((96, 64), 4, objects=1, seed=5)
+    clip = tmp_path / "clip.mp4"
+    with av.open(str(clip), "w") as out:
+        stream = out.add_stream("mpeg4", rate=4)
+        stream.width, stream.height, stream.pix_fmt = 96, 64, "yuv420p"
+        for im in images:
+            for packet in stream.encode(av.VideoFrame.from_image(im)):
+                out.mux(packet)
+        for packet in stream.encode():
+            out.mux(packet)
+    store = tmp_path / "f.zarr"
+    first = run_json("extract", config, clip, "--store", store, env=env)
+    assert (first["images"], first["computed"]) == (4, 4)
+    again = run_json("extract", config, clip, "--store", store, env=env)
+    assert (again["computed"], again["cached"]) == (0, 4)
+    root = tmp_path / "DAVIS"
+    make_davis(root, sequences=2, frames=3, size=(96, 64))
+    made = run_json(
+        "extract", config, "--dataset", "davis2017", "--root", root, "--store", store, env=env
+    )
+    assert made["images"] == 6 and made["computed"] == 6

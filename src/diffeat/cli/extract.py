@@ -21,6 +21,7 @@ from diffeat.core.errors import DiffeatError
 
 if TYPE_CHECKING:
     from diffeat.core.datasets import LazyImages
+    from diffeat.core.images import ImageInput
 
 log = logging.getLogger(__name__)
 
@@ -28,10 +29,14 @@ log = logging.getLogger(__name__)
 def dataset_images(name: str, root: str, split: str | None, options: tuple[str, ...]) -> LazyImages:
     """Every image of a dataset split's pairs, each once with its category (loaded lazily)."""
     from diffeat.cli.datasets_common import dataset_from_cli
-    from diffeat.core.datasets import LazyImages, pair_images
+    from diffeat.core.datasets import ImageRef, LazyImages, card_of, pair_images
 
     dataset = dataset_from_cli(name, root, split, options)
-    refs = pair_images(dataset.pairs())
+    if card_of(dataset).task == "propagation":  # videos: every frame file once
+        frames = (f for video in dataset.videos() for f in video.frames if isinstance(f, Path))
+        refs = [ImageRef(Path(f)) for f in dict.fromkeys(frames)]
+    else:
+        refs = pair_images(dataset.pairs())
     if not refs:
         raise DiffeatError(f"the {name} dataset yielded no pairs (check --split and -o options)")
     return LazyImages(refs)
@@ -59,6 +64,23 @@ def input_images(inputs: tuple[str, ...]) -> list[Path]:
             f"recursively for {suffixes})"
         )
     return images
+
+
+def expand_videos(paths: list[Path]) -> list[Path | ImageInput]:
+    """Video files (``.mp4``, ...) among ``paths`` replaced by their decoded frames, each
+    keyed by its pixels in the store like any image."""
+    from diffeat.core.images import IMAGE_SUFFIXES
+    from diffeat.core.videos import VIDEO_SUFFIXES, frame_input, read_video
+
+    out: list[Path | ImageInput] = []
+    for path in paths:
+        suffix = path.suffix.lower()
+        if suffix in VIDEO_SUFFIXES and suffix not in IMAGE_SUFFIXES:
+            frames = read_video(path)
+            out.extend(frame_input(f, f"{path}#{i}") for i, f in enumerate(frames))
+        else:
+            out.append(path)
+    return out
 
 
 @click.command("extract")
@@ -97,8 +119,9 @@ def extract_cmd(
     device: str | None,
     as_json: bool,
 ) -> None:
-    """Extract features of INPUTS (images or folders), or of every image of a dataset's pairs
-    (--dataset NAME --root DIR), into the store; finished images are skipped."""
+    """Extract features of INPUTS (images, folders or video files), or of every image of a
+    dataset's pairs or videos (--dataset NAME --root DIR), into the store; finished images
+    are skipped."""
     from diffeat.core.config import load_config
     from diffeat.core.pipeline import Pipeline
     from diffeat.store import FeatureStore
@@ -117,7 +140,7 @@ def extract_cmd(
         assert root is not None
         images = dataset_images(dataset_name, root, split, dataset_options)
     else:
-        images = input_images(inputs)
+        images = expand_videos(input_images(inputs))
     pipe = Pipeline(cfg, store=FeatureStore(store_path))
     log.info("%d images -> store %s under cache key %s", len(images), store_path, pipe.cache_key)
     with progress_bar(len(images), "extract", is_quiet(ctx)) as bar:

@@ -296,16 +296,18 @@ def test_eval_propagates_easy_motion_near_perfectly_and_writes_outputs(
 
 
 def test_bad_videos_are_skipped_with_the_file_named_and_the_others_evaluated(manager, davis_copy):
+    make_davis(davis_copy, sequences=3, frames=6, size=(96, 64))
+    (davis_copy / "JPEGImages/480p/shapes-2/00004.jpg").write_bytes(b"truncated")
     (davis_copy / "Annotations/480p/shapes-0/00003.png").unlink()
     small = np.zeros((10, 10), dtype=np.uint8)
     write_indexed_png(davis_copy / "Annotations/480p/shapes-1/00000.png", small)
     with open(davis_copy / "ImageSets/2017/val.txt", "a") as f:
         f.write("ghost\n")
-    make_davis(davis_copy / "extra", sequences=1, frames=4)
     ds = Davis2017(DavisOptions(root=str(davis_copy)))
     ev = run(TaskContext(pipeline=_color_pipeline(manager), dataset=ds, dataset_name="davis2017"))
     reasons = {item["id"]: item["reason"] for item in ev.skipped}
-    assert set(reasons) == {"shapes-0", "shapes-1", "ghost"}
+    assert set(reasons) == {"shapes-0", "shapes-1", "shapes-2", "ghost"}
+    assert "shapes-2/00004.jpg" in reasons["shapes-2"]
     assert "annotation not found" in reasons["shapes-0"] and "00003.png" in reasons["shapes-0"]
     assert "shapes-1/00000.png: the mask is 10x10 but its frame" in reasons["shapes-1"]
     assert "ghost" in reasons["ghost"] and "no frames" in reasons["ghost"]

@@ -354,7 +354,9 @@ def test_cub_missing_files(tmp_path):
 
 def test_datasets_are_registered_through_the_hook():
     pm = PluginManager(entry_points=False)
-    assert pm.names("dataset") == ["cub", "hpatches", "pfwillow", "spair", "synthetic"]
+    assert pm.names("dataset") == [
+        "cub", "davis2017", "hpatches", "jhmdb", "pfwillow", "spair", "synthetic"
+    ]  # fmt: skip
     reg = pm.get("dataset", "cub")
     assert reg.plugin == "datasets"
     opts = build_options(reg.factory, {"root": "/x", "pairs_per_class": 3}, "dataset cub")

@@ -22,6 +22,7 @@ from diffeat.core.errors import DiffeatError
 
 if TYPE_CHECKING:
     from diffeat.core.datasets import LazyImages
+    from diffeat.core.images import ImageInput
 
 log = logging.getLogger(__name__)
 
@@ -29,10 +30,14 @@ log = logging.getLogger(__name__)
 def dataset_images(name: str, root: str, split: str | None, options: tuple[str, ...]) -> LazyImages:
     """Every image of a dataset split's pairs, each once with its category (loaded lazily)."""
     from diffeat.cli.datasets_common import dataset_from_cli
-    from diffeat.core.datasets import LazyImages, pair_images
+    from diffeat.core.datasets import ImageRef, LazyImages, card_of, pair_images
 
     dataset = dataset_from_cli(name, root, split, options)
-    refs = pair_images(dataset.pairs())
+    if card_of(dataset).task == "propagation":  # videos: every frame file once
+        frames = (f for video in dataset.videos() for f in video.frames if isinstance(f, Path))
+        refs = [ImageRef(Path(f)) for f in dict.fromkeys(frames)]
+    else:
+        refs = pair_images(dataset.pairs())
     if not refs:
         raise DiffeatError(f"the {name} dataset yielded no pairs (check --split and -o options)")
     return LazyImages(refs)
@@ -60,6 +65,23 @@ def input_images(inputs: tuple[str, ...]) -> list[Path]:
             f"recursively for {suffixes})"
         )
     return images
+
+
+def expand_videos(paths: list[Path]) -> list[Path | ImageInput]:
+    """Video files (``.mp4``, ...) among ``paths`` replaced by their decoded frames, each
+    keyed by its pixels in the store like any image."""
+    from diffeat.core.images import IMAGE_SUFFIXES
+    from diffeat.core.videos import VIDEO_SUFFIXES, frame_input, read_video
+
+    out: list[Path | ImageInput] = []
+    for path in paths:
+        suffix = path.suffix.lower()
+        if suffix in VIDEO_SUFFIXES and suffix not in IMAGE_SUFFIXES:
+            frames = read_video(path)
+            out.extend(frame_input(f, f"{path}#{i}") for i, f in enumerate(frames))
+        else:
+            out.append(path)
+    return out
 
 
 @click.command("extract")
@@ -100,8 +122,9 @@ def extract_cmd(
     as_json: bool,
     scale: ScaleOptions,
 ) -> None:
-    """Extract features of INPUTS (images or folders), or of every image of a dataset's pairs
-    (--dataset NAME --root DIR), into the store; finished images are skipped.
+    """Extract features of INPUTS (images, folders or video files), or of every image of a
+    dataset's pairs or videos (--dataset NAME --root DIR), into the store; finished images
+    are skipped.
 
     Many workers fill one store with --shard K/N each (or torchrun's RANK/WORLD_SIZE), or
     with --ray on a Ray cluster (docs/scaling.md)."""
@@ -125,7 +148,7 @@ def extract_cmd(
         assert root is not None
         images = dataset_images(dataset_name, root, split, dataset_options)
     else:
-        images = input_images(inputs)
+        images = expand_videos(input_images(inputs))
     inputs_total = len(images)
     shard = distributed.this_shard(ctx, scale)
     if shard is not None:

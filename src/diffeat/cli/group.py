@@ -43,6 +43,7 @@ BUILTIN_COMMANDS = {
     "train": "diffeat.cli.train",
     "plot": "diffeat.cli.plot_features",
     "quickstart": "diffeat.cli.quickstart",
+    "propagate": "diffeat.cli.propagate",
 }
 
 _LOG_HANDLER_NAME = "diffeat-cli"

@@ -333,14 +333,39 @@ def resize(image: Image.Image, size: tuple[int, int], resample: str = "bicubic")
     return image.resize(tuple(size), filters[resample])
 
 
+#: the long side of a ``short-side`` model input is floored to a multiple of this
+SHORT_SIDE_MULTIPLE = 32
+
+
+def short_side_size(image_size: Size, short: int, multiple: int = SHORT_SIDE_MULTIPLE) -> Size:
+    """The aspect-preserving model size of DIFT's DAVIS protocol: the short side becomes
+    ``short``, the long side ``short * long / short_of_image`` floored to a multiple of
+    ``multiple`` (854x480 -> 832x480 with ``short = 480``)."""
+    w, h = int(image_size[0]), int(image_size[1])
+    if w > h:
+        long = int((short * w / h) // multiple * multiple)
+        return (max(multiple, long), int(short))
+    long = int((short * h / w) // multiple * multiple)
+    return (int(short), max(multiple, long))
+
+
+def model_size_for(image_size: Size, model_size: Size, rule: str) -> Size:
+    """The model-input size of an image: ``model_size`` for ``resize`` and ``pad``; for
+    ``short-side`` the :func:`short_side_size` with the short side ``min(model_size)``."""
+    if rule == "short-side":
+        return short_side_size(image_size, min(int(model_size[0]), int(model_size[1])))
+    return (int(model_size[0]), int(model_size[1]))
+
+
 def fit_geometry(image_size: Size, model_size: Size, rule: str) -> tuple[Size, tuple[int, int]]:
     """Resized image size and its top-left offset inside the model input.
 
     ``resize`` squashes the image to ``model_size``; ``pad`` scales it to fit
     inside keeping its aspect ratio (sides rounded) and centres it, as
-    SD-DINO's ``resize(..., edge=False)``.
+    SD-DINO's ``resize(..., edge=False)``; ``short-side`` resizes it to
+    ``model_size``, which the caller computed with :func:`model_size_for`.
     """
-    if rule == "resize":
+    if rule in ("resize", "short-side"):
         return model_size, (0, 0)
     (w, h), (mw, mh) = image_size, model_size
     s = min(mw / w, mh / h)
@@ -351,7 +376,7 @@ def fit_geometry(image_size: Size, model_size: Size, rule: str) -> tuple[Size, t
 
 def fit_transform(image_size: Size, model_size: Size, rule: str) -> ImageTransform:
     """The image -> model-input transform of :func:`fit_geometry`."""
-    if rule == "resize":
+    if rule in ("resize", "short-side"):
         return ImageTransform.resize(image_size, model_size)
     (nw, nh), (ox, oy) = fit_geometry(image_size, model_size, rule)
     w, h = image_size

@@ -207,6 +207,8 @@ def _path_of(images: Sequence[Any], index: int) -> str:
         return str(item.path)
     if isinstance(item, (str, os.PathLike)):
         return str(item)
+    if isinstance(item, ImageInput):  # a decoded video frame: "video.mp4#frame 12"
+        return item.source
     raise DiffeatError(
         f"cannot partition a {type(item).__name__} by path (it has none): use by='key' "
         "(--shard-by key)"

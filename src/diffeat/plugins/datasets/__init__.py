@@ -1,4 +1,6 @@
-"""Built-in dataset plugins: ``spair``, ``pfwillow``, ``cub``, ``synthetic`` and ``hpatches``.
+"""Built-in dataset plugins: ``spair``, ``pfwillow``, ``cub``, ``synthetic``, ``hpatches``
+(``"homography"``: image sequences), ``davis2017`` and ``jhmdb`` (``"propagation"`` datasets
+yielding videos).
 
 Each factory takes its validated options (``root``, ``split`` and more) and
 returns a :class:`~diffeat.core.datasets.Dataset` (the contract, in core) that
@@ -17,6 +19,8 @@ from diffeat.core.hookspecs import Register, hookimpl
 if TYPE_CHECKING:
     from diffeat.plugins.datasets.cub import CUB
     from diffeat.plugins.datasets.hpatches import HPatches
+    from diffeat.plugins.datasets.davis import Davis2017
+    from diffeat.plugins.datasets.jhmdb import Jhmdb
     from diffeat.plugins.datasets.pfwillow import PFWillow
     from diffeat.plugins.datasets.spair import SPair
     from diffeat.plugins.datasets.synthetic import Synthetic
@@ -25,12 +29,14 @@ if TYPE_CHECKING:
 _EXPORTS = {
     "CUB": "cub",
     "HPatches": "hpatches",
+    "Davis2017": "davis",
+    "Jhmdb": "jhmdb",
     "PFWillow": "pfwillow",
     "SPair": "spair",
     "Synthetic": "synthetic",
 }
 
-__all__ = ["CUB", "HPatches", "PFWillow", "SPair", "Synthetic"]
+__all__ = ["CUB", "Davis2017", "HPatches", "Jhmdb", "PFWillow", "SPair", "Synthetic"]
 
 
 def __getattr__(name: str) -> object:
@@ -44,6 +50,8 @@ def __getattr__(name: str) -> object:
 def register_datasets(register: Register) -> None:
     from diffeat.plugins.datasets.cub import CUB
     from diffeat.plugins.datasets.hpatches import HPatches
+    from diffeat.plugins.datasets.davis import Davis2017
+    from diffeat.plugins.datasets.jhmdb import Jhmdb
     from diffeat.plugins.datasets.pfwillow import PFWillow
     from diffeat.plugins.datasets.spair import SPair
     from diffeat.plugins.datasets.synthetic import Synthetic
@@ -53,3 +61,5 @@ def register_datasets(register: Register) -> None:
     register("cub", CUB)
     register("synthetic", Synthetic)
     register("hpatches", HPatches)
+    register("davis2017", Davis2017)
+    register("jhmdb", Jhmdb)

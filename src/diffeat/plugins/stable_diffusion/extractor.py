@@ -29,7 +29,14 @@ from diffeat.core.devices import pick_device
 from diffeat.core.errors import ConfigError, DiffeatError
 from diffeat.core.features import FeatureSet, LayerInfo
 from diffeat.core.geometry import ImageTransform, Size
-from diffeat.core.images import ImageInput, fit_image, fit_transform, resize, to_tensor
+from diffeat.core.images import (
+    ImageInput,
+    fit_image,
+    fit_transform,
+    model_size_for,
+    resize,
+    to_tensor,
+)
 from diffeat.plugins.modelfiles import file_fingerprint
 from diffeat.plugins.stable_diffusion.captioner import (
     ImplicitCaptioner,
@@ -196,8 +203,13 @@ class StableDiffusionExtractor(Extractor):
         w, h = self.options.image_size
         return (int(w), int(h))
 
+    def model_size_for(self, image_size: Size) -> Size:
+        """The model input of an image of ``image_size``: ``image_size`` of the options, or
+        with ``size_rule = "short-side"`` the aspect-preserving size (854x480 -> 832x480)."""
+        return model_size_for(image_size, self.model_size, self.options.size_rule)
+
     def transform_for(self, image_size: Size) -> ImageTransform:
-        return fit_transform(image_size, self.model_size, self.options.size_rule)
+        return fit_transform(image_size, self.model_size_for(image_size), self.options.size_rule)
 
     def layers(self) -> list[LayerInfo]:
         """Channels and stride of each layer, from a small dry run of the UNet."""
@@ -233,21 +245,23 @@ class StableDiffusionExtractor(Extractor):
         stride = o.tile_stride or o.tile_size
         return tile_origins(self.model_size, self.tile, (int(stride[0]), int(stride[1])))
 
-    def latent_shape(self) -> tuple[int, int, int]:
-        """``(c, h, w)`` of the latent of one UNet input (a tile when tiling)."""
+    def latent_shape(self, size: Size | None = None) -> tuple[int, int, int]:
+        """``(c, h, w)`` of the latent of one UNet input (a tile when tiling) or of a model
+        input of ``size``."""
         vae_factor = 2 ** (len(self.parts.vae.config.block_out_channels) - 1)
-        w, h = self.tile
+        w, h = size or self.tile
         return (int(self.parts.vae.config.latent_channels), h // vae_factor, w // vae_factor)
 
-    def make_noise(self, key: str) -> dict[str, torch.Tensor]:
+    def make_noise(self, key: str, size: Size | None = None) -> dict[str, torch.Tensor]:
         """The noise one image gets: ``posterior`` ``[E, c, h, w]`` and (add-noise) ``noise`` ``[T, E, c, h, w]``.
 
         Drawn on the CPU from :func:`image_seed`, so results do not depend on
         the device, the batch composition or the order of images; with ``noise =
-        "shared"`` drawn from ``seed`` alone, the same for every image.
+        "shared"`` drawn from ``seed`` alone, the same for every image. ``size``: the
+        model input (``short-side`` sizes differ per image); default the tile / model size.
         """
         o = self.options
-        e, shape = o.ensemble_size, self.latent_shape()
+        e, shape = o.ensemble_size, self.latent_shape(size)
         shared = o.noise == "shared"
         gen = torch.Generator().manual_seed(o.seed if shared else image_seed(o.seed, key))
         draws = {"posterior": (e, *shape)}
@@ -296,7 +310,8 @@ class StableDiffusionExtractor(Extractor):
             small = to_tensor(resize(image.image, (o.load_size[0], o.load_size[1]), "bilinear"))
             w, h = self.model_size
             return F.interpolate(small[None], size=(h, w), mode="bilinear", align_corners=False)[0]
-        return to_tensor(fit_image(image.image, self.model_size, o.size_rule, o.resample))
+        size = self.model_size_for(image.size)
+        return to_tensor(fit_image(image.image, size, o.size_rule, o.resample))
 
     def extract(
         self, images: Sequence[ImageInput], noise: Sequence[dict[str, torch.Tensor]] | None = None
@@ -306,13 +321,28 @@ class StableDiffusionExtractor(Extractor):
         noise, for exact comparisons."""
         if not images:
             return []
+        sizes = [self.model_size_for(im.size) for im in images]
+        if len(set(sizes)) > 1:  # short-side: one UNet batch per model size
+            out: list[FeatureSet | None] = [None] * len(images)
+            for size in dict.fromkeys(sizes):
+                idx = [i for i, s in enumerate(sizes) if s == size]
+                part = self.extract(
+                    [images[i] for i in idx], [noise[i] for i in idx] if noise else None
+                )
+                for i, fs in zip(idx, part):
+                    out[i] = fs
+            return [fs for fs in out if fs is not None]
         warn_if_slow(self)  # once, on a CPU, when an image will take minutes
         pixels = torch.stack([self.preprocess(im) for im in images])
         prompts = [self.prompt_for(im) for im in images]
         if self.options.tile_size:
             maps = self.tiled_features(pixels, [im.key for im in images], prompts, noise)
         else:
-            noise = list(noise) if noise is not None else [self.make_noise(im.key) for im in images]
+            noise = (
+                list(noise)
+                if noise is not None
+                else [self.make_noise(im.key, size) for im, size in zip(images, sizes)]
+            )
             maps = self.features_from_pixels(pixels, noise, prompts)
         out = []
         for i, im in enumerate(images):

@@ -58,10 +58,12 @@ class StableDiffusionOptions:
     )
     ensemble_size: int = opt(8, "noisy copies per image; their feature maps are averaged")
     image_size: list[int] = opt([768, 768], "model input [width, height]")
-    size_rule: Literal["resize", "pad"] = opt(
+    size_rule: Literal["resize", "pad", "short-side"] = opt(
         "resize",
         "resize: squash the image to image_size (DIFT, hyperfeatures); pad: fit it inside "
-        "image_size keeping its aspect ratio, centred on black (SD-DINO)",
+        "image_size keeping its aspect ratio, centred on black (SD-DINO); short-side: keep the "
+        "aspect ratio, the short side becomes min(image_size) and the long side is floored to "
+        "a multiple of 32 (DIFT's DAVIS protocol: [480, 480] gives 832x480 for 854x480 frames)",
         cache="if-set",
     )
     load_size: list[int] = opt(
@@ -147,6 +149,8 @@ class StableDiffusionOptions:
             raise ValueError(f"load_size must be [width, height] > 0, got {self.load_size}")
         if self.load_size and self.size_rule != "resize":
             raise ValueError('load_size works with size_rule = "resize" only')
+        if self.size_rule == "short-side" and self.tile_size:
+            raise ValueError('tile_size works with size_rule = "resize" or "pad", not "short-side"')
         if self.tile_stride and not self.tile_size:
             raise ValueError("tile_stride needs tile_size")
         recipe_for(self.mode).validate(self)

@@ -38,7 +38,7 @@ from typing import Any, TypeVar, overload
 
 from diffeat.core.datasets import ImageRef, LazyImages
 from diffeat.core.errors import DiffeatError, ImageError
-from diffeat.core.images import as_input
+from diffeat.core.images import ImageInput, as_input
 
 T = TypeVar("T")
 

@@ -18,8 +18,8 @@ from diffeat.core.hookspecs import Register, hookimpl
 
 if TYPE_CHECKING:
     from diffeat.plugins.datasets.cub import CUB
-    from diffeat.plugins.datasets.hpatches import HPatches
     from diffeat.plugins.datasets.davis import Davis2017
+    from diffeat.plugins.datasets.hpatches import HPatches
     from diffeat.plugins.datasets.jhmdb import Jhmdb
     from diffeat.plugins.datasets.pfwillow import PFWillow
     from diffeat.plugins.datasets.spair import SPair
@@ -49,8 +49,8 @@ def __getattr__(name: str) -> object:
 @hookimpl
 def register_datasets(register: Register) -> None:
     from diffeat.plugins.datasets.cub import CUB
-    from diffeat.plugins.datasets.hpatches import HPatches
     from diffeat.plugins.datasets.davis import Davis2017
+    from diffeat.plugins.datasets.hpatches import HPatches
     from diffeat.plugins.datasets.jhmdb import Jhmdb
     from diffeat.plugins.datasets.pfwillow import PFWillow
     from diffeat.plugins.datasets.spair import SPair

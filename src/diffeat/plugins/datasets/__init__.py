@@ -6,7 +6,9 @@ Each factory takes its validated options (``root``, ``split`` and more) and
 returns a :class:`~diffeat.core.datasets.Dataset` (the contract, in core) that
 yields :class:`~diffeat.core.datasets.Pair` objects; see ``docs/evaluation.md``
 for the layouts and pair rules. ``hpatches`` is a homography benchmark (``task =
-"homography"``): it yields :class:`~diffeat.core.sequences.HomographySequence` records.
+"homography"``): it yields :class:`~diffeat.core.sequences.HomographySequence` records;
+``davis2017`` and ``jhmdb`` are propagation benchmarks yielding
+:class:`~diffeat.core.videos.Video` records.
 """
 
 from __future__ import annotations

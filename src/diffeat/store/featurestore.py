@@ -35,8 +35,10 @@ from diffeat.core.features import FeatureSet
 from diffeat.store.format import (
     CHECKSUM_VERSION,
     COMPLETE_ATTR,
+    DATA_ATTR,
     FEATURES_ARRAY,
     FORMAT_VERSION,
+    LOCAL_FORMAT_VERSION,
     ROOT_ATTR,
     TIMESTEP_ARRAY,
     check_storage_dtype,
@@ -50,7 +52,7 @@ from diffeat.store.format import (
     torch_dtype,
 )
 from diffeat.store.keys import check_key, check_layer_key, is_valid_key
-from diffeat.store.zarr_io import ZarrFolder, run
+from diffeat.store.zarr_io import ZarrFolder, is_store_url, run
 
 if TYPE_CHECKING:
     import xarray
@@ -147,6 +149,27 @@ def _has_checksums(folder: Path) -> bool:
     return False
 
 
+def root_version(where: object, attrs: dict[str, Any]) -> int:
+    """The ``format_version`` of a store's root attributes, checked (a StoreError naming
+    ``where`` when it is missing, invalid or newer than this diffeat reads)."""
+    marker = attrs.get(ROOT_ATTR)
+    version = marker.get("format_version") if isinstance(marker, dict) else None
+    if version is None:
+        raise StoreError(
+            f"{where} is a zarr store but not a diffeat feature store (its root group has no "
+            f"'{ROOT_ATTR}' attribute): choose another path for the features"
+        )
+    if not isinstance(version, int) or isinstance(version, bool) or version < 1:
+        raise StoreError(f"{where}: invalid diffeat store format_version {version!r}")
+    if version > FORMAT_VERSION:
+        raise StoreError(
+            f"{where} uses diffeat store format {version}, but this diffeat reads format "
+            f"{FORMAT_VERSION} at most: upgrade diffeat (pip install -U diffeat) or choose "
+            "another path"
+        )
+    return version
+
+
 class DamagedEntry(StoreError):
     """A complete entry whose data cannot be used as recorded (unreadable, missing chunks,
     shape or dtype not as the entry says)."""
@@ -207,6 +230,14 @@ class FeatureStore:
 
     FORMAT_VERSION = FORMAT_VERSION
 
+    def __new__(cls, path: str | os.PathLike[str], *args: Any, **kwargs: Any) -> FeatureStore:
+        # an object-store URL (s3://, gs://, az://) opens the object-store implementation
+        if cls is FeatureStore and is_store_url(path):
+            from diffeat.store.objectstore import ObjectFeatureStore
+
+            return super().__new__(ObjectFeatureStore)
+        return super().__new__(cls)
+
     def __init__(
         self,
         path: str | os.PathLike[str],
@@ -257,7 +288,7 @@ class FeatureStore:
                     f"{path} is {kind} and not empty, so it cannot become a diffeat feature "
                     "store: choose a new or empty folder"
                 )
-            root = group_json({ROOT_ATTR: {"format_version": FORMAT_VERSION}})
+            root = group_json({ROOT_ATTR: {"format_version": LOCAL_FORMAT_VERSION}})
             run(self._store.write_if_absent("zarr.json", root))
             raw = self._read_now("zarr.json")
         attrs = parse_group_json(raw)
@@ -269,20 +300,12 @@ class FeatureStore:
                 f"{path}/zarr.json is not a readable zarr v3 group, so {path} is not a diffeat "
                 "feature store (or its root metadata is damaged): choose another path"
             )
-        marker = attrs.get(ROOT_ATTR)
-        version = marker.get("format_version") if isinstance(marker, dict) else None
-        if version is None:
+        version = root_version(path, attrs)
+        if version > LOCAL_FORMAT_VERSION and self.mode == "a":
             raise StoreError(
-                f"{path} is a zarr store but not a diffeat feature store (its root group has no "
-                f"'{ROOT_ATTR}' attribute): choose another path for the features"
-            )
-        if not isinstance(version, int) or isinstance(version, bool) or version < 1:
-            raise StoreError(f"{path}: invalid diffeat store format_version {version!r}")
-        if version > FORMAT_VERSION:
-            raise StoreError(
-                f"{path} uses diffeat store format {version}, but this diffeat reads format "
-                f"{FORMAT_VERSION} at most: upgrade diffeat (pip install -U diffeat) or choose "
-                "another path"
+                f"{path} is a format {version} store (written on object storage, then copied "
+                "here): a local path can read it but not write into it; open it with mode='r', "
+                "or write through its object-store URL"
             )
         return version
 
@@ -708,10 +731,15 @@ class FeatureStore:
                 f"image {image_key!r} under cache key {cache_key!r} has no layer "
                 f"{', '.join(map(repr, unknown))}; it has {', '.join(map(repr, stored))}"
             )
-        results = await asyncio.gather(
-            *(self._aread_layer(prefix, n, stored[n], cast) for n in names),
-            return_exceptions=True,
-        )
+        try:
+            base = self._data_path(prefix, attrs)
+        except DamagedEntry as exc:
+            results: list[Any] = [exc]
+        else:
+            results = await asyncio.gather(
+                *(self._aread_layer(base, n, stored[n], cast) for n in names),
+                return_exceptions=True,
+            )
         again = parse_group_json(await self._aread(f"{prefix}/zarr.json"))
         if again is None or again.get("write_id") != attrs.get("write_id"):
             return None  # rewritten or deleted while we read: try again
@@ -721,6 +749,32 @@ class FeatureStore:
                 raise result
             tensors.append(result)
         return attrs, dict(zip(names, tensors))
+
+    def _data_path(self, prefix: str, attrs: dict[str, Any]) -> str:
+        """Where the layers of the entry at ``prefix`` are: the entry group itself, or (format
+        3, object storage) the data prefix its marker names."""
+        data = attrs.get(DATA_ATTR)
+        if data is None:
+            return prefix
+        if not is_valid_key(data):
+            raise self._damaged(
+                f"{prefix}/zarr.json", f"its data prefix {data!r} is not a valid store key"
+            )
+        return f"{prefix}/{data}"
+
+    def has_cache_key(self, cache_key: str) -> bool:
+        """True if anything is stored under ``cache_key`` (its group exists)."""
+        check_key(cache_key, "cache key")
+        return (self.path / cache_key).is_dir()
+
+    def reindex(self, cache_key: str) -> bool:
+        """Rebuild the entry index of ``cache_key`` from the entries themselves; False when
+        the store keeps no index (on a local disk the folders are the index)."""
+        check_key(cache_key, "cache key")
+        return False
+
+    def _xarray_target(self) -> Any:
+        return self.path
 
     def _damaged(self, path: str, what: str) -> DamagedEntry:
         cache_key, image_key = path.split("/")[:2]
@@ -813,6 +867,12 @@ class FeatureStore:
         attrs = self._entry_now(self._prefix(cache_key, image_key))
         return None if attrs is None else attrs.get("write_id")
 
+    def scan(self, cache_key: str) -> tuple[list[str], list[str]]:
+        """``(complete, incomplete)`` image keys under ``cache_key`` from the entries
+        themselves (every entry is looked at; :meth:`entries` may use an index)."""
+        check_key(cache_key, "cache key")
+        return run(self._ascan(cache_key))
+
     def incomplete_entries(self, cache_key: str) -> list[str]:
         """Image keys of the incomplete entries under ``cache_key`` (see the format spec)."""
         check_key(cache_key, "cache key")
@@ -904,10 +964,11 @@ class FeatureStore:
                 f"image {image_key!r} under cache key {cache_key!r} has no layer {layer!r}; it "
                 f"has {', '.join(map(repr, attrs['layers']))}"
             )
+        base = self._data_path(prefix, attrs)
         ds = xr.open_dataset(
-            self.path,
+            self._xarray_target(),
             engine="zarr",
-            group=f"{prefix}/{layer}",
+            group=f"{base}/{layer}",
             zarr_format=3,
             consolidated=False,
             chunks=None,

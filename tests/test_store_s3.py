@@ -18,14 +18,19 @@ import torch
 pytest.importorskip("obstore")
 pytest.importorskip("moto.server")
 
-from diffeat.core.errors import StoreError  # noqa: E402
-from diffeat.core.features import FeatureSet  # noqa: E402
-from diffeat.store import DamagedEntry, FeatureStore, InvalidKeyError, MissingEntry  # noqa: E402
-from diffeat.store import objectstore  # noqa: E402
-from diffeat.store.objectstore import IndexEvent, ObjectFeatureStore, merge_index  # noqa: E402
-from diffeat.store.verify import verify_store  # noqa: E402
-from diffeat.store.zarr_io import run  # noqa: E402
-from diffeat.testing.s3 import LocalS3, local_s3_server  # noqa: E402
+from diffeat.core.errors import StoreError
+from diffeat.core.features import FeatureSet
+from diffeat.store import (
+    DamagedEntry,
+    FeatureStore,
+    InvalidKeyError,
+    MissingEntry,
+    objectstore,
+)
+from diffeat.store.objectstore import IndexEvent, ObjectFeatureStore, merge_index
+from diffeat.store.verify import verify_store
+from diffeat.store.zarr_io import run
+from diffeat.testing.s3 import LocalS3, local_s3_server
 
 
 @pytest.fixture(scope="module")
@@ -420,6 +425,10 @@ def test_multi_process_extract_through_the_cli(s3: LocalS3, tiny_sd: Path, tmp_p
     for image_key in b.entries(key):
         fa, fb = a.get(key, image_key), b.get(key, image_key)
         assert all(torch.equal(fa.layers[n], fb.layers[n]) for n in fb.layers)
-    # a rerun finds everything stored
+    # every image was computed or found by one of the two, never lost; a rerun computes none
+    for report in reports:
+        assert (
+            report["failed"] == [] and report["computed"] + report["found"] + report["cached"] == 6
+        )
     again = run_json("--quiet", "extract", cfg, photos, "--store", url)
-    assert again != reports[0] or True
+    assert again["cached"] == 6 and again["computed"] == 0

@@ -432,3 +432,41 @@ def test_multi_process_extract_through_the_cli(s3: LocalS3, tiny_sd: Path, tmp_p
         )
     again = run_json("--quiet", "extract", cfg, photos, "--store", url)
     assert again["cached"] == 6 and again["computed"] == 0
+
+
+# ---------------------------------------------------------------- formats across media
+
+
+def test_a_format_3_store_copied_to_disk_reads_there(
+    store: ObjectFeatureStore, tmp_path: Path
+) -> None:
+    store.put("ck", "a", features(1))
+    store.put("ck", "b", features(2))
+    folder = tmp_path / "copy.zarr"
+    for key in objects(store):
+        target = folder / key
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.write_bytes(run(store._store.read(key)))
+    local = FeatureStore(folder, mode="r")
+    assert local.format_version == 3 and local.entries("ck") == ["a", "b"]
+    assert same(local.get("ck", "b"), features(2))
+    with pytest.raises(StoreError, match="format 3 store"):
+        FeatureStore(folder, mode="a")
+
+
+def test_a_format_2_store_uploaded_reads_but_is_not_written(s3: LocalS3, tmp_path: Path) -> None:
+    folder = tmp_path / "disk.zarr"
+    FeatureStore(folder).put("ck", "a", features(1))
+    url = s3.url()
+    from diffeat.store.zarr_io import ZarrObjects
+
+    backend = ZarrObjects(url, read_only=False)
+    for path in folder.rglob("*"):
+        if path.is_file():
+            run(backend.write(path.relative_to(folder).as_posix(), path.read_bytes()))
+    remote = FeatureStore(url, mode="r")
+    assert remote.format_version == 2 and remote.entries("ck") == ["a"]
+    assert same(remote.get("ck", "a"), features(1))
+    assert remote.info()["extractors"]["ck"]["entries"] == 1
+    with pytest.raises(StoreError, match="format 2 store"):
+        FeatureStore(url, mode="a")

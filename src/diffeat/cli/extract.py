@@ -69,7 +69,7 @@ def input_images(inputs: tuple[str, ...]) -> list[Path]:
     "store_path",
     required=True,
     type=click.Path(),
-    help="Feature store folder (created if missing).",
+    help="Feature store folder, or object-store URL (s3://, gs://, az://); created if missing.",
 )
 @click.option(
     "--dataset",

@@ -12,6 +12,7 @@ import contextlib
 import logging
 import os
 import socket
+import urllib.request
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -42,7 +43,8 @@ def _free_port() -> int:
 
 @contextlib.contextmanager
 def local_s3_server(bucket: str = "diffeat-test") -> Iterator[LocalS3]:
-    """Run moto's S3 server on localhost with one bucket; the environment points at it."""
+    """Run moto's S3 server on localhost with one (new, empty) bucket; the environment
+    points at it while the ``with`` block runs."""
     try:
         from moto.server import ThreadedMotoServer
     except ImportError:
@@ -70,6 +72,11 @@ def local_s3_server(bucket: str = "diffeat-test") -> Iterator[LocalS3]:
         boto3.client("s3", endpoint_url=endpoint).create_bucket(Bucket=bucket)
         yield LocalS3(endpoint, bucket, env)
     finally:
+        # moto keeps its buckets in this process, not in the server: forget them, so the
+        # next server starts empty
+        with contextlib.suppress(OSError):
+            request = urllib.request.Request(f"{endpoint}/moto-api/reset", method="POST")
+            urllib.request.urlopen(request, timeout=30).close()
         for key, value in before.items():
             if value is None:
                 os.environ.pop(key, None)

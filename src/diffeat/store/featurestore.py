@@ -61,7 +61,7 @@ __all__ = ["DamagedEntry", "DamagedRootError", "FeatureStore", "MissingEntry", "
 
 _FLOAT16_SOURCES = (torch.float32, torch.float64, torch.bfloat16)
 _FLOAT16_MAX = 65504.0
-_COMMIT_ATTEMPTS = 16
+COMMIT_ATTEMPTS = 16
 #: suffixes of the folders of writes in progress and of removals in progress; both end in
 #: ``.partial``, which no key may, so listings never show them
 STAGING_SUFFIX = ".partial"
@@ -195,7 +195,7 @@ def _overflows_float16(src: torch.Tensor) -> bool:
     return bool(((src.abs() > _FLOAT16_MAX) & src.isfinite()).any())
 
 
-async def _gather_all(coros) -> list[Any]:
+async def gather_all(coros) -> list[Any]:
     """Like ``asyncio.gather``, but on failure waits for every other coroutine to end
     before raising (so that a cleanup after it races with no pending write)."""
     results = await asyncio.gather(*coros, return_exceptions=True)
@@ -205,7 +205,7 @@ async def _gather_all(coros) -> list[Any]:
     return results
 
 
-def _complete_attrs(raw: bytes | None) -> dict[str, Any] | None:
+def complete_attrs(raw: bytes | None) -> dict[str, Any] | None:
     """The attributes of an image group's ``zarr.json`` if it marks a COMPLETE entry."""
     attrs = parse_group_json(raw)
     if (
@@ -325,11 +325,11 @@ class FeatureStore:
         return self._store.read_now(key)
 
     def _entry_now(self, prefix: str) -> dict[str, Any] | None:
-        return _complete_attrs(self._read_now(f"{prefix}/zarr.json"))
+        return complete_attrs(self._read_now(f"{prefix}/zarr.json"))
 
     async def _aentry(self, prefix: str) -> dict[str, Any] | None:
         """The attributes of a COMPLETE entry at ``prefix``, else None."""
-        return _complete_attrs(await self._aread(f"{prefix}/zarr.json"))
+        return complete_attrs(await self._aread(f"{prefix}/zarr.json"))
 
     async def _alist(self, prefix: str) -> list[str]:
         names = await self._store.list_dir(prefix)
@@ -606,7 +606,7 @@ class FeatureStore:
         replaceable = None if current is None else current.get("write_id")
         staging = f"{prefix}.{attrs['write_id']}{STAGING_SUFFIX}"
         try:
-            await _gather_all(
+            await gather_all(
                 self._awrite_layer(staging, n, a, timesteps) for n, a in arrays.items()
             )
             await store.write(f"{staging}/zarr.json", group_json(attrs))  # the marker, last
@@ -626,7 +626,7 @@ class FeatureStore:
         writer between the look and the move) is put back.
         """
         store = self._store
-        for _attempt in range(_COMMIT_ATTEMPTS):
+        for _attempt in range(COMMIT_ATTEMPTS):
             if await store.rename_dir(staging, prefix):
                 return True
             there = await self._aentry(prefix)
@@ -646,7 +646,7 @@ class FeatureStore:
                     return False
             await self._aremove(trash)
         raise StoreError(
-            f"{self.path}/{prefix}: could not put the entry in place after {_COMMIT_ATTEMPTS} "
+            f"{self.path}/{prefix}: could not put the entry in place after {COMMIT_ATTEMPTS} "
             "attempts (other processes kept replacing it); try again"
         )
 
@@ -662,14 +662,14 @@ class FeatureStore:
         checksum = self.format_version >= CHECKSUM_VERSION  # v1 stores stay readable by v1
         features_doc = features_json(array.shape, self.dtype, checksum=checksum)
         steps_doc = timestep_json(array.shape[0], checksum=checksum)
-        await _gather_all(
+        await gather_all(
             [
                 store.write(f"{layer}/zarr.json", group_json({})),
                 store.write(f"{features_path}/zarr.json", to_bytes(features_doc)),
                 store.write(f"{steps_path}/zarr.json", to_bytes(steps_doc)),
             ]
         )
-        await _gather_all(
+        await gather_all(
             [
                 store.write_chunks(features_path, features_doc, array, write_empty_chunks=True),
                 store.write_chunks(steps_path, steps_doc, timesteps),

@@ -38,10 +38,10 @@ from typing import Any, Literal
 
 from diffeat.core.errors import StoreError
 from diffeat.store.featurestore import (
-    _COMMIT_ATTEMPTS,
+    COMMIT_ATTEMPTS,
     FeatureStore,
-    _complete_attrs,
-    _gather_all,
+    complete_attrs,
+    gather_all,
     root_version,
 )
 from diffeat.store.format import (
@@ -340,7 +340,7 @@ class ObjectFeatureStore(FeatureStore):
             self._known_groups.add(cache_key)
         marker = f"{prefix}/zarr.json"
         got = await store.read_versioned(marker)
-        current = _complete_attrs(got[0]) if got else None
+        current = complete_attrs(got[0]) if got else None
         if current is not None and not replace:
             return False
         write_id = attrs["write_id"]
@@ -348,7 +348,7 @@ class ObjectFeatureStore(FeatureStore):
         data = f"{prefix}/{write_id}"
         try:
             await store.write(f"{data}/zarr.json", group_json({}))
-            await _gather_all(self._awrite_layer(data, n, a, timesteps) for n, a in arrays.items())
+            await gather_all(self._awrite_layer(data, n, a, timesteps) for n, a in arrays.items())
             nbytes = sum(int(m["size"]) for m in await store.list_objects(data))
             replaced = await self._acommit_marker(marker, group_json(attrs), got, current)
         except BaseException:
@@ -381,7 +381,7 @@ class ObjectFeatureStore(FeatureStore):
         unreadable marker) is replaced."""
         store = self._store
         replaceable_id = None if replaceable is None else replaceable.get("write_id")
-        for _attempt in range(_COMMIT_ATTEMPTS):
+        for _attempt in range(COMMIT_ATTEMPTS):
             if got is None:
                 if await store.create(marker, doc):
                     return None
@@ -391,12 +391,12 @@ class ObjectFeatureStore(FeatureStore):
             if got is None:
                 replaceable = None
                 continue  # deleted meanwhile: create it
-            there = _complete_attrs(got[0])
+            there = complete_attrs(got[0])
             if there is not None and there.get("write_id") != replaceable_id:
                 return False
             replaceable = there
         raise StoreError(
-            f"{self.path}/{marker}: could not commit the entry after {_COMMIT_ATTEMPTS} "
+            f"{self.path}/{marker}: could not commit the entry after {COMMIT_ATTEMPTS} "
             "attempts (other processes kept replacing it); try again"
         )
 
@@ -410,7 +410,7 @@ class ObjectFeatureStore(FeatureStore):
         got = await store.read_versioned(marker)
         if got is None:
             return False
-        attrs = _complete_attrs(got[0])
+        attrs = complete_attrs(got[0])
         if only_incomplete and attrs is not None:
             return False
         if write_id is not None and (attrs is None or attrs.get("write_id") != write_id):

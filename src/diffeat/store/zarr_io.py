@@ -198,6 +198,17 @@ class ZarrFolder:
         buf = get_sync(key)
         return None if buf is None else buf.to_bytes()
 
+    def read_files(self, keys: list[str]) -> list[bytes | None]:
+        """The bytes of many small files (None for each missing one), read synchronously
+        from the folder (the same bytes zarr's ``LocalStore.get`` returns)."""
+        out: list[bytes | None] = []
+        for key in keys:
+            try:
+                out.append((self.path / key).read_bytes())
+            except (FileNotFoundError, NotADirectoryError, IsADirectoryError):
+                out.append(None)
+        return out
+
     async def read(self, key: str) -> bytes | None:
         """The bytes of one file, or None if there is none."""
         buf = await self._store.get(key, prototype=default_buffer_prototype())
@@ -324,6 +335,12 @@ class ZarrObjects(ZarrFolder):
 
     def read_now(self, key: str) -> bytes | None:
         return run(self.read(key))
+
+    def read_files(self, keys: list[str]) -> list[bytes | None]:
+        async def read_all() -> list[bytes | None]:
+            return list(await asyncio.gather(*(self.read(k) for k in keys)))
+
+        return run(read_all())
 
     async def read_versioned(self, key: str) -> tuple[bytes, str | None] | None:
         """The bytes of one object and its ETag, or None if there is none."""

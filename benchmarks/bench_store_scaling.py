@@ -6,7 +6,7 @@ For each backend and size N the script fills a store with N entries, then times:
 - ``has``: median of 200 calls (half present keys, half missing ones);
 - ``put``: median of 30 puts of new entries (one layer ``[1, 32, 8, 8]``, the size of a
   tiny-model entry, float16, about 4 KB);
-- ``entries`` and ``info``: median of 3 calls;
+- ``entries`` and ``info``: median of 3 calls (``--repeat``);
 - on S3, ``scan``: one full listing of the entries (what ``entries``/``info`` would cost
   without the index: a LIST of every object and a GET of every marker), up to
   ``--scan-max`` entries.
@@ -174,14 +174,14 @@ def _median_ms(fn: Any, calls: list[Any]) -> float:
     return statistics.median(times) * 1000
 
 
-def measure(store: Any, backend: str, n: int, scan_max: int) -> dict[str, Any]:
+def measure(store: Any, backend: str, n: int, scan_max: int, repeat: int = 3) -> dict[str, Any]:
     keys = [f"f{(i * 7919) % n}" if i % 2 == 0 else f"missing{i}" for i in range(200)]
     row: dict[str, Any] = {"backend": backend, "entries": n}
     row["has_ms"] = _median_ms(lambda k: store.has("ck", k), keys)
     new = [(f"new{i}-{uuid.uuid4().hex[:6]}", _features(i)) for i in range(30)]
     row["put_ms"] = _median_ms(lambda kv: store.put("ck", kv[0], kv[1]), new)
-    row["entries_ms"] = _median_ms(lambda _: store.entries("ck"), range(3))
-    row["info_ms"] = _median_ms(lambda _: store.info(), range(3))
+    row["entries_ms"] = _median_ms(lambda _: store.entries("ck"), range(repeat))
+    row["info_ms"] = _median_ms(lambda _: store.info(), range(repeat))
     assert len(store.entries("ck")) == n + len(new), "the index lost entries"
     if backend == "s3":
         requests = {}
@@ -211,6 +211,7 @@ def main() -> None:
     parser.add_argument("--backends", nargs="+", default=["disk", "s3"], choices=["disk", "s3"])
     parser.add_argument("--fill", choices=["markers", "real"], default="markers")
     parser.add_argument("--scan-max", type=int, default=1000, help="largest N to time a scan at")
+    parser.add_argument("--repeat", type=int, default=3, help="calls of entries/info timed")
     parser.add_argument("--dir", default=None, help="folder for the disk stores (default: a temp)")
     parser.add_argument("--json", default=None, help="write the results here")
     args = parser.parse_args()
@@ -238,7 +239,7 @@ def main() -> None:
 
 def _run(store: Any, backend: str, n: int, args: argparse.Namespace) -> dict[str, Any]:
     seconds = fill(store, backend, n, args.fill)
-    row = measure(store, backend, n, args.scan_max)
+    row = measure(store, backend, n, args.scan_max, args.repeat)
     row["fill_s"] = seconds
     row["fill"] = args.fill
     return row

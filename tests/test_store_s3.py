@@ -432,6 +432,13 @@ def test_multi_process_extract_through_the_cli(s3: LocalS3, tiny_sd: Path, tmp_p
         )
     again = run_json("--quiet", "extract", cfg, photos, "--store", url)
     assert again["cached"] == 6 and again["computed"] == 0
+    # the store commands on the URL
+    listed = run_json("store", "ls", url)
+    assert sorted(row["image_key"] for row in listed) == b.entries(key)
+    first = b.entries(key)[0]
+    run_json("store", "delete", url, "--key", key, "--image", first)
+    assert run_json("store", "info", url)["extractors"][key]["entries"] == 5
+    assert not FeatureStore(url, mode="r").has(key, first)
 
 
 # ---------------------------------------------------------------- formats across media

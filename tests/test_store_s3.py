@@ -477,3 +477,16 @@ def test_a_format_2_store_uploaded_reads_but_is_not_written(s3: LocalS3, tmp_pat
     assert remote.info()["extractors"]["ck"]["entries"] == 1
     with pytest.raises(StoreError, match="format 2 store"):
         FeatureStore(url, mode="a")
+
+
+def test_a_failing_server_is_a_store_error(store: ObjectFeatureStore, monkeypatch) -> None:
+    import obstore
+
+    async def refused(*args, **kwargs):
+        raise obstore.exceptions.GenericError("connection refused")
+
+    monkeypatch.setattr(obstore, "put_async", refused)
+    with pytest.raises(StoreError, match="connection refused"):
+        store.put("ck", "a", features(1))
+    monkeypatch.undo()
+    assert not store.has("ck", "a") and store.leftovers(0.0) == []

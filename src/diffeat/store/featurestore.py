@@ -578,8 +578,12 @@ class FeatureStore:
         timesteps = np.asarray(features.timesteps, dtype=np.int64)
         try:
             return run(self._aput(cache_key, prefix, arrays, timesteps, attrs, replace))
-        except OSError as exc:
+        except self._io_errors() as exc:
             raise StoreError(f"writing {prefix} into {self.path} failed: {exc}") from exc
+
+    def _io_errors(self) -> tuple[type[BaseException], ...]:
+        """The exceptions of a failed write that become a StoreError (disk full, ...)."""
+        return (OSError,)
 
     def _to_numpy(self, image_key: str, name: str, tensor: torch.Tensor) -> np.ndarray:
         target = torch_dtype(self.dtype)

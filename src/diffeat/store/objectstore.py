@@ -170,6 +170,11 @@ class ObjectFeatureStore(FeatureStore):
             )
         return version
 
+    def _io_errors(self) -> tuple[type[BaseException], ...]:
+        import obstore.exceptions
+
+        return (OSError, obstore.exceptions.BaseError)
+
     @property
     def _indexed(self) -> bool:
         return self.format_version >= OBJECT_FORMAT_VERSION

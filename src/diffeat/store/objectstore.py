@@ -23,7 +23,7 @@ committed put or delete adds one empty *event* object whose name carries the eve
 compacted ``manifest.json`` holds the state up to its events. Readers LIST the log
 (one page once compacted), GET the manifest and merge; writers compact the log into
 the manifest (an ``If-Match`` write, so two compactors cannot lose events) once it
-holds :data:`COMPACT_AT` events. ``has`` and ``get`` never use the index: the marker
+holds :data:`COMPACT_AT` events (each put looks with probability 1/500). ``has`` and ``get`` never use the index: the marker
 is the truth (``has`` is one GET of it).
 """
 
@@ -32,6 +32,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import random
 import time
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -61,7 +62,8 @@ __all__ = ["COMPACT_AT", "INDEX_DIR", "ObjectFeatureStore", "merge_index"]
 INDEX_DIR = "_index"
 #: compact the event log into the manifest once it holds this many events (one LIST page)
 COMPACT_AT = 1000
-#: a writing handle looks at the log (and compacts it if due) every this many puts
+#: each put looks at the log (and compacts it if due) with probability 1 / this: one look
+#: per this many puts on average, however the puts are spread over writer processes
 _CHECK_EVERY = 500
 _SEP = "~"  # no key may contain it
 
@@ -126,7 +128,6 @@ class ObjectFeatureStore(FeatureStore):
         self.mode = mode
         self.dtype = check_storage_dtype(dtype)
         self._known_groups: set[str] = set()
-        self._puts = 0
         try:
             self._store = ZarrObjects(self.path, read_only=mode == "r")
             self.format_version = self._open()
@@ -368,8 +369,7 @@ class ObjectFeatureStore(FeatureStore):
         image_key = prefix.split("/")[1]
         if self._indexed:
             await self._alog(cache_key, "put", image_key, write_id, nbytes, replaced or "-")
-            self._puts += 1
-            if self._puts % _CHECK_EVERY == 0:
+            if random.random() < 1 / _CHECK_EVERY:
                 await self._aindex(cache_key, compact=True)
         return True
 

@@ -221,6 +221,10 @@ def complete_attrs(raw: bytes | None) -> dict[str, Any] | None:
 class FeatureStore:
     """A folder of extracted features in zarr v3 format.
 
+    ``path`` may also be an object-store URL (``s3://bucket/feats.zarr``, ``gs://``,
+    ``az://``): the store is then an :class:`~diffeat.store.objectstore.ObjectFeatureStore`
+    (same methods; ``path`` is the URL string).
+
     ``mode="a"`` opens the store for reading and writing and creates it if the
     folder is missing or empty; ``mode="r"`` opens an existing store read-only.
     ``dtype`` is the storage dtype of the feature arrays this handle writes:

@@ -92,7 +92,7 @@ def expand_videos(paths: list[Path]) -> list[Path | ImageInput]:
     "store_path",
     required=True,
     type=click.Path(),
-    help="Feature store folder (created if missing).",
+    help="Feature store folder, or object-store URL (s3://, gs://, az://); created if missing.",
 )
 @click.option(
     "--dataset",

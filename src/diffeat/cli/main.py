@@ -26,6 +26,8 @@ Environment:
                            turn it upright by its EXIF orientation)
   DIFFEAT_ZARR_FAST_PATH   0 to read and write the store through zarr's
                            public API only (default 1: the faster path)
+  AWS_ENDPOINT_URL         endpoint of an S3-compatible server for --store
+                           s3://... (credentials: the usual AWS_* variables)
   HF_HUB_OFFLINE           1: use only models already in the Hugging Face
                            cache, never the network
   HF_HOME, HF_HUB_CACHE    where models downloaded from the hub are cached

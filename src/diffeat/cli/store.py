@@ -56,7 +56,8 @@ def store_info(path: str, as_json: bool) -> None:
         layers = ", ".join(layer["name"] for layer in ex.get("layers", []))
         click.echo(f"    layers: {layers}; timesteps: {ex.get('timesteps')}")
         click.echo(
-            f"    {ex['entries']} complete entries, {ex['incomplete']} incomplete, "
+            f"    {ex['entries']} complete entries, "
+            f"{'?' if ex['incomplete'] is None else ex['incomplete']} incomplete, "
             f"{_mb(ex['bytes'])} on disk"
         )
 
@@ -164,7 +165,7 @@ def store_delete(path: str, cache_key: str, image_key: str | None, as_json: bool
 
     store = _open_existing(path, "a")
     if image_key is None:
-        if not (store.path / cache_key).is_dir():
+        if not store.has_cache_key(cache_key):
             raise StoreError(
                 f"no cache key {cache_key!r} in {path}: see `diffeat store info {path}`"
             )

@@ -347,6 +347,8 @@ DEFAULT_STORE = "zarr"
 def open_store(path: str | os.PathLike[str], **kwargs: Any) -> FeatureStorage:
     """Open the store at ``path`` with the implementation registered under the
     ``diffeat.stores`` entry point ``zarr`` (:class:`~diffeat.store.FeatureStore`).
+    ``path`` is a folder or an object-store URL (``s3://bucket/feats.zarr``, ``gs://``,
+    ``az://``), which the implementation opens on object storage.
 
     Core never imports the store package; it finds it as it finds plugins.
     """

@@ -35,8 +35,10 @@ from diffeat.core.features import FeatureSet
 from diffeat.store.format import (
     CHECKSUM_VERSION,
     COMPLETE_ATTR,
+    DATA_ATTR,
     FEATURES_ARRAY,
     FORMAT_VERSION,
+    LOCAL_FORMAT_VERSION,
     ROOT_ATTR,
     TIMESTEP_ARRAY,
     check_storage_dtype,
@@ -50,7 +52,7 @@ from diffeat.store.format import (
     torch_dtype,
 )
 from diffeat.store.keys import check_key, check_layer_key, is_valid_key
-from diffeat.store.zarr_io import ZarrFolder, run
+from diffeat.store.zarr_io import ZarrFolder, is_store_url, run
 
 if TYPE_CHECKING:
     import xarray
@@ -59,7 +61,7 @@ __all__ = ["DamagedEntry", "DamagedRootError", "FeatureStore", "MissingEntry", "
 
 _FLOAT16_SOURCES = (torch.float32, torch.float64, torch.bfloat16)
 _FLOAT16_MAX = 65504.0
-_COMMIT_ATTEMPTS = 16
+COMMIT_ATTEMPTS = 16
 #: suffixes of the folders of writes in progress and of removals in progress; both end in
 #: ``.partial``, which no key may, so listings never show them
 STAGING_SUFFIX = ".partial"
@@ -147,6 +149,27 @@ def _has_checksums(folder: Path) -> bool:
     return False
 
 
+def root_version(where: object, attrs: dict[str, Any]) -> int:
+    """The ``format_version`` of a store's root attributes, checked (a StoreError naming
+    ``where`` when it is missing, invalid or newer than this diffeat reads)."""
+    marker = attrs.get(ROOT_ATTR)
+    version = marker.get("format_version") if isinstance(marker, dict) else None
+    if version is None:
+        raise StoreError(
+            f"{where} is a zarr store but not a diffeat feature store (its root group has no "
+            f"'{ROOT_ATTR}' attribute): choose another path for the features"
+        )
+    if not isinstance(version, int) or isinstance(version, bool) or version < 1:
+        raise StoreError(f"{where}: invalid diffeat store format_version {version!r}")
+    if version > FORMAT_VERSION:
+        raise StoreError(
+            f"{where} uses diffeat store format {version}, but this diffeat reads format "
+            f"{FORMAT_VERSION} at most: upgrade diffeat (pip install -U diffeat) or choose "
+            "another path"
+        )
+    return version
+
+
 class DamagedEntry(StoreError):
     """A complete entry whose data cannot be used as recorded (unreadable, missing chunks,
     shape or dtype not as the entry says)."""
@@ -172,7 +195,7 @@ def _overflows_float16(src: torch.Tensor) -> bool:
     return bool(((src.abs() > _FLOAT16_MAX) & src.isfinite()).any())
 
 
-async def _gather_all(coros) -> list[Any]:
+async def gather_all(coros) -> list[Any]:
     """Like ``asyncio.gather``, but on failure waits for every other coroutine to end
     before raising (so that a cleanup after it races with no pending write)."""
     results = await asyncio.gather(*coros, return_exceptions=True)
@@ -182,7 +205,7 @@ async def _gather_all(coros) -> list[Any]:
     return results
 
 
-def _complete_attrs(raw: bytes | None) -> dict[str, Any] | None:
+def complete_attrs(raw: bytes | None) -> dict[str, Any] | None:
     """The attributes of an image group's ``zarr.json`` if it marks a COMPLETE entry."""
     attrs = parse_group_json(raw)
     if (
@@ -198,6 +221,10 @@ def _complete_attrs(raw: bytes | None) -> dict[str, Any] | None:
 class FeatureStore:
     """A folder of extracted features in zarr v3 format.
 
+    ``path`` may also be an object-store URL (``s3://bucket/feats.zarr``, ``gs://``,
+    ``az://``): the store is then an :class:`~diffeat.store.objectstore.ObjectFeatureStore`
+    (same methods; ``path`` is the URL string).
+
     ``mode="a"`` opens the store for reading and writing and creates it if the
     folder is missing or empty; ``mode="r"`` opens an existing store read-only.
     ``dtype`` is the storage dtype of the feature arrays this handle writes:
@@ -206,6 +233,14 @@ class FeatureStore:
     """
 
     FORMAT_VERSION = FORMAT_VERSION
+
+    def __new__(cls, path: str | os.PathLike[str], *args: Any, **kwargs: Any) -> FeatureStore:
+        # an object-store URL (s3://, gs://, az://) opens the object-store implementation
+        if cls is FeatureStore and is_store_url(path):
+            from diffeat.store.objectstore import ObjectFeatureStore
+
+            return super().__new__(ObjectFeatureStore)
+        return super().__new__(cls)
 
     def __init__(
         self,
@@ -257,7 +292,7 @@ class FeatureStore:
                     f"{path} is {kind} and not empty, so it cannot become a diffeat feature "
                     "store: choose a new or empty folder"
                 )
-            root = group_json({ROOT_ATTR: {"format_version": FORMAT_VERSION}})
+            root = group_json({ROOT_ATTR: {"format_version": LOCAL_FORMAT_VERSION}})
             run(self._store.write_if_absent("zarr.json", root))
             raw = self._read_now("zarr.json")
         attrs = parse_group_json(raw)
@@ -269,20 +304,12 @@ class FeatureStore:
                 f"{path}/zarr.json is not a readable zarr v3 group, so {path} is not a diffeat "
                 "feature store (or its root metadata is damaged): choose another path"
             )
-        marker = attrs.get(ROOT_ATTR)
-        version = marker.get("format_version") if isinstance(marker, dict) else None
-        if version is None:
+        version = root_version(path, attrs)
+        if version > LOCAL_FORMAT_VERSION and self.mode == "a":
             raise StoreError(
-                f"{path} is a zarr store but not a diffeat feature store (its root group has no "
-                f"'{ROOT_ATTR}' attribute): choose another path for the features"
-            )
-        if not isinstance(version, int) or isinstance(version, bool) or version < 1:
-            raise StoreError(f"{path}: invalid diffeat store format_version {version!r}")
-        if version > FORMAT_VERSION:
-            raise StoreError(
-                f"{path} uses diffeat store format {version}, but this diffeat reads format "
-                f"{FORMAT_VERSION} at most: upgrade diffeat (pip install -U diffeat) or choose "
-                "another path"
+                f"{path} is a format {version} store (written on object storage, then copied "
+                "here): a local path can read it but not write into it; open it with mode='r', "
+                "or write through its object-store URL"
             )
         return version
 
@@ -302,11 +329,11 @@ class FeatureStore:
         return self._store.read_now(key)
 
     def _entry_now(self, prefix: str) -> dict[str, Any] | None:
-        return _complete_attrs(self._read_now(f"{prefix}/zarr.json"))
+        return complete_attrs(self._read_now(f"{prefix}/zarr.json"))
 
     async def _aentry(self, prefix: str) -> dict[str, Any] | None:
         """The attributes of a COMPLETE entry at ``prefix``, else None."""
-        return _complete_attrs(await self._aread(f"{prefix}/zarr.json"))
+        return complete_attrs(await self._aread(f"{prefix}/zarr.json"))
 
     async def _alist(self, prefix: str) -> list[str]:
         names = await self._store.list_dir(prefix)
@@ -411,7 +438,12 @@ class FeatureStore:
 
     async def _ascan(self, cache_key: str) -> tuple[list[str], list[str]]:
         names = await self._alist(cache_key)
-        found = await asyncio.gather(*(self._aentry(f"{cache_key}/{n}") for n in names))
+        # the markers are small local files: read in one worker thread, one after the
+        # other (a coroutine per file through zarr costs ~40x more at 10k entries)
+        keys = [f"{cache_key}/{n}/zarr.json" for n in names]
+        found = [
+            complete_attrs(raw) for raw in await asyncio.to_thread(self._store.read_files, keys)
+        ]
         complete = [n for n, a in zip(names, found) if a is not None]
         incomplete = [n for n, a in zip(names, found) if a is None]
         return complete, incomplete
@@ -550,8 +582,12 @@ class FeatureStore:
         timesteps = np.asarray(features.timesteps, dtype=np.int64)
         try:
             return run(self._aput(cache_key, prefix, arrays, timesteps, attrs, replace))
-        except OSError as exc:
+        except self._io_errors() as exc:
             raise StoreError(f"writing {prefix} into {self.path} failed: {exc}") from exc
+
+    def _io_errors(self) -> tuple[type[BaseException], ...]:
+        """The exceptions of a failed write that become a StoreError (disk full, ...)."""
+        return (OSError,)
 
     def _to_numpy(self, image_key: str, name: str, tensor: torch.Tensor) -> np.ndarray:
         target = torch_dtype(self.dtype)
@@ -583,7 +619,7 @@ class FeatureStore:
         replaceable = None if current is None else current.get("write_id")
         staging = f"{prefix}.{attrs['write_id']}{STAGING_SUFFIX}"
         try:
-            await _gather_all(
+            await gather_all(
                 self._awrite_layer(staging, n, a, timesteps) for n, a in arrays.items()
             )
             await store.write(f"{staging}/zarr.json", group_json(attrs))  # the marker, last
@@ -603,7 +639,7 @@ class FeatureStore:
         writer between the look and the move) is put back.
         """
         store = self._store
-        for _attempt in range(_COMMIT_ATTEMPTS):
+        for _attempt in range(COMMIT_ATTEMPTS):
             if await store.rename_dir(staging, prefix):
                 return True
             there = await self._aentry(prefix)
@@ -623,7 +659,7 @@ class FeatureStore:
                     return False
             await self._aremove(trash)
         raise StoreError(
-            f"{self.path}/{prefix}: could not put the entry in place after {_COMMIT_ATTEMPTS} "
+            f"{self.path}/{prefix}: could not put the entry in place after {COMMIT_ATTEMPTS} "
             "attempts (other processes kept replacing it); try again"
         )
 
@@ -639,14 +675,14 @@ class FeatureStore:
         checksum = self.format_version >= CHECKSUM_VERSION  # v1 stores stay readable by v1
         features_doc = features_json(array.shape, self.dtype, checksum=checksum)
         steps_doc = timestep_json(array.shape[0], checksum=checksum)
-        await _gather_all(
+        await gather_all(
             [
                 store.write(f"{layer}/zarr.json", group_json({})),
                 store.write(f"{features_path}/zarr.json", to_bytes(features_doc)),
                 store.write(f"{steps_path}/zarr.json", to_bytes(steps_doc)),
             ]
         )
-        await _gather_all(
+        await gather_all(
             [
                 store.write_chunks(features_path, features_doc, array, write_empty_chunks=True),
                 store.write_chunks(steps_path, steps_doc, timesteps),
@@ -708,10 +744,15 @@ class FeatureStore:
                 f"image {image_key!r} under cache key {cache_key!r} has no layer "
                 f"{', '.join(map(repr, unknown))}; it has {', '.join(map(repr, stored))}"
             )
-        results = await asyncio.gather(
-            *(self._aread_layer(prefix, n, stored[n], cast) for n in names),
-            return_exceptions=True,
-        )
+        try:
+            base = self._data_path(prefix, attrs)
+        except DamagedEntry as exc:
+            results: list[Any] = [exc]
+        else:
+            results = await asyncio.gather(
+                *(self._aread_layer(base, n, stored[n], cast) for n in names),
+                return_exceptions=True,
+            )
         again = parse_group_json(await self._aread(f"{prefix}/zarr.json"))
         if again is None or again.get("write_id") != attrs.get("write_id"):
             return None  # rewritten or deleted while we read: try again
@@ -721,6 +762,32 @@ class FeatureStore:
                 raise result
             tensors.append(result)
         return attrs, dict(zip(names, tensors))
+
+    def _data_path(self, prefix: str, attrs: dict[str, Any]) -> str:
+        """Where the layers of the entry at ``prefix`` are: the entry group itself, or (format
+        3, object storage) the data prefix its marker names."""
+        data = attrs.get(DATA_ATTR)
+        if data is None:
+            return prefix
+        if not is_valid_key(data):
+            raise self._damaged(
+                f"{prefix}/zarr.json", f"its data prefix {data!r} is not a valid store key"
+            )
+        return f"{prefix}/{data}"
+
+    def has_cache_key(self, cache_key: str) -> bool:
+        """True if anything is stored under ``cache_key`` (its group exists)."""
+        check_key(cache_key, "cache key")
+        return (self.path / cache_key).is_dir()
+
+    def reindex(self, cache_key: str) -> bool:
+        """Rebuild the entry index of ``cache_key`` from the entries themselves; False when
+        the store keeps no index (on a local disk the folders are the index)."""
+        check_key(cache_key, "cache key")
+        return False
+
+    def _xarray_target(self) -> Any:
+        return self.path
 
     def _damaged(self, path: str, what: str) -> DamagedEntry:
         cache_key, image_key = path.split("/")[:2]
@@ -813,6 +880,12 @@ class FeatureStore:
         attrs = self._entry_now(self._prefix(cache_key, image_key))
         return None if attrs is None else attrs.get("write_id")
 
+    def scan(self, cache_key: str) -> tuple[list[str], list[str]]:
+        """``(complete, incomplete)`` image keys under ``cache_key`` from the entries
+        themselves (every entry is looked at; :meth:`entries` may use an index)."""
+        check_key(cache_key, "cache key")
+        return run(self._ascan(cache_key))
+
     def incomplete_entries(self, cache_key: str) -> list[str]:
         """Image keys of the incomplete entries under ``cache_key`` (see the format spec)."""
         check_key(cache_key, "cache key")
@@ -904,10 +977,11 @@ class FeatureStore:
                 f"image {image_key!r} under cache key {cache_key!r} has no layer {layer!r}; it "
                 f"has {', '.join(map(repr, attrs['layers']))}"
             )
+        base = self._data_path(prefix, attrs)
         ds = xr.open_dataset(
-            self.path,
+            self._xarray_target(),
             engine="zarr",
-            group=f"{prefix}/{layer}",
+            group=f"{base}/{layer}",
             zarr_format=3,
             consolidated=False,
             chunks=None,

@@ -10,7 +10,15 @@ import torch
 
 from diffeat.core.errors import StoreError
 
-FORMAT_VERSION = 2
+#: the highest format version this diffeat reads
+FORMAT_VERSION = 3
+#: the version of a new store on a local disk (or shared filesystem)
+LOCAL_FORMAT_VERSION = 2
+#: the version of a new store on object storage, and the first whose entries may keep
+#: their layers under a per-write data prefix (the ``data`` attribute of the entry)
+OBJECT_FORMAT_VERSION = 3
+#: entry attribute naming the entry's data prefix (format 3 on object storage)
+DATA_ATTR = "data"
 #: the first format version whose arrays end their codecs with a crc32c checksum per chunk
 CHECKSUM_VERSION = 2
 CHECKSUM_CODEC: dict[str, Any] = {"name": "crc32c"}

@@ -85,7 +85,9 @@ def verify_store(
     damaged_info = store.damaged_extractors()
     report.damaged_info = {k: v for k, v in damaged_info.items() if k in keys}
     for key in keys:
-        for image_key in store.entries(key):
+        there = store.has_cache_key(key)
+        complete, incomplete = store.scan(key) if there else ([], [])
+        for image_key in complete:
             write_id = store.write_id(key, image_key)
             problem = store.check_entry(key, image_key)
             report.checked += 1
@@ -96,7 +98,8 @@ def verify_store(
                 report.damaged.append(damage)
             if on_entry is not None:
                 on_entry()
-        incomplete = store.incomplete_entries(key) if (store.path / key).is_dir() else []
+        if repair and there:
+            store.reindex(key)  # object storage: the index is rebuilt from the entries
         if incomplete:
             report.incomplete[key] = incomplete
             if repair:
@@ -104,7 +107,7 @@ def verify_store(
                     store.delete(key, image_key, only_incomplete=True)
     leftovers = store.leftovers(LEFTOVER_AGE_S)
     if cache_key is not None:
-        leftovers = [p for p in leftovers if _under(p, store.path / cache_key)]
+        leftovers = [p for p in leftovers if _under(p, f"{store.path}/{cache_key}")]
     report.leftovers = [str(p) for p in leftovers]
     if repair:
         for path in leftovers:
@@ -112,5 +115,6 @@ def verify_store(
     return report
 
 
-def _under(path: Path, folder: Path) -> bool:
-    return folder == path or folder in path.parents
+def _under(path: Path | str, folder: str) -> bool:
+    path = str(path)
+    return path == folder or path.startswith(folder + "/")

@@ -42,15 +42,19 @@ from zarr.buffer import default_buffer_prototype
 from zarr.codecs import BloscCodec
 from zarr.storage import LocalStore, StorePath
 
+from diffeat.core.errors import StoreError
 from diffeat.store.format import blosc_json
 
 __all__ = [
     "FAST_PATH_ENV",
     "FAST_PATH_ZARR",
+    "STORE_URL_SCHEMES",
     "ZarrFolder",
+    "ZarrObjects",
     "blosc_codec",
     "fast_path_active",
     "fast_path_supported",
+    "is_store_url",
     "run",
     "use_fast_path",
     "zarr_version",
@@ -194,6 +198,17 @@ class ZarrFolder:
         buf = get_sync(key)
         return None if buf is None else buf.to_bytes()
 
+    def read_files(self, keys: list[str]) -> list[bytes | None]:
+        """The bytes of many small files (None for each missing one), read synchronously
+        from the folder (the same bytes zarr's ``LocalStore.get`` returns)."""
+        out: list[bytes | None] = []
+        for key in keys:
+            try:
+                out.append((self.path / key).read_bytes())
+            except (FileNotFoundError, NotADirectoryError, IsADirectoryError):
+                out.append(None)
+        return out
+
     async def read(self, key: str) -> bytes | None:
         """The bytes of one file, or None if there is none."""
         buf = await self._store.get(key, prototype=default_buffer_prototype())
@@ -263,6 +278,157 @@ class ZarrFolder:
         """The whole array at ``path``; zarr's exceptions pass through (damaged metadata or chunks)."""
         array = await zarr.AsyncArray.open(StorePath(self._store, path), zarr_format=3)
         return await array.getitem(...)
+
+
+# ---------------------------------------------------------------- object storage
+
+#: URL schemes of object stores (opened with obstore through zarr's ``ObjectStore``)
+STORE_URL_SCHEMES = ("s3", "s3a", "gs", "az", "abfs", "abfss", "azure")
+
+
+def is_store_url(path: object) -> bool:
+    """True if ``path`` is an object-store URL (``s3://bucket/prefix`` and the like)."""
+    if not isinstance(path, str) or "://" not in path:
+        return False
+    return path.split("://", 1)[0].lower() in STORE_URL_SCHEMES
+
+
+def _open_obstore(url: str) -> Any:
+    """An obstore store for ``url``; credentials and settings come from the environment
+    (obstore reads ``AWS_*``, ``GOOGLE_*``, ``AZURE_*``). For S3-compatible servers the
+    endpoint is ``AWS_ENDPOINT_URL_S3`` or ``AWS_ENDPOINT_URL``; plain ``http://`` endpoints
+    are allowed."""
+    try:
+        from obstore.store import from_url
+    except ImportError:
+        raise StoreError(
+            f"opening the feature store {url} needs obstore: pip install 'diffeat[s3]'"
+        ) from None
+    scheme = url.split("://", 1)[0].lower()
+    kwargs: dict[str, Any] = {}
+    if scheme in ("s3", "s3a"):
+        endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
+        if endpoint:
+            kwargs["endpoint"] = endpoint
+            if endpoint.startswith("http://"):
+                kwargs["client_options"] = {"allow_http": True}
+    return from_url(url, **kwargs)
+
+
+class ZarrObjects(ZarrFolder):
+    """An object-store prefix (``s3://bucket/feats.zarr``) seen as :class:`ZarrFolder`
+    sees a folder, through zarr's :class:`zarr.storage.ObjectStore` (obstore), plus the
+    conditional writes that replace renames there: create-if-absent (``If-None-Match``)
+    and replace-if-unchanged (``If-Match`` on the ETag). There is no rename."""
+
+    def __init__(self, url: str, *, read_only: bool) -> None:
+        from zarr.storage import ObjectStore
+
+        self.path = url  # type: ignore[assignment]
+        self.objects = _open_obstore(url)
+        self._store = ObjectStore(self.objects, read_only=read_only)  # type: ignore[assignment]
+
+    @property
+    def zarr_store(self) -> Any:
+        """The zarr store object (for xarray)."""
+        return self._store
+
+    def read_now(self, key: str) -> bytes | None:
+        return run(self.read(key))
+
+    def read_files(self, keys: list[str]) -> list[bytes | None]:
+        async def read_all() -> list[bytes | None]:
+            return list(await asyncio.gather(*(self.read(k) for k in keys)))
+
+        return run(read_all())
+
+    async def read_versioned(self, key: str) -> tuple[bytes, str | None] | None:
+        """The bytes of one object and its ETag, or None if there is none."""
+        import obstore as obs
+
+        try:
+            resp = await obs.get_async(self.objects, key)
+            data = bytes(await resp.bytes_async())
+        except FileNotFoundError:
+            return None
+        return data, resp.meta.get("e_tag")
+
+    async def create(self, key: str, data: bytes) -> bool:
+        """Write one object unless it exists (``If-None-Match: *``): True if this call
+        created it, False if it was there (of several writers exactly one gets True)."""
+        import obstore as obs
+
+        try:
+            await obs.put_async(self.objects, key, data, mode="create")
+        except obs.exceptions.AlreadyExistsError:
+            return False
+        except obs.exceptions.PreconditionError:  # some servers answer 412 for If-None-Match
+            return False
+        return True
+
+    async def replace_if(self, key: str, data: bytes, e_tag: str | None) -> bool:
+        """Replace one object only if its ETag is still ``e_tag`` (``If-Match``): True if
+        replaced, False if it changed or went meanwhile."""
+        import obstore as obs
+
+        if e_tag is None:  # pragma: no cover - every S3/GCS/Azure object has an ETag
+            raise StoreError(f"{self.path}/{key}: the object store gave no ETag")
+        try:
+            await obs.put_async(self.objects, key, data, mode={"e_tag": e_tag})
+        except (obs.exceptions.PreconditionError, obs.exceptions.AlreadyExistsError):
+            return False
+        except FileNotFoundError:
+            return False
+        return True
+
+    async def write_if_absent(self, key: str, data: bytes) -> None:
+        await self.create(key, data)
+
+    async def list_objects(self, prefix: str) -> list[dict[str, Any]]:
+        """Every object below ``prefix`` (a folder: ``"ck/img"`` lists ``ck/img/...``), as
+        obstore's metadata dicts (``path``, ``size``, ``last_modified``, ``e_tag``)."""
+        import obstore as obs
+
+        if prefix and not prefix.endswith("/"):
+            prefix += "/"
+        out: list[dict[str, Any]] = []
+        async for batch in obs.list(self.objects, prefix or None):
+            out.extend(batch)
+        return out
+
+    async def list_dirs(self, prefix: str) -> list[str]:
+        """The names of the "folders" (common prefixes) directly below ``prefix``."""
+        import obstore as obs
+
+        if prefix and not prefix.endswith("/"):
+            prefix += "/"
+        result = await obs.list_with_delimiter_async(self.objects, prefix or None)
+        return [p.rstrip("/").rsplit("/", 1)[-1] for p in result["common_prefixes"]]
+
+    async def any_object(self, prefix: str = "") -> bool:
+        """True if at least one object lies below ``prefix``."""
+        import obstore as obs
+
+        if prefix and not prefix.endswith("/"):
+            prefix += "/"
+        async for batch in obs.list(self.objects, prefix or None, chunk_size=1):
+            if batch:
+                return True
+        return False
+
+    async def delete_many(self, keys: list[str]) -> None:
+        """Remove objects (bulk requests where the store has them); gone ones are fine."""
+        import obstore as obs
+
+        if keys:
+            with contextlib.suppress(FileNotFoundError):
+                await obs.delete_async(self.objects, keys)
+
+    async def delete_dir(self, prefix: str) -> None:
+        await self.delete_many([m["path"] for m in await self.list_objects(prefix)])
+
+    async def rename_dir(self, src: str, dst: str) -> bool:  # pragma: no cover - guard
+        raise StoreError("object stores have no rename: this store must not be asked for one")
 
 
 def _with_config(array: zarr.AsyncArray, config: dict[str, Any]) -> zarr.AsyncArray:

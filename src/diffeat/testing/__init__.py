@@ -10,6 +10,8 @@
   PixArt) with CLIP and T5 tokenizers written offline.
 - :mod:`diffeat.testing.plugins`: :class:`TestPlugin` and :class:`AllHooksPlugin`
   (every hook implemented, third-party style).
+- :mod:`diffeat.testing.s3`: :func:`~diffeat.testing.s3.local_s3_server`, a real
+  S3-compatible server on localhost (moto) for stores on object storage.
 - :mod:`diffeat.testing.conformance`: the conformance mixins a plugin author
   subclasses (:class:`ExtractorConformance`, :class:`AggregatorConformance`,
   :class:`MatcherConformance`, :class:`DatasetConformance`) and their

@@ -400,6 +400,14 @@ def test_presets_match_methods(manager):
         [51],
         ["output_blocks.7"],
     )
+    # the evaluation tasks run with ADM's settings, not SD's defaults
+    assert geo["homography"] == {
+        "method": "ransac", "ransac_threshold": 3.0, "metric": "l2",
+        "half_cell_offset": True, "thresholds": [1.0, 3.0, 5.0],
+    }  # fmt: skip
+    assert tmp["propagation"] == {"temperature": 0.1, "topk": 10, "context": 28, "radius": 15}
+    assert tmp["extractor"]["size_rule"] == "short-side"
+    assert tmp["extractor"]["image_size"] == [480, 480]
 
 
 def test_mutual_l2_metric_differs_from_cosine_as_written_out():

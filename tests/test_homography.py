@@ -388,7 +388,11 @@ def test_the_geometric_preset_and_the_defaults_are_dift_settings_and_documented(
     from_file = options_dict(build_options(_Task, cfg.tasks["homography"], "[homography]"))
     defaults = options_dict(HomographyOptions())
     for opts in (from_file, defaults):
-        assert {k: opts[k] for k in OFFICIAL} == OFFICIAL and opts["thresholds"] == [1, 3, 5]
+        sd = OFFICIAL[0]
+        assert {k: opts[k] for k in sd} == sd and opts["thresholds"] == [1, 3, 5]
+    adm = load_config(root / "examples" / "dift-adm-geometric.toml", manager=manager)
+    adm_opts = options_dict(build_options(_Task, adm.tasks["homography"], "[homography]"))
+    assert {k: adm_opts[k] for k in OFFICIAL[1]} == OFFICIAL[1]  # RANSAC 3 px, L2
     doc = (root / "docs" / "evaluation.md").read_text()
     for f in fields(HomographyOptions):
         assert f"| `{f.name}` |" in doc, f.name

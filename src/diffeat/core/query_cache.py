@@ -70,13 +70,21 @@ class QueryCache:
     def _values(self) -> FeatureStorage:
         """The store reopened to keep values in float32 (bitwise what was computed)."""
         if self._exact is None:
+            mode = getattr(self.store, "mode", "a")
+            if mode == "r":  # read what is there, keep nothing
+                self._writable = False
+                warnings.warn(
+                    f"the store {self.store.path} is open read-only: {self.plugin} results "
+                    "are computed, not kept",
+                    stacklevel=3,
+                )
             if getattr(self.store, "dtype", "float32") == "float32":
                 self._exact = self.store
             else:
                 opener: Any = type(self.store)
                 try:
-                    self._exact = opener(self.store.path, dtype="float32")
-                except TypeError:  # a store class without a dtype argument: use it as it is
+                    self._exact = opener(self.store.path, mode, dtype="float32")
+                except TypeError:  # a store class without these arguments: use it as it is
                     self._exact = self.store
         return self._exact
 
@@ -94,10 +102,12 @@ class QueryCache:
         return store.get(self.cache_key, key)
 
     def put(self, image: Image.Image, query: str, result: FeatureSet, source: str = "") -> None:
-        """Keep a result; a store that refuses the write is read from only, with a warning."""
+        """Keep a result. A store that cannot be written (read-only, or refusing writes) is
+        read from only, with one warning; a result the store refuses is skipped with a
+        warning and the next one is tried."""
+        store = self._values
         if not self._writable:
             return
-        store = self._values
         try:
             if not self._registered:
                 store.register_extractor(self.cache_key, self._info())
@@ -109,11 +119,19 @@ class QueryCache:
                 source=source or None,
                 replace=False,
             )
-        except (DiffeatError, OSError) as exc:
+        except OSError as exc:
             self._writable = False
             warnings.warn(
                 f"cannot keep {self.plugin} results in the store {self.store.path} ({exc}); "
                 "computing without keeping them",
+                stacklevel=2,
+            )
+        except DiffeatError as exc:
+            if "read-only" in str(exc):
+                self._writable = False
+            warnings.warn(
+                f"{self.plugin}: result for {query!r} not kept in the store {self.store.path} "
+                f"({exc})",
                 stacklevel=2,
             )
 

@@ -59,7 +59,11 @@ from diffeat.eval.tasks import TaskContext
 
 PROTOCOL = "dift-hpatches"
 #: the settings of DIFT's own evaluation (eval_homography.py, SD features)
-OFFICIAL = {"method": "lmeds", "metric": "cosine", "half_cell_offset": True}
+#: DIFT's settings: SD (LMEDS, cosine) and ADM (RANSAC 3 px, L2)
+OFFICIAL = (
+    {"method": "lmeds", "metric": "cosine", "half_cell_offset": True},
+    {"method": "ransac", "ransac_threshold": 3.0, "metric": "l2", "half_cell_offset": True},
+)
 SUBSETS = ("all", *SEQUENCE_KINDS)
 
 __all__ = ["HomographyEvaluation", "HomographyOptions", "PairRecord", "run"]
@@ -196,7 +200,7 @@ class HomographyEvaluation:
         settings = options_dict(self.options)
         settings.pop("plots", None)
         official = (
-            all(settings[k] == v for k, v in OFFICIAL.items())
+            any(all(settings[k] == v for k, v in setting.items()) for setting in OFFICIAL)
             and [float(t) for t in self.options.thresholds] == [1.0, 3.0, 5.0]
             and self.keypoint_source.startswith("dataset")
         )

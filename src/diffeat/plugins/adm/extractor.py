@@ -37,7 +37,13 @@ from diffeat.core.devices import pick_device
 from diffeat.core.errors import ConfigError, ModelLoadError
 from diffeat.core.features import FeatureSet, LayerInfo
 from diffeat.core.geometry import ImageTransform, Size
-from diffeat.core.images import ImageInput, fit_image, fit_transform, to_tensor
+from diffeat.core.images import (
+    ImageInput,
+    fit_image,
+    fit_transform,
+    model_size_for,
+    to_tensor,
+)
 from diffeat.plugins.adm.architecture import AdmArchitecture, BlockInfo
 from diffeat.plugins.adm.convert import ADM_FILE, read_adm_meta
 from diffeat.plugins.adm.options import AdmOptions
@@ -193,8 +199,12 @@ class AdmExtractor(Extractor):
         w, h = self.options.image_size
         return (int(w), int(h))
 
+    def model_size_of(self, image_size: Size) -> Size:
+        """The model input of an image of ``image_size`` (``image_size`` for ``resize``)."""
+        return model_size_for(image_size, self.model_size, self.options.size_rule)
+
     def transform_for(self, image_size: Size) -> ImageTransform:
-        return fit_transform(image_size, self.model_size, "resize")
+        return fit_transform(image_size, self.model_size_of(image_size), self.options.size_rule)
 
     def layers(self) -> list[LayerInfo]:
         """Channels and stride (input pixels per cell) of each block, from the architecture."""
@@ -204,22 +214,27 @@ class AdmExtractor(Extractor):
 
     def preprocess(self, image: ImageInput) -> torch.Tensor:
         """``[3, H, W]`` in [-1, 1]: Pillow resize to the model size, as the original."""
-        return to_tensor(fit_image(image.image, self.model_size, "resize", self.options.resample))
+        size = self.model_size_of(image.size)
+        return to_tensor(
+            fit_image(image.image, size, self.options.size_rule, self.options.resample)
+        )
 
-    def make_noise(self, key: str) -> torch.Tensor:
-        """The noise of one image ``[T, E, 3, H, W]``: one draw per timestep of the whole
-        ensemble batch, from a CPU generator seeded by :func:`image_seed`."""
+    def make_noise(self, key: str, size: Size | None = None) -> torch.Tensor:
+        """The noise of one image ``[T, E, 3, H, W]`` at the model size ``size`` (default
+        ``image_size``): one draw per timestep of the whole ensemble batch, from a CPU
+        generator seeded by :func:`image_seed`."""
         o = self.options
-        w, h = self.model_size
+        w, h = size or self.model_size
         gen = torch.Generator().manual_seed(image_seed(o.seed, key))
         shape = (o.ensemble_size, self.architecture.in_channels, h, w)
         return torch.stack([torch.randn(shape, generator=gen) for _ in o.timesteps])
 
-    def check_size(self) -> None:
+    def check_size(self, size: Size | None = None) -> None:
         factor = 2 ** (self.architecture.levels - 1)
-        if any(v % factor for v in self.model_size):
+        size = size or self.model_size
+        if any(v % factor for v in size):
             raise ConfigError(
-                f"[extractor] image_size {list(self.model_size)} must be a multiple of "
+                f"[extractor] image_size {list(size)} must be a multiple of "
                 f"{factor} for this model ({self.architecture.levels} levels)"
             )
 
@@ -230,19 +245,25 @@ class AdmExtractor(Extractor):
         replaces the seeded noise, for exact comparisons."""
         if not images:
             return []
-        self.check_size()
-        pixels = torch.stack([self.preprocess(im) for im in images])
-        if noise is None:
-            noise = [self.make_noise(im.key) for im in images]
-        maps = self.features_from_pixels(pixels, list(noise))
-        return [
-            FeatureSet(
-                {b.name: maps[b.name][i] for b in self.blocks},
-                self.timesteps(),
-                {"transform": self.transform_for(im.size).to_dict()},
-            )
-            for i, im in enumerate(images)
-        ]
+        groups: dict[Size, list[int]] = {}  # one UNet batch per model size (short-side)
+        for i, im in enumerate(images):
+            groups.setdefault(self.model_size_of(im.size), []).append(i)
+        out: dict[int, FeatureSet] = {}
+        for size, indices in groups.items():
+            self.check_size(size)
+            pixels = torch.stack([self.preprocess(images[i]) for i in indices])
+            noises = [
+                noise[i] if noise is not None else self.make_noise(images[i].key, size)
+                for i in indices
+            ]
+            maps = self.features_from_pixels(pixels, noises)
+            for j, i in enumerate(indices):
+                out[i] = FeatureSet(
+                    {b.name: maps[b.name][j] for b in self.blocks},
+                    self.timesteps(),
+                    {"transform": self.transform_for(images[i].size).to_dict()},
+                )
+        return [out[i] for i in range(len(images))]
 
     def features_from_pixels(
         self, pixels: torch.Tensor, noise: Sequence[torch.Tensor]

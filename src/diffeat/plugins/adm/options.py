@@ -30,6 +30,12 @@ class AdmOptions:
     image_size: list[int] = opt(
         [512, 512], "model input [width, height] (multiples of 32; DIFT_adm: 512 x 512)"
     )
+    size_rule: Literal["resize", "short-side"] = opt(
+        "resize",
+        "resize: squash the image to image_size (DIFT_adm's SPair and HPatches runs); "
+        "short-side: keep the aspect ratio, the short side becomes min(image_size) and the "
+        "long side is floored to a multiple of 32 (DIFT's DAVIS/JHMDB protocol)",
+    )
     resample: Literal["bicubic", "bilinear", "lanczos", "nearest"] = opt(
         "bicubic", "PIL resize filter (DIFT uses PIL's default, bicubic)"
     )

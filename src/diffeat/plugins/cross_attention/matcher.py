@@ -284,10 +284,10 @@ class CrossAttentionMatcher(Matcher):
                 todo += point_jobs
                 continue
             contexts = stored.layers["contexts"][0]  # [R, length, width]
-            losses = stored.meta["losses"]
+            losses = stored.layers["losses"][0, :, :, 0] if "losses" in stored.layers else None
             for r, job in enumerate(point_jobs):
                 job.context = contexts[r : r + 1].to(self.device)
-                job.losses = [float(v) for v in losses[r]]
+                job.losses = losses[r].tolist() if losses is not None else []
 
         def keep(chunk: list[Job]) -> None:
             for job in chunk:
@@ -298,13 +298,16 @@ class CrossAttentionMatcher(Matcher):
                 assert all(j.context is not None for j in point_jobs)
                 contexts = torch.cat([j.context for j in point_jobs if j.context is not None])
                 size = image.shape[-1]
+                layers = {"contexts": contexts[None].detach().float().cpu()}
+                if self.options.steps:  # [1, R, steps, 1]: NaN or inf losses kept as they are
+                    curves = torch.tensor([j.losses for j in point_jobs], dtype=torch.float32)
+                    layers["losses"] = curves[None, :, :, None]
                 result = FeatureSet(
-                    {"contexts": contexts[None].detach().float().cpu()},
+                    layers,
                     (self.options.optimise_timestep,),
                     {
                         "transform": ImageTransform.resize((size, size), (size, size)).to_dict(),
                         "point": list(job.point),
-                        "losses": [j.losses for j in point_jobs],
                     },
                 )
                 cache.put(source.image, self._query(job.point), result, source=source.source)

@@ -430,3 +430,23 @@ def test_mutual_l2_metric_differs_from_cosine_as_written_out():
     assert cos.points.tolist() == [[0.0, 0.0]] and bool(cos.valid[0])
     assert l2.points.tolist() == [[1.0, 0.0]] and bool(l2.valid[0])
     assert l2.scores[0].item() == pytest.approx(-0.5)
+
+
+def test_malformed_state_dicts_are_clear_errors_not_tracebacks(tmp_path):
+    import torch
+
+    from diffeat.core.errors import DiffeatError
+    from diffeat.plugins.adm.convert import infer_architecture, read_state
+
+    needed = {
+        "input_blocks.0.0.weight": torch.zeros(8, 3, 3, 3),
+        "out.2.weight": torch.zeros(6, 8, 3, 3),
+        "time_embed.0.weight": torch.zeros(32, 8),
+    }
+    bad_index = {**needed, "output_blocks.a.0.in_layers.0.weight": torch.zeros(8)}
+    flat = {**needed, "input_blocks.0.0.weight": torch.zeros(8)}
+    for state in (needed, bad_index, flat):
+        with pytest.raises(DiffeatError, match="not a guided-diffusion UNet state dict"):
+            infer_architecture(state)
+    with pytest.raises(DiffeatError, match="is a folder"):
+        read_state(tmp_path)

@@ -47,6 +47,11 @@ def read_state(path: str | os.PathLike[str]) -> dict[str, torch.Tensor]:
     from safetensors.torch import load_file
 
     p = Path(path)
+    if p.is_dir():
+        raise DiffeatError(
+            f"{p} is a folder: pass the safetensors file of the official state dict "
+            f"(docs/adm.md, 'Converting the weights')"
+        )
     if not p.is_file():
         raise DiffeatError(
             f"{p} does not exist: export the official state dict to safetensors first "
@@ -70,7 +75,27 @@ def infer_architecture(
     image_size: int = 256,
     where: str = "state dict",
 ) -> AdmArchitecture:
-    """The guided-diffusion architecture whose state dict ``state`` is (see module docs)."""
+    """The guided-diffusion architecture whose state dict ``state`` is (see module docs);
+    a state dict that is not one (odd key names, missing blocks, tensors of the wrong rank)
+    is a :class:`DiffeatError` naming what is wrong."""
+    try:
+        return _infer_architecture(
+            state, num_head_channels=num_head_channels, image_size=image_size, where=where
+        )
+    except (ValueError, KeyError, IndexError, TypeError) as exc:
+        raise DiffeatError(
+            f"{where}: not a guided-diffusion UNet state dict ({type(exc).__name__}: {exc}). "
+            "Export `model.state_dict()` of guided-diffusion's UNetModel (docs/adm.md)"
+        ) from None
+
+
+def _infer_architecture(
+    state: dict[str, torch.Tensor],
+    *,
+    num_head_channels: int,
+    image_size: int,
+    where: str,
+) -> AdmArchitecture:
     if "label_emb.weight" in state:
         raise DiffeatError(
             f"{where}: a class-conditional model (label_emb.weight); the adm extractor runs "

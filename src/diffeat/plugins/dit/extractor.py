@@ -32,6 +32,7 @@ from diffeat.plugins.dit.families import (
     Family,
     config_block_names,
     ddpm_noise,
+    default_sequence_length,
     encode_prompt,
     flow_sigma,
     forward_kwargs,
@@ -259,7 +260,7 @@ class DiffusionTransformerExtractor(Extractor):
         go back to the CPU after."""
         if prompt not in self._prompts:
             p, o = self.parts, self.options
-            length = o.max_sequence_length or self.family.max_sequence_length
+            length = o.max_sequence_length or default_sequence_length(self.family, p.pipeline)
             offload = o.offload_text_encoders and self.device.type != "cpu"
             if offload:
                 for enc in p.encoders:

@@ -113,6 +113,18 @@ def image_ids(h: int, w: int, device: torch.device, dtype: torch.dtype) -> torch
 # -- the forward of each family ---------------------------------------------------------------
 
 
+def default_sequence_length(family: Family, pipe: Any) -> int:
+    """The text length the pipeline's own ``encode_prompt`` defaults to (PixArt-alpha 120,
+    PixArt-Sigma 300, SD3 256, FLUX 512), else the family's."""
+    import inspect
+
+    try:
+        value = inspect.signature(pipe.encode_prompt).parameters["max_sequence_length"].default
+    except (AttributeError, KeyError, TypeError, ValueError):
+        return family.max_sequence_length
+    return value if isinstance(value, int) and value > 0 else family.max_sequence_length
+
+
 def encode_prompt(
     family: Family, pipe: Any, prompt: str, device: torch.device, length: int
 ) -> dict:
@@ -175,7 +187,9 @@ def forward_kwargs(
     if family.name == "sd3":
         return {
             "hidden_states": latents,
-            "timestep": torch.full((n,), sigma_or_t * 1000, device=dev, dtype=dtype),
+            # float32 as the pipeline passes it: SD3's embedding does not cast it back, and
+            # in bfloat16 sigma * 1000 = 513.16 would become 512
+            "timestep": torch.full((n,), sigma_or_t * 1000, device=dev, dtype=torch.float32),
             "encoder_hidden_states": cond["encoder_hidden_states"],
             "pooled_projections": cond["pooled_projections"],
             "return_dict": False,

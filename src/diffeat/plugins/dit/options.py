@@ -66,7 +66,9 @@ class DiffusionTransformerOptions:
         cache="if-set",
     )
     max_sequence_length: int = opt(
-        0, "T5 tokens; 0: the pipeline's default (FLUX 512, SD3 256, PixArt 120)", cache="if-set"
+        0,
+        "T5 tokens; 0: the pipeline's default (FLUX 512, SD3 256, PixArt-alpha 120, -Sigma 300)",
+        cache="if-set",
     )
     massive_activations: Literal["none", "ditf"] = opt(
         "none",

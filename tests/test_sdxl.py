@@ -63,7 +63,10 @@ def written_out(folder, image, noise, *, t, block, prompt, original=(SIZE, SIZE)
             noisy,
             tt,
             encoder_hidden_states=embeds.repeat(e, 1, 1),
-            added_cond_kwargs={"text_embeds": pooled.repeat(e, 1), "time_ids": time_ids.repeat(e, 1)},
+            added_cond_kwargs={
+                "text_embeds": pooled.repeat(e, 1),
+                "time_ids": time_ids.repeat(e, 1),
+            },
         )
         handle.remove()
     return captured["x"].mean(dim=0)
@@ -149,7 +152,7 @@ def test_layer_catalog_matches_captured_shapes(tiny_sdxl, tiny_sd, image):
         assert [i.name for i in ex.layers()] == [i.name for i in catalog]
         (fs,) = ex.extract([as_input(image)])
         for info in catalog:
-            t, c, h, w = fs.layers[info.name].shape
+            _, c, h, w = fs.layers[info.name].shape
             assert (c, h * info.stride, w * info.stride) == (info.channels, SIZE, SIZE), info
     names = [i.name for i in make(tiny_sdxl).available_layers()]
     assert names[0] == "conv_in" and names[-1] == "conv_out"

@@ -86,11 +86,15 @@ def _scheduler_config(turbo: bool) -> dict[str, Any]:
         "beta_schedule": "scaled_linear",
         "prediction_type": "epsilon",
         "steps_offset": 1,
-        "interpolation_type": "linear",
     }
     if turbo:  # SDXL-Turbo's scheduler_config.json
         return {**common, "timestep_spacing": "trailing"}
-    return {**common, "timestep_spacing": "leading", "use_karras_sigmas": False}
+    return {
+        **common,
+        "timestep_spacing": "leading",
+        "interpolation_type": "linear",
+        "use_karras_sigmas": False,
+    }
 
 
 def build_tiny_sdxl(

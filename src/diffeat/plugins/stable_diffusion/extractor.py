@@ -114,6 +114,7 @@ class StableDiffusionExtractor(Extractor):
         self._pooled_cache: dict[str, torch.Tensor] = {}
         self._catalog: list[LayerInfo] | None = None
         self._family: str | None = None
+        self._skeleton: torch.nn.Module | None = None
         self._captioner: ImplicitCaptioner | None = None
         self._captioner_clip: Any = None
         self._unet_passes: UNetPasses | None = None
@@ -228,6 +229,8 @@ class StableDiffusionExtractor(Extractor):
 
         if self._parts is not None:
             return self._parts.unet
+        if self._skeleton is not None:
+            return self._skeleton
         weights = (
             Path(self.options.unet_weights).expanduser() if self.options.unet_weights else None
         )
@@ -238,7 +241,8 @@ class StableDiffusionExtractor(Extractor):
             model_family(self.folder)  # refuse other families before reading their configs
             config = UNet2DConditionModel.load_config(self.folder, subfolder="unet")
         with torch.device("meta"):
-            return UNet2DConditionModel.from_config(config)
+            self._skeleton = UNet2DConditionModel.from_config(config)
+        return self._skeleton
 
     def vae_factor(self) -> int:
         """Pixels per latent cell (8 for SD and SDXL), from the VAE config."""

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import time
+from pathlib import Path
 
 from _common import machine_info, peak_rss_mib, reset_peak_rss, rss_mib, write_json
 
@@ -78,10 +79,15 @@ def main() -> None:
     context = torch.randn(1, 77, cfg["cross_attention_dim"])
     added = {
         "text_embeds": torch.randn(1, cfg["projection_class_embeddings_input_dim"] - 6 * 256),
-        "time_ids": torch.tensor([[args.size, args.size, 0, 0, args.size, args.size]], dtype=torch.float),
+        "time_ids": torch.tensor(
+            [[args.size, args.size, 0, 0, args.size, args.size]], dtype=torch.float
+        ),
     }
     rows = []
-    for name, stop in (("distilldift (stop after up_blocks.0.resnets.0)", True), ("full pass", False)):
+    for name, stop in (
+        ("distilldift (stop after up_blocks.0.resnets.0)", True),
+        ("full pass", False),
+    ):
         passes = UNetPasses(unet, ["up_blocks.0.resnets.0"], stop_early=stop)
         times = []
         with torch.no_grad(), passes.conditioned(added, zero_added=True):
@@ -112,7 +118,7 @@ def main() -> None:
         print(f"  {r['variant']:<48} {r['seconds_per_pass']:8.2f} s  {r['map_shape']}")
     print(f"  peak RSS {result['peak_rss_mib']} MiB")
     if args.json:
-        write_json(args.json, result)
+        write_json(Path(args.json), result)
 
 
 if __name__ == "__main__":

@@ -17,7 +17,15 @@ import argparse
 import time
 from pathlib import Path
 
-from _common import machine_info, peak_rss_mib, reset_peak_rss, rss_mib, write_json
+from _common import (
+    cuda_peaks,
+    device_sync,
+    machine_info,
+    peak_rss_mib,
+    reset_peak_rss,
+    rss_mib,
+    write_json,
+)
 
 #: SDXL base / SDXL-Turbo ``unet/config.json`` (the fields that shape the network)
 SDXL_UNET = {
@@ -59,7 +67,13 @@ def main() -> None:
     ap.add_argument("--size", type=int, default=256, help="model input side in pixels")
     ap.add_argument("--width-divisor", type=int, default=1, help="divide every channel width")
     ap.add_argument("--repeats", type=int, default=1, help="timed passes per variant")
+    ap.add_argument("--warmup", type=int, default=1, help="untimed passes first")
+    ap.add_argument(
+        "--only", choices=["both", "stop", "full"], default="both", help="which variants to time"
+    )
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    ap.add_argument("--device", default="cpu", help="torch device (cpu, cuda)")
+    ap.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
     ap.add_argument("--json", default="", help="write the results here")
     args = ap.parse_args()
 
@@ -73,27 +87,40 @@ def main() -> None:
     t0 = time.perf_counter()
     unet, cfg = build(args.width_divisor)
     build_s = time.perf_counter() - t0
+    device, dtype = torch.device(args.device), getattr(torch, args.dtype)
+    unet = unet.to(device, dtype)
+    sync = device_sync(device.type == "cuda")
     params = sum(p.numel() for p in unet.parameters())
     latent = args.size // 8
-    z = torch.randn(1, 4, latent, latent)
-    context = torch.randn(1, 77, cfg["cross_attention_dim"])
+    z = torch.randn(1, 4, latent, latent).to(device, dtype)
+    context = torch.randn(1, 77, cfg["cross_attention_dim"]).to(device, dtype)
     added = {
-        "text_embeds": torch.randn(1, cfg["projection_class_embeddings_input_dim"] - 6 * 256),
+        "text_embeds": torch.randn(1, cfg["projection_class_embeddings_input_dim"] - 6 * 256).to(
+            device, dtype
+        ),
         "time_ids": torch.tensor(
-            [[args.size, args.size, 0, 0, args.size, args.size]], dtype=torch.float
+            [[args.size, args.size, 0, 0, args.size, args.size]], dtype=dtype, device=device
         ),
     }
+    warm = UNetPasses(unet, ["up_blocks.0.resnets.0"])
+    with torch.no_grad(), warm.conditioned(added, zero_added=True):
+        for _ in range(args.warmup):  # untimed: first-call set-up of the kernels
+            warm.maps(z, torch.tensor(101, device=device), context)
     rows = []
-    for name, stop in (
+    variants = [
         ("distilldift (stop after up_blocks.0.resnets.0)", True),
         ("full pass", False),
-    ):
+    ]
+    variants = [v for v in variants if args.only == "both" or (args.only == "stop") == v[1]]
+    for name, stop in variants:
         passes = UNetPasses(unet, ["up_blocks.0.resnets.0"], stop_early=stop)
         times = []
         with torch.no_grad(), passes.conditioned(added, zero_added=True):
             for _ in range(args.repeats):
+                sync()
                 t = time.perf_counter()
-                out = passes.maps(z, torch.tensor(101), context)
+                out = passes.maps(z, torch.tensor(101, device=device), context)
+                sync()
                 times.append(time.perf_counter() - t)
         rows.append(
             {
@@ -110,6 +137,9 @@ def main() -> None:
         "rss_mib_after": rss_mib(),
         "peak_rss_mib": peak_rss_mib(),
         "threads": torch.get_num_threads(),
+        "device": str(device),
+        "dtype": args.dtype,
+        **({"cuda": cuda_peaks(device)} if device.type == "cuda" else {}),
         "rows": rows,
         "machine": machine_info(),
     }

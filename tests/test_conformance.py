@@ -128,6 +128,11 @@ TINY_EXTRACTORS: dict[str, dict[str, TinyExtractor]] = {
             extracts=False,
             generates=True,
         ),
+        "clean": TinyExtractor(
+            "tiny_sd",
+            lambda m: {**SD, "model": str(m), "mode": "clean", "ensemble_size": 1},
+            images=1,
+        ),
     },
     "dino": {
         "blocks": TinyExtractor(

@@ -66,15 +66,38 @@ def plugins_cmd(as_json: bool) -> None:
 @click.command("layers")
 @click.argument("config", type=click.Path(dir_okay=False))
 @config_options
+@click.option(
+    "--all",
+    "every",
+    is_flag=True,
+    help="Every layer the extractor's model can capture, not only the configured ones.",
+)
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 def layers_cmd(
-    config: str, overrides: tuple[str, ...], model: str | None, device: str | None, as_json: bool
+    config: str,
+    overrides: tuple[str, ...],
+    model: str | None,
+    device: str | None,
+    every: bool,
+    as_json: bool,
 ) -> None:
-    """The layers, channels and strides the pipeline's extractor returns."""
+    """The layers, channels and strides the pipeline's extractor returns (known before
+    any image runs); with --all every layer its model can capture."""
+    from diffeat.core.components import available_layers_of
+    from diffeat.core.errors import DiffeatError
     from diffeat.core.pipeline import Pipeline
 
     pipe = Pipeline(load_config(config, collect_overrides(overrides, model, device)))
-    infos = pipe.layers()
+    if every:
+        catalog = available_layers_of(pipe.extractor)
+        if catalog is None:
+            raise DiffeatError(
+                f"the extractor {type(pipe.extractor).__name__} does not list its capturable "
+                f"layers; without --all: the configured ones"
+            )
+        infos = catalog
+    else:
+        infos = pipe.layers()
     timesteps = list(pipe.extractor.timesteps())
     if as_json:
         emit_json({"layers": [i.to_dict() for i in infos], "timesteps": timesteps})

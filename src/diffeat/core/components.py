@@ -16,6 +16,7 @@ capability             declared by                                 used by
 =====================  ==========================================  =========================
 conditioning           ``Extractor.conditioning(image)``           the store's image key
 generating             :class:`GeneratingExtractor`                ``diffeat generate``
+layer catalogue        :class:`LayerCatalog`                       ``diffeat layers --all``
 fusing                 :class:`FusingAggregator`                   multi-extractor pipelines
 fusing per pair        :class:`PairFusingAggregator`               ``Pipeline.views``
 training               :class:`TrainableAggregator`                ``diffeat train``
@@ -80,6 +81,16 @@ class Extractor:
         per-image prompt. The store keys the image by its content plus this.
         """
         return ""
+
+
+@runtime_checkable
+class LayerCatalog(Protocol):
+    """An extractor that lists every layer it can capture (not only the configured ones),
+    with channels and stride, before running on any image (``diffeat layers --all``)."""
+
+    def available_layers(self) -> list[LayerInfo]:
+        """Every capturable layer of the extractor's model."""
+        ...
 
 
 @runtime_checkable
@@ -394,3 +405,9 @@ def is_caching(matcher: object) -> bool:
 def is_generating(extractor: object) -> bool:
     """Whether an extractor samples images (:class:`GeneratingExtractor`)."""
     return isinstance(extractor, GeneratingExtractor)
+
+
+def available_layers_of(extractor: object) -> list[LayerInfo] | None:
+    """Every capturable layer of an extractor (:class:`LayerCatalog`), or None when it
+    does not list them."""
+    return extractor.available_layers() if isinstance(extractor, LayerCatalog) else None

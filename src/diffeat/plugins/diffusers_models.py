@@ -79,17 +79,23 @@ def load_component(cls: Any, folder: Path, sub: str, **kwargs: Any) -> Any:
 
 
 def load_unet_vae_scheduler(
-    folder: Path, dtype: torch.dtype, device: torch.device, *, decoder: bool = False
+    folder: Path,
+    dtype: torch.dtype,
+    device: torch.device,
+    *,
+    decoder: bool = False,
+    vae_dtype: torch.dtype | None = None,
 ) -> tuple[Any, Any, Any]:
     """The UNet and VAE (frozen, eval mode, on ``device``) and the DDIM scheduler.
 
-    The VAE decoder is kept only when ``decoder`` is true (about a third of the VAE).
+    The VAE decoder is kept only when ``decoder`` is true (about a third of the VAE);
+    the VAE loads in ``vae_dtype`` when given (float32 for an fp16-unsafe VAE).
     """
     from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
 
     quiet_diffusers()
     unet = load_component(UNet2DConditionModel, folder, "unet", torch_dtype=dtype)
-    vae = load_component(AutoencoderKL, folder, "vae", torch_dtype=dtype)
+    vae = load_component(AutoencoderKL, folder, "vae", torch_dtype=vae_dtype or dtype)
     if not decoder:
         vae.decoder = None
     scheduler = load_component(DDIMScheduler, folder, "scheduler")

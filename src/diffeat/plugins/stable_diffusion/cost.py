@@ -86,7 +86,7 @@ def extractor_cost(ex: StableDiffusionExtractor) -> CpuCost:
     o = ex.options
     tile_w, tile_h = ex.tile
     pixels = tile_w * tile_h * len(ex.tile_origins())
-    inverting = o.mode != "add-noise"
+    inverting = o.mode in ("inversion", "generation")
     per_copy = int(o.inversion_steps) if inverting else len(o.timesteps)
     vae = ex.parts.vae
     return estimate(

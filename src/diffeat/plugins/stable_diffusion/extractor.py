@@ -16,7 +16,9 @@ every copy), and the UNet forward stops after the deepest requested module.
 from __future__ import annotations
 
 import hashlib
+import json
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -26,7 +28,7 @@ from PIL import Image
 
 from diffeat.core.components import Extractor
 from diffeat.core.devices import pick_device
-from diffeat.core.errors import ConfigError, DiffeatError
+from diffeat.core.errors import ConfigError, DiffeatError, ModelLoadError
 from diffeat.core.features import FeatureSet, LayerInfo
 from diffeat.core.geometry import ImageTransform, Size
 from diffeat.core.images import (
@@ -48,9 +50,11 @@ from diffeat.plugins.stable_diffusion.cost import warn_if_slow
 from diffeat.plugins.stable_diffusion.ddim import DdimStep
 from diffeat.plugins.stable_diffusion.loading import (
     load_parts,
+    model_family,
     model_fingerprint,
     model_info,
     resolve_model_dir,
+    weights_fingerprint,
 )
 from diffeat.plugins.stable_diffusion.options import CATEGORY, StableDiffusionOptions
 from diffeat.plugins.stable_diffusion.recipes import (
@@ -61,7 +65,11 @@ from diffeat.plugins.stable_diffusion.recipes import (
     recipe_for,
 )
 from diffeat.plugins.stable_diffusion.tiles import paste_tiles, tile_origins
-from diffeat.plugins.stable_diffusion.unet_layers import UNetPasses, resolve_modules
+from diffeat.plugins.stable_diffusion.unet_layers import (
+    UNetPasses,
+    resolve_modules,
+    unet_layer_catalog,
+)
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
@@ -110,6 +118,10 @@ class StableDiffusionExtractor(Extractor):
         self._module_names: list[str] | None = None
         self._layer_infos: list[LayerInfo] | None = None
         self._prompt_cache: dict[str, torch.Tensor] = {}
+        self._pooled_cache: dict[str, torch.Tensor] = {}
+        self._catalog: list[LayerInfo] | None = None
+        self._family: str | None = None
+        self._skeleton: torch.nn.Module | None = None
         self._captioner: ImplicitCaptioner | None = None
         self._captioner_clip: Any = None
         self._unet_passes: UNetPasses | None = None
@@ -126,8 +138,21 @@ class StableDiffusionExtractor(Extractor):
     def parts(self) -> Any:
         if self._parts is None:
             decoder = self.recipe.decodes
-            self._parts = load_parts(self.folder, self.dtype, self.device, decoder=decoder)
+            self._parts = load_parts(
+                self.folder,
+                self.dtype,
+                self.device,
+                decoder=decoder,
+                unet_weights=self.options.unet_weights,
+            )
         return self._parts
+
+    @property
+    def family(self) -> str:
+        """``"sd"`` (SD 1.x/2.x) or ``"sdxl"`` (SDXL, SDXL-Turbo), read from the model folder."""
+        if self._family is None:
+            self._family = model_family(self.folder)
+        return self._family
 
     def model_identity(self) -> dict[str, Any]:
         identity = {
@@ -136,6 +161,18 @@ class StableDiffusionExtractor(Extractor):
             "fingerprint": model_fingerprint(self.folder),
             **model_info(self.folder),
         }
+        if self.family != "sd":  # SD 1.x/2.x identities (store keys) stay as they were
+            identity["family"] = self.family
+        if self.options.unet_weights:
+            weights = Path(self.options.unet_weights).expanduser()
+            if not weights.exists():
+                raise ModelLoadError(
+                    f"[extractor] unet_weights {self.options.unet_weights!r} not found; give a "
+                    f"safetensors file of UNet weights (e.g. CleanDIFT's "
+                    f"cleandift_sd21_unet.safetensors, `hf download CompVis/cleandift "
+                    f"cleandift_sd21_unet.safetensors --local-dir DIR`) or a UNet folder"
+                )
+            identity["unet_weights"] = {"fingerprint": weights_fingerprint(weights)}
         if self.options.captioner:
             identity["captioner"] = {
                 "fingerprint": file_fingerprint(captioner_file(self.options.captioner)),
@@ -158,6 +195,11 @@ class StableDiffusionExtractor(Extractor):
         """ODISE's implicit captioner when ``captioner`` names its weights, else None."""
         if not self.options.captioner:
             return None
+        if self.family != "sd":
+            raise ConfigError(
+                "[extractor] captioner: ODISE's implicit captioner is made for SD 1.x; "
+                f'{self.options.model} is {self.family}: set captioner = ""'
+            )
         if self._captioner is None:
             o = self.options
             empty = self.prompt_embeddings("")
@@ -178,11 +220,48 @@ class StableDiffusionExtractor(Extractor):
 
     @property
     def module_names(self) -> list[str]:
+        """The capturable UNet layers the ``layers`` option names (patterns expanded)."""
         if self._module_names is None:
             self._module_names = resolve_modules(
-                self.parts.unet, list(self.options.layers), "[extractor] layers"
+                self.unet_skeleton(),
+                list(self.options.layers),
+                "[extractor] layers",
+                capturable=[info.name for info in self.available_layers()],
             )
         return self._module_names
+
+    def unet_skeleton(self) -> torch.nn.Module:
+        """The UNet built from its config on the ``meta`` device: its structure, no weights."""
+        from diffusers import UNet2DConditionModel
+
+        if self._parts is not None:
+            return self._parts.unet
+        if self._skeleton is not None:
+            return self._skeleton
+        weights = (
+            Path(self.options.unet_weights).expanduser() if self.options.unet_weights else None
+        )
+        if weights is not None and weights.is_dir():
+            sub = "unet" if (weights / "unet" / "config.json").is_file() else None
+            config = UNet2DConditionModel.load_config(weights, subfolder=sub)
+        else:
+            model_family(self.folder)  # refuse other families before reading their configs
+            config = UNet2DConditionModel.load_config(self.folder, subfolder="unet")
+        with torch.device("meta"):
+            self._skeleton = UNet2DConditionModel.from_config(config)
+        return self._skeleton
+
+    def vae_factor(self) -> int:
+        """Pixels per latent cell (8 for SD and SDXL), from the VAE config."""
+        config = json.loads((self.folder / "vae" / "config.json").read_text())
+        return 2 ** (len(config["block_out_channels"]) - 1)
+
+    def available_layers(self) -> list[LayerInfo]:
+        """Every capturable UNet layer with channels and stride, from the UNet's config
+        (:func:`~diffeat.plugins.stable_diffusion.unet_layers.unet_layer_catalog`)."""
+        if self._catalog is None:
+            self._catalog = unet_layer_catalog(self.unet_skeleton(), self.vae_factor())
+        return self._catalog
 
     @property
     def unet_passes(self) -> UNetPasses:
@@ -212,22 +291,11 @@ class StableDiffusionExtractor(Extractor):
         return fit_transform(image_size, self.model_size_for(image_size), self.options.size_rule)
 
     def layers(self) -> list[LayerInfo]:
-        """Channels and stride of each layer, from a small dry run of the UNet."""
+        """Channels and stride of each requested layer, from the UNet's config (no weights
+        are loaded and nothing runs)."""
         if self._layer_infos is None:
-            unet = self.parts.unet
-            vae_factor = 2 ** (len(self.parts.vae.config.block_out_channels) - 1)
-            latent = 2 ** (len(unet.config.down_block_types) - 1) * 2
-            z = torch.zeros(
-                1, unet.config.in_channels, latent, latent, device=self.device, dtype=self.dtype
-            )
-            context = self.prompt_embeddings("")  # shapes only
-            with torch.no_grad():
-                outs = self.unet_passes.maps(z, 0, context)
-            px = latent * vae_factor
-            self._layer_infos = [
-                LayerInfo(name, int(outs[name].shape[1]), px / outs[name].shape[-1])
-                for name in self.module_names
-            ]
+            catalog = {info.name: info for info in self.available_layers()}
+            self._layer_infos = [catalog[name] for name in self.module_names]
         return self._layer_infos
 
     # -- noise ---------------------------------------------------------------------
@@ -274,19 +342,68 @@ class StableDiffusionExtractor(Extractor):
     # -- extraction ----------------------------------------------------------------
 
     def prompt_embeddings(self, prompt: str) -> torch.Tensor:
-        """Text-encoder hidden states ``[1, L, D]`` for ``prompt``, computed once per prompt."""
+        """Text-encoder hidden states ``[1, L, D]`` for ``prompt``, computed once per prompt.
+
+        SD 1.x/2.x: the last hidden states of the text encoder. SDXL: the penultimate
+        hidden states of both text encoders concatenated, as
+        ``StableDiffusionXLPipeline.encode_prompt`` (its pooled embedding:
+        :meth:`pooled_embedding`).
+        """
         if prompt not in self._prompt_cache:
-            tok, enc = self.parts.tokenizer, self.parts.text_encoder
-            ids = tok(
-                [prompt],
-                padding="max_length",
-                max_length=tok.model_max_length,
-                truncation=True,
-                return_tensors="pt",
-            ).input_ids.to(self.device)
+            p = self.parts
             with torch.no_grad():
-                self._prompt_cache[prompt] = enc(ids)[0].to(self.dtype)
+                if p.family == "sdxl":
+                    first = p.text_encoder(
+                        self._token_ids(p.tokenizer, prompt), output_hidden_states=True
+                    )
+                    second = p.text_encoder_2(
+                        self._token_ids(p.tokenizer_2, prompt), output_hidden_states=True
+                    )
+                    states = torch.cat([first.hidden_states[-2], second.hidden_states[-2]], dim=-1)
+                    self._pooled_cache[prompt] = second[0].to(self.dtype)
+                else:
+                    states = p.text_encoder(self._token_ids(p.tokenizer, prompt))[0]
+                self._prompt_cache[prompt] = states.to(self.dtype)
         return self._prompt_cache[prompt]
+
+    def _token_ids(self, tok: Any, prompt: str) -> torch.Tensor:
+        return tok(
+            [prompt],
+            padding="max_length",
+            max_length=tok.model_max_length,
+            truncation=True,
+            return_tensors="pt",
+        ).input_ids.to(self.device)
+
+    def pooled_embedding(self, prompt: str) -> torch.Tensor:
+        """SDXL: the pooled, projected embedding ``[1, P]`` of ``text_encoder_2``."""
+        self.prompt_embeddings(prompt)
+        return self._pooled_cache[prompt]
+
+    def added_conditioning(
+        self, prompts: Sequence[str], size: tuple[int, int]
+    ) -> dict[str, torch.Tensor] | None:
+        """SDXL's ``added_cond_kwargs`` for UNet inputs of ``size`` ``(height, width)`` px:
+        ``text_embeds`` ``[B, P]`` (each prompt's pooled embedding) and ``time_ids``
+        ``[B, 6]`` = original size, crop top-left, target size, each ``(height, width)``,
+        as ``StableDiffusionXLPipeline._get_add_time_ids``; None for SD 1.x/2.x."""
+        if self.family != "sdxl":
+            return None
+        o = self.options
+        original = (int(o.original_size[1]), int(o.original_size[0])) if o.original_size else size
+        ids = [*original, 0, 0, *size]
+        unet = self.parts.unet
+        expected = int(unet.add_embedding.linear_1.in_features)
+        pooled = torch.cat([self.pooled_embedding(pr) for pr in prompts])
+        got = int(unet.config.addition_time_embed_dim) * len(ids) + int(pooled.shape[-1])
+        if got != expected:
+            raise ModelLoadError(
+                f"{self.folder}: the UNet's added embedding takes {expected} inputs, the pooled "
+                f"text embedding and time ids give {got}: text_encoder_2 does not belong to "
+                f"this UNet"
+            )
+        time_ids = torch.tensor([ids] * len(prompts), dtype=pooled.dtype, device=self.device)
+        return {"text_embeds": pooled, "time_ids": time_ids}
 
     def prompt_for(self, image: ImageInput) -> str:
         """The prompt of one image: the template with ``{category}`` filled in."""
@@ -397,7 +514,12 @@ class StableDiffusionExtractor(Extractor):
             context = context.repeat_interleave(e, dim=0)
             if offsets is not None:
                 offsets = offsets.repeat_interleave(e, dim=0)
-            maps = self.recipe.run(self, latents, context, noise, offsets)
+            added = self.added_conditioning(prompts, (pixels.shape[-2], pixels.shape[-1]))
+            if added is not None:
+                added = {k: v.repeat_interleave(e, dim=0) for k, v in added.items()}
+            zero = self.options.added_conditioning == "none"
+            with self.unet_passes.conditioned(added, zero_added=zero):
+                maps = self.recipe.run(self, latents, context, noise, offsets)
         return {name: m.view(b, e, *m.shape[1:]).mean(dim=1) for name, m in maps.items()}
 
     def conditioning_states(
@@ -423,7 +545,7 @@ class StableDiffusionExtractor(Extractor):
     ) -> torch.Tensor:
         """Scaled VAE latents ``[B*E, c, h, w]``: posterior samples (or the mean) per copy."""
         p, o, e = self.parts, self.options, self.options.ensemble_size
-        x = pixels.to(self.device, self.dtype)
+        x = pixels.to(self.device, p.vae.dtype)  # float32 for an fp16-unsafe VAE (SDXL)
         if o.encode_per_copy:
             dist = p.vae.encode(x.repeat_interleave(e, dim=0)).latent_dist
             mean, std = dist.mean, dist.std
@@ -436,7 +558,7 @@ class StableDiffusionExtractor(Extractor):
             latents = mean + std * eps
         else:
             latents = mean
-        return latents * p.vae.config.scaling_factor
+        return (latents * p.vae.config.scaling_factor).to(self.dtype)
 
     # -- the DDIM recipes' walks, for tests and benchmarks -------------------------------
 
@@ -458,7 +580,7 @@ class StableDiffusionExtractor(Extractor):
     def decode(self, latents: torch.Tensor) -> Image.Image:
         """The image of one scaled latent ``[1, c, h, w]``, rounded to 8 bits."""
         vae = self.parts.vae
-        pixels = vae.decode((latents / vae.config.scaling_factor).to(self.dtype)).sample
+        pixels = vae.decode((latents / vae.config.scaling_factor).to(vae.dtype)).sample
         pixels = (pixels.float() / 2 + 0.5).clamp(0, 1)[0].permute(1, 2, 0).cpu().numpy()
         return Image.fromarray((pixels * 255).round().astype(np.uint8))
 

@@ -22,12 +22,13 @@ class StableDiffusionOptions:
         "UNet module names or glob patterns whose outputs are captured, e.g. up_blocks.1 "
         "(DIFT up_ft_index 1) or up_blocks.*.resnets.*.conv2 (decoder ResNet residual branches)",
     )
-    mode: Literal["add-noise", "inversion", "generation"] = opt(
+    mode: Literal["add-noise", "inversion", "generation", "clean"] = opt(
         "add-noise",
         "add-noise: noise the latent to each timestep and run the UNet once per timestep (DIFT); "
         "inversion: deterministic DDIM inversion of the clean latent, capturing at the kept "
         "timesteps on the way (Diffusion Hyperfeatures); generation: sample an image from the "
-        "prompt and capture while denoising (`diffeat generate`)",
+        "prompt and capture while denoising (`diffeat generate`); clean: one UNet pass per "
+        "timestep on the clean latent, no noise added (CleanDIFT's fine-tuned UNets, t=261)",
         cache="if-set",
     )
     timesteps: list[int] = opt(
@@ -127,6 +128,26 @@ class StableDiffusionOptions:
         cache=False,
     )
     stop_early: bool = opt(True, "stop the UNet once the deepest requested layer ran", cache=False)
+    unet_weights: str = opt(
+        "",
+        "replace the UNet's weights: a safetensors state dict with diffusers key names or a "
+        "UNet folder, e.g. CleanDIFT's cleandift_sd21_unet.safetensors on SD 2.1 (with mode = "
+        '"clean"); empty: the model\'s own UNet. Identified in the store by content',
+        cache=False,
+    )
+    added_conditioning: Literal["size", "none"] = opt(
+        "size",
+        "SDXL only: size: the UNet's added embedding of the pooled prompt embedding and the time "
+        "ids (original size, crop top-left (0, 0), target size), as StableDiffusionXLPipeline; "
+        "none: no added embedding (zeros), as DistillDIFT's copied UNet forward",
+        cache="if-set",
+    )
+    original_size: list[int] = opt(
+        [],
+        "SDXL only: the original size [width, height] in the time ids; empty: the UNet input "
+        "size (the pipeline's default)",
+        cache="if-set",
+    )
 
     def validate(self) -> None:
         """Checks every mode shares, then the mode's recipe's own (:meth:`Recipe.validate`)."""
@@ -151,6 +172,10 @@ class StableDiffusionOptions:
             raise ValueError('load_size works with size_rule = "resize" only')
         if self.size_rule == "short-side" and self.tile_size:
             raise ValueError('tile_size works with size_rule = "resize" or "pad", not "short-side"')
+        if self.original_size and (
+            len(self.original_size) != 2 or any(v < 1 for v in self.original_size)
+        ):
+            raise ValueError(f"original_size must be [width, height] > 0, got {self.original_size}")
         if self.tile_stride and not self.tile_size:
             raise ValueError("tile_stride needs tile_size")
         recipe_for(self.mode).validate(self)

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 from diffeat.plugins.stable_diffusion.recipes.add_noise import AddNoise
 from diffeat.plugins.stable_diffusion.recipes.base import DdimRecipe, Recipe
+from diffeat.plugins.stable_diffusion.recipes.clean import Clean
 from diffeat.plugins.stable_diffusion.recipes.generation import Generation
 from diffeat.plugins.stable_diffusion.recipes.inversion import Inversion
 
 #: the recipe class of each ``mode`` value
-RECIPES: dict[str, type[Recipe]] = {r.mode: r for r in (AddNoise, Inversion, Generation)}
+RECIPES: dict[str, type[Recipe]] = {r.mode: r for r in (AddNoise, Inversion, Generation, Clean)}
 
 
 def recipe_for(mode: str) -> Recipe:
@@ -19,4 +20,13 @@ def recipe_for(mode: str) -> Recipe:
         raise ValueError(f"mode must be one of {', '.join(RECIPES)}, got {mode!r}") from None
 
 
-__all__ = ["RECIPES", "AddNoise", "DdimRecipe", "Generation", "Inversion", "Recipe", "recipe_for"]
+__all__ = [
+    "RECIPES",
+    "AddNoise",
+    "Clean",
+    "DdimRecipe",
+    "Generation",
+    "Inversion",
+    "Recipe",
+    "recipe_for",
+]

@@ -4,7 +4,7 @@ scheduler's ``add_noise`` and run the UNet once per timestep."""
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -44,6 +44,19 @@ class AddNoise(Recipe):
                 f"(a larger step leaves parts of the input uncovered), got {stride}"
             )
 
+    def noised(
+        self,
+        latents: torch.Tensor,
+        scheduler: Any,
+        noise: list[dict[str, torch.Tensor]],
+        index: int,
+        step: torch.Tensor,
+    ) -> torch.Tensor:
+        """The UNet input at the ``index``-th timestep ``step``: the clean latents noised
+        with each image's timestep noise by the scheduler's ``add_noise``."""
+        n = torch.cat([item["noise"][index] for item in noise]).to(latents.device, latents.dtype)
+        return scheduler.add_noise(latents, n, step)
+
     def run(
         self,
         ex: StableDiffusionExtractor,
@@ -59,14 +72,13 @@ class AddNoise(Recipe):
         bad = [t for t in timesteps if not 0 <= t < n_train]
         if bad:
             raise ConfigError(
-                f"[extractor] timesteps {bad} are outside 0..{n_train - 1}, the noise levels of "
-                f'add-noise mode (t = -1, the clean latent, exists in mode = "inversion")'
+                f"[extractor] timesteps {bad} are outside 0..{n_train - 1}, the timesteps of "
+                f'{self.mode} mode (t = -1, the clean latent, exists in mode = "inversion")'
             )
         per_t: dict[str, list[torch.Tensor]] = {name: [] for name in ex.module_names}
         for ti, t in enumerate(timesteps):
             step = torch.tensor(t, dtype=torch.long, device=ex.device)
-            n = torch.cat([item["noise"][ti] for item in noise]).to(ex.device, latents.dtype)
-            noisy = p.scheduler.add_noise(latents, n, step)
+            noisy = self.noised(latents, p.scheduler, list(noise), ti, step)
             offset = time_offsets[:, ti] if time_offsets is not None else None
             with time_embedding_offset(p.unet, offset):
                 maps = ex.unet_passes.maps(noisy, step, context)

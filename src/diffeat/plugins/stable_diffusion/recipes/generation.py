@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING
 import torch
 from PIL import Image
 
-from diffeat.core.errors import DiffeatError
+from diffeat.core.errors import ConfigError, DiffeatError
 from diffeat.core.features import FeatureSet
 from diffeat.plugins.stable_diffusion.ddim import DdimStep, generation_steps
 from diffeat.plugins.stable_diffusion.options import CATEGORY
@@ -59,6 +59,11 @@ class Generation(DdimRecipe):
         transform is the identity.
         """
         o, passes = ex.options, ex.unet_passes
+        if ex.family != "sd":
+            raise ConfigError(
+                f"generation mode runs SD 1.x/2.x models; {o.model} is {ex.family} (its features "
+                f'of existing images: mode = "add-noise")'
+            )
         if CATEGORY in o.prompt:
             raise DiffeatError("a generation prompt cannot use {category}: give the prompt itself")
         steps, kept = self.kept(ex)

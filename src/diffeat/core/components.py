@@ -15,6 +15,7 @@ CLI call these functions; none of them probes a component with ``hasattr``.
 capability             declared by                                 used by
 =====================  ==========================================  =========================
 conditioning           ``Extractor.conditioning(image)``           the store's image key
+preprocessing apart    :class:`PreprocessingExtractor`             ``extract --workers``
 generating             :class:`GeneratingExtractor`                ``diffeat generate``
 fusing                 :class:`FusingAggregator`                   multi-extractor pipelines
 fusing per pair        :class:`PairFusingAggregator`               ``Pipeline.views``
@@ -26,7 +27,7 @@ query-conditioned      ``Matcher.needs_descriptors = False``       ``Pipeline.vi
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar, Protocol, runtime_checkable
@@ -79,6 +80,28 @@ class Extractor:
         per-image prompt. The store keys the image by its content plus this.
         """
         return ""
+
+
+@runtime_checkable
+class PreprocessingExtractor(Protocol):
+    """An extractor whose pixel preprocessing can run apart from the model (in DataLoader
+    worker processes) and whose model takes a whole batch of preprocessed pixels.
+
+    ``extract_preprocessed(images, preprocessor()(im) stacked)`` must give exactly what
+    ``extract(images)`` gives for the same batch.
+    """
+
+    def preprocessor(self) -> Callable[[ImageInput], torch.Tensor]:
+        """A picklable function of one image to its ``[3, H, W]`` float32 model input (CPU,
+        no model needed): it runs in worker processes."""
+        ...
+
+    def extract_preprocessed(
+        self, images: Sequence[ImageInput], pixels: torch.Tensor
+    ) -> list[FeatureSet]:
+        """Features of ``images`` from their preprocessed ``pixels`` ``[B, 3, H, W]`` (on the
+        CPU, pinned, or already on the extractor's device), all in one batch."""
+        ...
 
 
 @runtime_checkable
@@ -326,6 +349,13 @@ def device_of(component: object) -> torch.device:
 def batch_size_of(extractor: object) -> int:
     """Images per :meth:`Extractor.extract` call the pipeline should aim for (at least 1)."""
     return max(1, int(getattr(extractor, "batch_size", 1)))
+
+
+def preprocessor_of(extractor: object) -> Callable[[ImageInput], torch.Tensor] | None:
+    """The picklable preprocessing of a :class:`PreprocessingExtractor` (else None)."""
+    if isinstance(extractor, PreprocessingExtractor):
+        return extractor.preprocessor()
+    return None
 
 
 def conditioning_of(extractor: object, image: ImageInput) -> str:

@@ -39,7 +39,9 @@ def compile_around(model: nn.Module, captured: Iterable[str], **options: object)
             full = f"{prefix}.{name}" if prefix else name
             if full in keep:
                 continue
-            if any(k.startswith(full + ".") for k in keep):
+            if isinstance(child, (nn.ModuleList, nn.ModuleDict)) or any(
+                k.startswith(full + ".") for k in keep
+            ):  # containers have no forward of their own: look inside
                 visit(child, full)
                 continue
             if any(True for _ in child.parameters()):  # nothing to gain on parameter-free glue

@@ -366,3 +366,17 @@ def test_killed_extract_leaves_no_half_entry_and_resumes(tiny_sd, tmp_path):
     assert (again["computed"], again["cached"]) == (len(files) - kept, kept)
     final = run_json("store", "verify", store)
     assert final["ok"] and final["checked"] == len(files)
+
+
+def test_switch_flags_set_the_extractor_option_or_say_which_lacks_it(manager):
+    from diffeat.cli.extract import switch_on
+    from diffeat.core.config import parse_config
+    from diffeat.core.errors import DiffeatError
+
+    sd = parse_config({"extractor": {"plugin": "stable-diffusion"}}, manager=manager)
+    switch_on(sd, "channels_last", "--channels-last")
+    switch_on(sd, "compile", "--compile")
+    assert sd.extractor.options.channels_last and sd.extractor.options.compile
+    blur = parse_config({"extractor": {"plugin": "color-blur"}}, manager=manager)
+    with pytest.raises(DiffeatError, match="--compile: the extractor 'color-blur'.*no compile"):
+        switch_on(blur, "compile", "--compile")

@@ -380,3 +380,31 @@ def test_switch_flags_set_the_extractor_option_or_say_which_lacks_it(manager):
     blur = parse_config({"extractor": {"plugin": "color-blur"}}, manager=manager)
     with pytest.raises(DiffeatError, match="--compile: the extractor 'color-blur'.*no compile"):
         switch_on(blur, "compile", "--compile")
+
+
+def test_an_extractor_error_still_stores_the_entries_computed_before(
+    manager, tmp_path, monkeypatch
+):
+    from diffeat.testing import ColorBlurExtractor
+
+    files = _files(tmp_path / "in", 6)
+    original = ColorBlurExtractor.extract
+    calls: list[int] = []
+
+    def failing(self, images):
+        calls.append(len(images))
+        if len(calls) == 2:
+            raise RuntimeError("out of memory")
+        return original(self, images)
+
+    monkeypatch.setattr(ColorBlurExtractor, "extract", failing)
+    store = _FlakyStore(tmp_path / "s.zarr")
+    store.delay = 0.1  # the first batch is still queued when the second fails
+    pipe = Pipeline.from_dict(
+        {"extractor": {"plugin": "color-blur", "image_size": [16, 16]}},
+        store=store,
+        manager=manager,
+    )
+    with pytest.raises(RuntimeError, match="out of memory"):
+        pipe.extract(files, settings=ExtractSettings(batch_size=3))
+    assert len(FeatureStore(tmp_path / "s.zarr", mode="r").entries(pipe.cache_key)) == 3

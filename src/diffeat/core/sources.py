@@ -324,6 +324,7 @@ class FeatureSource:
         preprocess = preprocessor_of(self.extractor) if settings.workers else None
         pending: list[Prepared] = []
         tick = progress.update if progress is not None else (lambda n=1: None)
+        writer_error: list[BaseException | None] = [None]
 
         def take(results: list[WriteResult]) -> None:
             for res in results:
@@ -336,13 +337,13 @@ class FeatureSource:
                 elif isinstance(res.error, DiffeatError):
                     failed.append((index, source, str(res.error)))
                 else:
+                    writer_error[0] = res.error
                     raise res.error
                 tick(1)
 
-        with BackgroundWriter(settings.write_queue_bytes) as writer:
-            inputs = prepared_inputs(
-                images, preprocess, workers=settings.workers, ahead=2 * batch_size
-            )
+        writer = BackgroundWriter(settings.write_queue_bytes)
+        inputs = prepared_inputs(images, preprocess, workers=settings.workers, ahead=2 * batch_size)
+        try:
             for prep in inputs:
                 report.total += 1
                 if prep.image is None:
@@ -361,6 +362,14 @@ class FeatureSource:
             if pending:
                 self._extract_batch(pending, writer, settings)
             take(writer.close())
+        except BaseException as exc:
+            if exc is writer_error[0]:
+                writer.abort()  # the store failed: write nothing more
+            else:
+                writer.close()  # entries computed before the error are still stored
+            raise
+        finally:
+            inputs.close()  # stops the worker processes
         report.failed = [(item, error) for _, item, error in sorted(failed)]
         return report
 

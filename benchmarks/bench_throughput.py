@@ -436,7 +436,11 @@ def main(argv: list[str] | None = None) -> int:
     else:
         work = Path(tempfile.mkdtemp(prefix="bench-throughput-"))
         try:
-            out["results"] = {m: run_model(m, args, work) for m in args.models}
+            out["results"] = {}
+            for m in args.models:
+                out["results"][m] = run_model(m, args, work)
+                if args.json:  # after each model: a run cut short keeps what it measured
+                    write_json(args.json, out)
         finally:
             shutil.rmtree(work, ignore_errors=True)
         print(f"{'model':<8}{'variant':<17}{'images/s':>10}{'x per-image':>13}{'of peak':>9}")

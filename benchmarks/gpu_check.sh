@@ -27,7 +27,7 @@
 # Environment (all optional): OUT (default benchmarks/out/gpu), PYTHON (python3),
 # GPU_CHECK_DEVICE (cuda), GPU_CHECK_BUDGET (540), GPU_CHECK_STEPS (the step order above),
 # DIFT16_IMAGES (30), DIFT32_IMAGES (15), BASE_IMAGES (30), TP_IMAGES (64), TP_BATCH (8),
-# TP_WORKERS (6), TP_EXTRA (e.g. "--compile" or "--channels-last"), HYPER_DTYPE (float16), SDDINO_PAIRS (10),
+# TP_WORKERS (6), TP_EXTRA (e.g. "--channels-last", or "--compile --variants bare-batched extract"), HYPER_DTYPE (float16), SDDINO_PAIRS (10),
 # DIFT_EXTRA / BASE_EXTRA / HYPER_EXTRA / SDDINO_EXTRA (extra arguments), GPU_CHECK_SITE (/tmp/site),
 # GPU_CHECK_MODELS (benchmarks/out).
 #

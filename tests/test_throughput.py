@@ -331,7 +331,7 @@ def test_killed_extract_leaves_no_half_entry_and_resumes(tiny_sd, tmp_path):
     text = text.replace('"stabilityai/stable-diffusion-2-1"', f'"{tiny_sd}"')
     text = text.replace("[768, 768]", "[64, 64]").replace("ensemble_size = 8", "ensemble_size = 2")
     config.write_text(text)
-    files = _files(tmp_path / "in", 10)
+    files = _files(tmp_path / "in", 30)  # enough that a fast machine is still at it
     store = tmp_path / "s.zarr"
     args = [DIFFEAT, "extract", config, tmp_path / "in", "--store", store, "--batch-size", "2"]
     proc = subprocess.Popen(
@@ -343,9 +343,9 @@ def test_killed_extract_leaves_no_half_entry_and_resumes(tiny_sd, tmp_path):
     deadline = time.time() + 240
     try:
         while time.time() < deadline and proc.poll() is None:
-            if _complete(store) >= 3:
+            if _complete(store) >= 2:
                 break
-            time.sleep(0.05)
+            time.sleep(0.02)
         assert proc.poll() is None, "the run ended before it could be killed"
         os.kill(proc.pid, signal.SIGKILL)
     finally:
@@ -360,7 +360,7 @@ def test_killed_extract_leaves_no_half_entry_and_resumes(tiny_sd, tmp_path):
             timeout=120,
         ).stdout
     )
-    assert verify["ok"] and not verify["damaged"] and verify["checked"] >= 3
+    assert verify["ok"] and not verify["damaged"] and verify["checked"] >= 2
     kept = verify["checked"]
     again = run_json(*args[1:])
     assert (again["computed"], again["cached"]) == (len(files) - kept, kept)

@@ -408,3 +408,16 @@ def test_an_extractor_error_still_stores_the_entries_computed_before(
     with pytest.raises(RuntimeError, match="out of memory"):
         pipe.extract(files, settings=ExtractSettings(batch_size=3))
     assert len(FeatureStore(tmp_path / "s.zarr", mode="r").entries(pipe.cache_key)) == 3
+
+
+def test_the_same_image_twice_in_a_run_is_computed_once(manager, tmp_path):
+    files = _files(tmp_path / "in", 3)
+    store = _FlakyStore(tmp_path / "s.zarr")
+    store.delay = 0.05  # the first copy is still queued when the second comes
+    pipe = Pipeline.from_dict(
+        {"extractor": {"plugin": "color-blur", "image_size": [16, 16]}},
+        store=store,
+        manager=manager,
+    )
+    report = pipe.extract([*files, files[0], files[2]], settings=ExtractSettings(batch_size=2))
+    assert (report.total, report.computed, report.cached, report.found) == (5, 3, 2, 0)

@@ -323,6 +323,7 @@ class FeatureSource:
         # with workers, preprocessing happens there; else just before each batch
         preprocess = preprocessor_of(self.extractor) if settings.workers else None
         pending: list[Prepared] = []
+        submitted: set[str] = set()
         tick = progress.update if progress is not None else (lambda n=1: None)
         writer_error: list[BaseException | None] = [None]
 
@@ -350,10 +351,14 @@ class FeatureSource:
                     failed.append((prep.index, prep.item, prep.error))
                     tick(1)
                     continue
-                if store.has(self.cache_key, self.image_key(prep.image)):
+                key = self.image_key(prep.image)
+                # an image met earlier in this run (the same content twice) counts as
+                # stored: its entry may still be in the batch or the writer's queue
+                if key in submitted or store.has(self.cache_key, key):
                     report.cached += 1
                     tick(1)
                     continue
+                submitted.add(key)
                 pending.append(prep)
                 if len(pending) >= batch_size:
                     self._extract_batch(pending, writer, settings)

@@ -18,11 +18,16 @@
 #              captioner on fp16), s/pair, stages, CUDA peak -> $OUT/sd_dino_cuda.json
 #              (builds a random CLIP ViT-L-14-336 + captioner into $GPU_CHECK_MODELS/sd-dino-random
 #              and DINOv2-B/14 into vit-random/dinov2-b14 when base32 has not)
+#     throughput bench_throughput.py: DIFT SD 1.5 512 px ensemble 8 and DINOv2 B/14 840 px, fp16:
+#              one image per call vs the bare batched extractor vs `diffeat extract`'s path
+#              (--batch-size, --workers), FLOPs/image and share of the peak
+#              -> $OUT/throughput_cuda_fp16.json
 #   all output goes to $OUT/gpu_log.txt too; a summary of the JSON files ends the log.
 #
 # Environment (all optional): OUT (default benchmarks/out/gpu), PYTHON (python3),
 # GPU_CHECK_DEVICE (cuda), GPU_CHECK_BUDGET (540), GPU_CHECK_STEPS (the step order above),
-# DIFT16_IMAGES (30), DIFT32_IMAGES (15), BASE_IMAGES (30), HYPER_DTYPE (float16), SDDINO_PAIRS (10),
+# DIFT16_IMAGES (30), DIFT32_IMAGES (15), BASE_IMAGES (30), TP_IMAGES (64), TP_BATCH (8),
+# TP_WORKERS (6), TP_EXTRA (e.g. "--channels-last", or "--compile --variants bare-batched extract"), HYPER_DTYPE (float16), SDDINO_PAIRS (10),
 # DIFT_EXTRA / BASE_EXTRA / HYPER_EXTRA / SDDINO_EXTRA (extra arguments), GPU_CHECK_SITE (/tmp/site),
 # GPU_CHECK_MODELS (benchmarks/out).
 #
@@ -36,7 +41,7 @@ START=$SECONDS
 PY=${PYTHON:-python3}
 DEVICE=${GPU_CHECK_DEVICE:-cuda}
 BUDGET=${GPU_CHECK_BUDGET:-540}
-STEPS=${GPU_CHECK_STEPS:-"dift16 hyper base32 base16 dift32 sddino"}
+STEPS=${GPU_CHECK_STEPS:-"throughput dift16 hyper base32 base16 dift32 sddino"}
 SITE=${GPU_CHECK_SITE:-/tmp/site}
 MODELS=${GPU_CHECK_MODELS:-benchmarks/out}
 OUT=${OUT:-benchmarks/out/gpu}
@@ -170,7 +175,12 @@ for step in $STEPS; do
             --sd-dir "$SD15" --dino-dir "$MODELS/vit-random/dinov2-b14" \
             --model-dir "$MODELS/sd-dino-random" --pairs "${SDDINO_PAIRS:-10}" ${SDDINO_EXTRA:-} \
             --json "$OUT/sd_dino_${DEVICE%%:*}.json" ;;
-    *) log "=== unknown step $step (known: dift16 dift32 base32 base16 hyper sddino)" ;;
+    throughput)
+        run_step throughput 300 "$PY" benchmarks/bench_throughput.py --device "$DEVICE" \
+            --dtype float16 --size real --sd-dir "$SD15" --vit-dir "$MODELS/vit-random" \
+            --batch-size "${TP_BATCH:-8}" --workers "${TP_WORKERS:-6}" --images "${TP_IMAGES:-64}" \
+            ${TP_EXTRA:-} --json "$OUT/throughput_${DEVICE%%:*}_fp16.json" ;;
+    *) log "=== unknown step $step (known: throughput dift16 dift32 base32 base16 hyper sddino)" ;;
     esac
 done
 
@@ -192,7 +202,16 @@ for f in sorted(Path(sys.argv[1]).glob("*.json")):
         continue
     res = d.get("results")
     print(f"{f.name}:")
-    if isinstance(res, dict) and f.name.startswith("dift"):
+    if isinstance(res, dict) and f.name.startswith("throughput"):
+        for model, r in res.items():
+            share = r.get("share_of_peak", {})
+            for v, x in r["variants"].items():
+                s = share.get(v)
+                print(f"  {model:7} {v:16} {x['images_per_s']:9.2f} images/s"
+                      + ("" if s is None else f", {100 * s:.1f}% of peak"))
+            print(f"  {model:7} x per-image {r.get('ratios_to_per_image')}; extract/bare "
+                  f"{r.get('extract_over_bare')}; {r['flops_per_image'] / 1e12:.3f} TFLOP/image")
+    elif isinstance(res, dict) and f.name.startswith("dift"):
         for name, r in res.items():
             print(f"  {name:8} {1 / r['images_per_s']:.4f} s/image ({r['images']} images), "
                   f"CUDA peak {mib(r.get('cuda_max_allocated_mib'))} "

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import glob
 import logging
+from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import click
 
@@ -21,6 +22,7 @@ from diffeat.cli.distributed import ScaleOptions, scale_options
 from diffeat.core.errors import DiffeatError
 
 if TYPE_CHECKING:
+    from diffeat.core.config import PipelineConfig
     from diffeat.core.datasets import LazyImages
     from diffeat.core.images import ImageInput
 
@@ -84,6 +86,65 @@ def expand_videos(paths: list[Path]) -> list[Path | ImageInput]:
     return out
 
 
+#: the background writer's default bound in MiB (diffeat.core.prefetch.DEFAULT_WRITE_QUEUE_MB;
+#: repeated here so that `diffeat --help` does not import torch)
+WRITE_QUEUE_MB = 1024
+
+
+def throughput_options(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """``--batch-size``, ``--workers``, ``--write-queue-mb``, ``--compile``, ``--channels-last``."""
+    fn = click.option(
+        "--channels-last",
+        is_flag=True,
+        help="Channels-last memory format for the extractor's convolutions (its channels_last "
+        "option).",
+    )(fn)
+    fn = click.option(
+        "--compile",
+        "compile_model",
+        is_flag=True,
+        help="torch.compile the extractor's model around the captured layers (its compile "
+        "option); pays off on long GPU runs.",
+    )(fn)
+    fn = click.option(
+        "--write-queue-mb",
+        type=click.FloatRange(min=0),
+        default=WRITE_QUEUE_MB,
+        show_default=True,
+        help="Most MiB of computed features waiting for the background writer (0: write each "
+        "entry before the next batch).",
+    )(fn)
+    fn = click.option(
+        "--workers",
+        type=click.IntRange(min=0),
+        default=0,
+        show_default=True,
+        help="Worker processes that decode and preprocess images ahead of the model.",
+    )(fn)
+    fn = click.option(
+        "--batch-size",
+        type=click.IntRange(min=1),
+        default=None,
+        help="Images per extractor call (default: the extractor's batch_size option).",
+    )(fn)
+    return fn
+
+
+def switch_on(cfg: PipelineConfig, option: str, flag: str) -> None:
+    """Set the boolean ``option`` of every extractor of ``cfg`` (a flag like ``--compile``)."""
+    import dataclasses
+
+    for stage in cfg.extractors:
+        opts = stage.options
+        fields = {f.name for f in dataclasses.fields(opts)} if opts is not None else set()
+        if option not in fields:
+            raise DiffeatError(
+                f"{flag}: the extractor {stage.name or stage.plugin!r} (plugin {stage.plugin}) "
+                f"has no {option} option; leave {flag} out"
+            )
+        setattr(opts, option, True)
+
+
 @click.command("extract")
 @click.argument("config", type=click.Path(dir_okay=False))
 @click.argument("inputs", nargs=-1, type=click.Path())
@@ -104,6 +165,7 @@ def expand_videos(paths: list[Path]) -> list[Path | ImageInput]:
 @click.option("--split", default=None, help="Dataset split (default: the dataset's).")
 @dataset_option("A dataset option (repeatable; see `diffeat datasets`).")
 @config_options
+@throughput_options
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON report.")
 @scale_options
 @click.pass_context
@@ -119,6 +181,11 @@ def extract_cmd(
     overrides: tuple[str, ...],
     model: str | None,
     device: str | None,
+    batch_size: int | None,
+    workers: int,
+    write_queue_mb: float,
+    compile_model: bool,
+    channels_last: bool,
     as_json: bool,
     scale: ScaleOptions,
 ) -> None:
@@ -131,6 +198,7 @@ def extract_cmd(
     from diffeat.cli import distributed
     from diffeat.core.config import load_config
     from diffeat.core.pipeline import Pipeline
+    from diffeat.core.prefetch import ExtractSettings
     from diffeat.store import FeatureStore
 
     if bool(inputs) == bool(dataset_name):
@@ -144,6 +212,11 @@ def extract_cmd(
         raise DiffeatError(f"--dataset {dataset_name} needs --root DIR, the dataset's folder")
     distributed.check(scale)
     cfg = load_config(config, collect_overrides(overrides, model, device))
+    if compile_model:
+        switch_on(cfg, "compile", "--compile")
+    if channels_last:
+        switch_on(cfg, "channels_last", "--channels-last")
+    settings = ExtractSettings(batch_size, workers, write_queue_mb)
     if dataset_name is not None:
         assert root is not None
         images = dataset_images(dataset_name, root, split, dataset_options)
@@ -159,7 +232,7 @@ def extract_cmd(
         report = distributed.ray_report(ctx, scale, cfg, images, store_path)
     else:
         with progress_bar(len(images), "extract", is_quiet(ctx)) as bar:
-            report = pipe.extract(images, progress=bar)
+            report = pipe.extract(images, progress=bar, settings=settings)
     summary = {
         "store": store_path,
         "cache_key": pipe.cache_key,

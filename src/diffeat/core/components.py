@@ -15,6 +15,7 @@ CLI call these functions; none of them probes a component with ``hasattr``.
 capability             declared by                                 used by
 =====================  ==========================================  =========================
 conditioning           ``Extractor.conditioning(image)``           the store's image key
+preprocessing apart    :class:`PreprocessingExtractor`             ``extract --workers``
 generating             :class:`GeneratingExtractor`                ``diffeat generate``
 layer catalogue        :class:`LayerCatalog`                       ``diffeat layers --all``
 fusing                 :class:`FusingAggregator`                   multi-extractor pipelines
@@ -28,7 +29,7 @@ caching queries        :class:`CachingMatcher`                     ``Pipeline.ma
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar, Protocol, runtime_checkable
@@ -90,6 +91,28 @@ class LayerCatalog(Protocol):
 
     def available_layers(self) -> list[LayerInfo]:
         """Every capturable layer of the extractor's model."""
+        ...
+
+
+@runtime_checkable
+class PreprocessingExtractor(Protocol):
+    """An extractor whose pixel preprocessing can run apart from the model (in DataLoader
+    worker processes) and whose model takes a whole batch of preprocessed pixels.
+
+    ``extract_preprocessed(images, preprocessor()(im) stacked)`` must give exactly what
+    ``extract(images)`` gives for the same batch.
+    """
+
+    def preprocessor(self) -> Callable[[ImageInput], torch.Tensor]:
+        """A picklable function of one image to its ``[3, H, W]`` float32 model input (CPU,
+        no model needed): it runs in worker processes."""
+        ...
+
+    def extract_preprocessed(
+        self, images: Sequence[ImageInput], pixels: torch.Tensor
+    ) -> list[FeatureSet]:
+        """Features of ``images`` from their preprocessed ``pixels`` ``[B, 3, H, W]`` (on the
+        CPU, pinned, or already on the extractor's device), all in one batch."""
         ...
 
 
@@ -351,6 +374,13 @@ def device_of(component: object) -> torch.device:
 def batch_size_of(extractor: object) -> int:
     """Images per :meth:`Extractor.extract` call the pipeline should aim for (at least 1)."""
     return max(1, int(getattr(extractor, "batch_size", 1)))
+
+
+def preprocessor_of(extractor: object) -> Callable[[ImageInput], torch.Tensor] | None:
+    """The picklable preprocessing of a :class:`PreprocessingExtractor` (else None)."""
+    if isinstance(extractor, PreprocessingExtractor):
+        return extractor.preprocessor()
+    return None
 
 
 def conditioning_of(extractor: object, image: ImageInput) -> str:

@@ -28,6 +28,7 @@ from diffeat.core.features import FeatureSet, LayerInfo
 from diffeat.core.geometry import ImageTransform, check_points
 from diffeat.core.images import ImageInput, ImageLike, as_input
 from diffeat.core.plugins import PluginManager
+from diffeat.core.prefetch import ExtractSettings
 from diffeat.core.sources import (  # re-exported: part of the public API
     ExtractReport,
     FeatureSource,
@@ -41,6 +42,7 @@ StoreLike = FeatureStorage | str | os.PathLike[str]
 
 __all__ = [
     "ExtractReport",
+    "ExtractSettings",
     "FeatureSource",
     "Pipeline",
     "extractor_cache_key",
@@ -168,18 +170,23 @@ class Pipeline:
         return [{name: feats[i] for name, feats in per_source.items()} for i in range(len(inputs))]
 
     def extract(
-        self, images: Sequence[ImageLike], *, progress: Progress | None = None
+        self,
+        images: Sequence[ImageLike],
+        *,
+        progress: Progress | None = None,
+        settings: ExtractSettings | None = None,
     ) -> ExtractReport:
         """Extract and store features of many images with every extractor.
 
         Unreadable images are reported, not fatal. With several extractors the
-        counts add up over extractors.
+        counts add up over extractors. ``settings`` (batch size, worker processes,
+        the background writer's memory bound) changes speed, not what is stored.
         """
         if self.store is None:
             raise DiffeatError("extract needs a feature store: pass store=PATH (--store PATH)")
         total = ExtractReport()
         for src in self.sources:
-            report = src.extract(images, progress=progress)
+            report = src.extract(images, progress=progress, settings=settings)
             total.total += report.total
             total.computed += report.computed
             total.cached += report.cached

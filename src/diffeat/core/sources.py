@@ -15,6 +15,7 @@ features this run used.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import os
 import sys
@@ -27,15 +28,19 @@ import torch
 from diffeat.core.components import (
     Extractor,
     FeatureStorage,
+    PreprocessingExtractor,
     batch_size_of,
     conditioning_of,
     device_of,
+    preprocessor_of,
 )
 from diffeat.core.config import StageConfig, config_digest
 from diffeat.core.errors import DiffeatError, ImageError
 from diffeat.core.features import FeatureSet, LayerInfo
 from diffeat.core.images import ImageInput, ImageLike, as_input
 from diffeat.core.options import options_dict
+from diffeat.core.prefetch import ExtractSettings, Prepared, prepared_inputs
+from diffeat.core.writer import BackgroundWriter, WriteResult
 
 STORE_KEY_VERSION = 1
 
@@ -296,14 +301,130 @@ class FeatureSource:
         return [out[i] for i in range(len(images))]
 
     def extract(
-        self, images: Sequence[ImageLike], *, progress: Progress | None = None
+        self,
+        images: Sequence[ImageLike],
+        *,
+        progress: Progress | None = None,
+        settings: ExtractSettings | None = None,
     ) -> ExtractReport:
-        """Extract and store features of many images; unreadable images are reported, not fatal."""
-        self._require_store("extract")
+        """Extract and store features of many images; unreadable images are reported, not fatal.
+
+        ``settings`` (:class:`~diffeat.core.prefetch.ExtractSettings`) sets the images per
+        extractor call, the worker processes that decode and preprocess ahead, and the
+        memory bound of the background writer that stores entries while the next batch
+        computes. A store error of one entry (:class:`DiffeatError`) is reported for its
+        image; any other error stops the run (entries already written stay complete).
+        """
+        store = self._require_store("extract")
+        settings = settings or ExtractSettings()
         report = ExtractReport()
-        for _ in self._iter_features(images, report, keep=False, progress=progress):
-            pass
+        batch_size = settings.batch_size or batch_size_of(self.extractor)
+        failed: list[tuple[int, str, str]] = []
+        # with workers, preprocessing happens there; else just before each batch
+        preprocess = preprocessor_of(self.extractor) if settings.workers else None
+        pending: list[Prepared] = []
+        submitted: set[str] = set()
+        tick = progress.update if progress is not None else (lambda n=1: None)
+        writer_error: list[BaseException | None] = [None]
+
+        def take(results: list[WriteResult]) -> None:
+            for res in results:
+                index, source = res.tag  # type: ignore[misc]
+                if res.error is None:
+                    if res.value is False:
+                        report.found += 1
+                    else:
+                        report.computed += 1
+                elif isinstance(res.error, DiffeatError):
+                    failed.append((index, source, str(res.error)))
+                else:
+                    writer_error[0] = res.error
+                    raise res.error
+                tick(1)
+
+        writer = BackgroundWriter(settings.write_queue_bytes)
+        inputs = prepared_inputs(images, preprocess, workers=settings.workers, ahead=2 * batch_size)
+        try:
+            for prep in inputs:
+                report.total += 1
+                if prep.image is None:
+                    failed.append((prep.index, prep.item, prep.error))
+                    tick(1)
+                    continue
+                key = self.image_key(prep.image)
+                # an image met earlier in this run (the same content twice) counts as
+                # stored: its entry may still be in the batch or the writer's queue
+                if key in submitted or store.has(self.cache_key, key):
+                    report.cached += 1
+                    tick(1)
+                    continue
+                submitted.add(key)
+                pending.append(prep)
+                if len(pending) >= batch_size:
+                    self._extract_batch(pending, writer, settings)
+                    pending = []
+                take(writer.results())
+            if pending:
+                self._extract_batch(pending, writer, settings)
+            take(writer.close())
+        except BaseException as exc:
+            if exc is writer_error[0]:
+                writer.abort()  # the store failed: write nothing more
+            else:
+                writer.close()  # entries computed before the error are still stored
+            raise
+        finally:
+            inputs.close()  # stops the worker processes
+        report.failed = [(item, error) for _, item, error in sorted(failed)]
         return report
+
+    def _extract_batch(
+        self, batch: list[Prepared], writer: BackgroundWriter, settings: ExtractSettings
+    ) -> None:
+        """One extractor call on ``batch``; each entry goes to the background writer."""
+        store = self._require_store("extract")
+        extractor = self.extractor
+        inputs = [p.image for p in batch if p.image is not None]
+        if isinstance(extractor, PreprocessingExtractor):
+            preprocess = None
+            rows = []
+            for p, inp in zip(batch, inputs):
+                if p.pixels is None:  # no workers: preprocessed here, just before the batch
+                    preprocess = preprocess or extractor.preprocessor()
+                    p.pixels = preprocess(inp)
+                rows.append(p.pixels)
+            pin = settings.pin_memory
+            if pin is None:
+                pin = self.device.type == "cuda"
+            if len({tuple(r.shape) for r in rows}) > 1:  # per-image sizes: a call per size
+                shapes = [tuple(r.shape) for r in rows]
+                by_shape: dict[int, FeatureSet] = {}
+                for shape in dict.fromkeys(shapes):
+                    idx = [i for i, s in enumerate(shapes) if s == shape]
+                    part = extractor.extract_preprocessed(
+                        [inputs[i] for i in idx], torch.stack([rows[i] for i in idx])
+                    )
+                    by_shape.update(zip(idx, part))
+                feats = [by_shape[i] for i in range(len(rows))]
+            elif pin:  # staged in pinned memory: the copy to the GPU does not block
+                staged = torch.empty(
+                    (len(rows), *rows[0].shape), dtype=rows[0].dtype, pin_memory=True
+                )
+                pixels = torch.stack(rows, out=staged).to(self.device, non_blocking=True)
+                feats = extractor.extract_preprocessed(inputs, pixels)
+            else:
+                feats = extractor.extract_preprocessed(inputs, torch.stack(rows))
+        else:
+            feats = extractor.extract(inputs)
+        self._register()  # only now: a run that finds everything stored never loads the model
+        for prep, inp, fs in zip(batch, inputs, feats):
+            fs.meta.setdefault("source", inp.source)
+            key = self.image_key(inp)
+            nbytes = sum(t.numel() * t.element_size() for t in fs.layers.values())
+            job = functools.partial(
+                store.put, self.cache_key, key, fs, source=inp.source, replace=False
+            )
+            writer.submit((prep.index, inp.source), nbytes, job)
 
 
 @dataclass(frozen=True)

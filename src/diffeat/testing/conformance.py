@@ -45,6 +45,7 @@ from diffeat.core.components import (
     is_pair_fusing,
     is_trainable,
     needs_descriptors,
+    preprocessor_of,
 )
 from diffeat.core.datasets import Dataset, Pair
 from diffeat.core.features import FeatureSet
@@ -70,6 +71,7 @@ __all__ = [
     "check_extractor_declaration",
     "check_fused",
     "check_generated",
+    "check_preprocessed",
     "check_match_result",
     "check_matcher",
     "check_pair",
@@ -171,6 +173,21 @@ def check_generated(make_extractor: Callable[[], Extractor], seed: int = 0) -> N
     check_same_features([fs], [fs2])
 
 
+def check_preprocessed(extractor: Extractor, images: Sequence[ImageInput]) -> None:
+    """A :class:`~diffeat.core.components.PreprocessingExtractor`: its preprocessor survives
+    pickling (it runs in worker processes) and ``extract_preprocessed`` of the stacked pixels
+    gives what ``extract`` gives for the same batch."""
+    import pickle
+
+    preprocess = preprocessor_of(extractor)
+    assert preprocess is not None, "the extractor does not preprocess apart"
+    preprocess = pickle.loads(pickle.dumps(preprocess))
+    pixels = torch.stack([preprocess(im) for im in images])
+    assert pixels.dtype == torch.float32 and pixels.shape[1] == 3, "expected [B, 3, H, W] float32"
+    batched = extractor.extract_preprocessed(list(images), pixels)  # type: ignore[attr-defined]
+    check_same_features(batched, extractor.extract(list(images)))
+
+
 def check_extractor(
     make_extractor: Callable[[], Extractor],
     images: Sequence[ImageInput] | None = None,
@@ -190,6 +207,8 @@ def check_extractor(
         first = extractor.extract(images)
         check_extracted(extractor, images, first)
         check_same_features(first, make_extractor().extract(images))
+        if preprocessor_of(extractor) is not None:
+            check_preprocessed(extractor, images)
     if generates or (generates is None and is_generating(extractor)):
         check_generated(make_extractor)
 
@@ -234,6 +253,12 @@ class ExtractorConformance:
     def test_deterministic(self) -> None:
         _, first = self._extracted()
         check_same_features(first, self.make_extractor().extract(self.images()))
+
+    def test_preprocessed(self) -> None:
+        ex = self.make_extractor()
+        if not self.extracts or preprocessor_of(ex) is None:
+            _skip("does not preprocess apart (PreprocessingExtractor)")
+        check_preprocessed(ex, self.images())
 
     def test_generate(self) -> None:
         generates = self.generates

@@ -15,9 +15,10 @@ every copy), and the UNet forward stops after the deepest requested module.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -39,6 +40,7 @@ from diffeat.core.images import (
     resize,
     to_tensor,
 )
+from diffeat.core.speed import compile_around, to_channels_last
 from diffeat.plugins.modelfiles import file_fingerprint
 from diffeat.plugins.stable_diffusion.captioner import (
     ImplicitCaptioner,
@@ -80,6 +82,23 @@ __all__ = [
     "StableDiffusionOptions",
     "image_seed",
 ]
+
+
+def preprocess_pixels(
+    image: ImageInput,
+    model_size: Size,
+    size_rule: str,
+    resample: str,
+    load_size: Sequence[int] = (),
+) -> torch.Tensor:
+    """``[3, H, W]`` in [-1, 1] at ``model_size`` (with ``size_rule = "short-side"``, the
+    image's own aspect-preserving size); module level: picklable for workers."""
+    if load_size:  # two stages, as the hyperfeatures code's use_paper_size
+        small = to_tensor(resize(image.image, (load_size[0], load_size[1]), "bilinear"))
+        w, h = model_size
+        return F.interpolate(small[None], size=(h, w), mode="bilinear", align_corners=False)[0]
+    size = model_size_for(image.size, model_size, size_rule)
+    return to_tensor(fit_image(image.image, size, size_rule, resample))
 
 
 def image_seed(seed: int, key: str) -> int:
@@ -145,6 +164,7 @@ class StableDiffusionExtractor(Extractor):
                 decoder=decoder,
                 unet_weights=self.options.unet_weights,
             )
+            self._speed_switches()
         return self._parts
 
     @property
@@ -153,6 +173,15 @@ class StableDiffusionExtractor(Extractor):
         if self._family is None:
             self._family = model_family(self.folder)
         return self._family
+
+    def _speed_switches(self) -> None:
+        """``channels_last`` and ``compile`` (:mod:`diffeat.core.speed`) on the loaded parts."""
+        p, o = self._parts, self.options
+        if o.channels_last:
+            to_channels_last(p.unet, p.vae)
+        if o.compile:
+            compile_around(p.unet, self.module_names)
+            compile_around(p.vae, [])
 
     def model_identity(self) -> dict[str, Any]:
         identity = {
@@ -422,13 +451,18 @@ class StableDiffusionExtractor(Extractor):
 
     def preprocess(self, image: ImageInput) -> torch.Tensor:
         """``[3, H, W]`` in [-1, 1] at the model size."""
+        return self.preprocessor()(image)
+
+    def preprocessor(self) -> Callable[[ImageInput], torch.Tensor]:
+        """:meth:`preprocess` as a picklable function (it runs in DataLoader workers)."""
         o = self.options
-        if o.load_size:  # two stages, as the hyperfeatures code's use_paper_size
-            small = to_tensor(resize(image.image, (o.load_size[0], o.load_size[1]), "bilinear"))
-            w, h = self.model_size
-            return F.interpolate(small[None], size=(h, w), mode="bilinear", align_corners=False)[0]
-        size = self.model_size_for(image.size)
-        return to_tensor(fit_image(image.image, size, o.size_rule, o.resample))
+        return functools.partial(
+            preprocess_pixels,
+            model_size=self.model_size,
+            size_rule=o.size_rule,
+            resample=o.resample,
+            load_size=tuple(o.load_size),
+        )
 
     def extract(
         self, images: Sequence[ImageInput], noise: Sequence[dict[str, torch.Tensor]] | None = None
@@ -449,8 +483,22 @@ class StableDiffusionExtractor(Extractor):
                 for i, fs in zip(idx, part):
                     out[i] = fs
             return [fs for fs in out if fs is not None]
-        warn_if_slow(self)  # once, on a CPU, when an image will take minutes
         pixels = torch.stack([self.preprocess(im) for im in images])
+        return self.extract_preprocessed(images, pixels, noise)
+
+    def extract_preprocessed(
+        self,
+        images: Sequence[ImageInput],
+        pixels: torch.Tensor,
+        noise: Sequence[dict[str, torch.Tensor]] | None = None,
+    ) -> list[FeatureSet]:
+        """:meth:`extract` from :meth:`preprocess` ed ``pixels`` ``[B, 3, H, W]`` (CPU or
+        device): all images in one batch, ``B x ensemble_size`` UNet inputs per pass. Each
+        image gets its own seeded noise, so its features do not depend on its batch-mates."""
+        if not images:
+            return []
+        warn_if_slow(self)  # once, on a CPU, when an image will take minutes
+        sizes = [self.model_size_for(im.size) for im in images]
         prompts = [self.prompt_for(im) for im in images]
         if self.options.tile_size:
             maps = self.tiled_features(pixels, [im.key for im in images], prompts, noise)
@@ -545,7 +593,7 @@ class StableDiffusionExtractor(Extractor):
     ) -> torch.Tensor:
         """Scaled VAE latents ``[B*E, c, h, w]``: posterior samples (or the mean) per copy."""
         p, o, e = self.parts, self.options, self.options.ensemble_size
-        x = pixels.to(self.device, p.vae.dtype)  # float32 for an fp16-unsafe VAE (SDXL)
+        x = pixels.to(self.device, p.vae.dtype, non_blocking=True)  # float32 VAE for SDXL
         if o.encode_per_copy:
             dist = p.vae.encode(x.repeat_interleave(e, dim=0)).latent_dist
             mean, std = dist.mean, dist.std
@@ -554,7 +602,9 @@ class StableDiffusionExtractor(Extractor):
             mean = dist.mean.repeat_interleave(e, dim=0)
             std = dist.std.repeat_interleave(e, dim=0)
         if o.latent == "sample":
-            eps = torch.cat([n["posterior"] for n in noise]).to(self.device, mean.dtype)
+            eps = torch.cat([n["posterior"] for n in noise]).to(
+                self.device, mean.dtype, non_blocking=True
+            )
             latents = mean + std * eps
         else:
             latents = mean

@@ -148,6 +148,18 @@ class StableDiffusionOptions:
         "size (the pipeline's default)",
         cache="if-set",
     )
+    channels_last: bool = opt(
+        False,
+        "UNet and VAE weights in channels-last memory format (faster convolutions on recent "
+        "GPUs; results equal up to float rounding)",
+        cache=False,
+    )
+    compile: bool = opt(
+        False,
+        "torch.compile the VAE encoder and the UNet blocks that hold no captured layer (the "
+        "first batch compiles, later ones run faster; results equal up to float rounding)",
+        cache=False,
+    )
 
     def validate(self) -> None:
         """Checks every mode shares, then the mode's recipe's own (:meth:`Recipe.validate`)."""

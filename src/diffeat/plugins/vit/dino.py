@@ -26,6 +26,7 @@ from diffeat.plugins.vit.common import (
     SizeRule,
     batch_size_field,
     blocks_field,
+    compile_field,
     device_field,
     dtype_field,
     facet_field,
@@ -64,6 +65,7 @@ class DinoOptions:
     device: str = device_field()
     batch_size: int = batch_size_field()
     stop_early: bool = stop_early_field()
+    compile: bool = compile_field()
 
     def validate(self) -> None:
         validate_common(self)

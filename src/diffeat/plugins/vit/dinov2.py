@@ -24,6 +24,7 @@ from diffeat.plugins.vit.common import (
     SizeRule,
     batch_size_field,
     blocks_field,
+    compile_field,
     device_field,
     dtype_field,
     facet_field,
@@ -62,6 +63,7 @@ class Dinov2Options:
     device: str = device_field()
     batch_size: int = batch_size_field()
     stop_early: bool = stop_early_field()
+    compile: bool = compile_field()
 
     def validate(self) -> None:
         validate_common(self)

@@ -59,6 +59,7 @@ from diffeat.plugins.vit.common import (
     ViTExtractorBase,
     batch_size_field,
     blocks_field,
+    compile_field,
     device_field,
     dtype_field,
     facet_field,
@@ -112,6 +113,7 @@ class OpenClipOptions:
     device: str = device_field()
     batch_size: int = batch_size_field()
     stop_early: bool = stop_early_field()
+    compile: bool = compile_field()
 
     def validate(self) -> None:
         validate_common(self)

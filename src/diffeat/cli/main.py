@@ -27,6 +27,8 @@ Environment:
                            turn it upright by its EXIF orientation)
   DIFFEAT_QUIET            1: no progress bars from library code (what
                            --quiet sets for the process)
+  DIFFEAT_FULL_HASH        1: fingerprint every byte of large weight files
+                           (default: 16 sampled 1 MiB blocks; a new store key)
   DIFFEAT_ZARR_FAST_PATH   0 to read and write the store through zarr's
                            public API only (default 1: the faster path)
   AWS_ENDPOINT_URL         endpoint of an S3-compatible server for --store

@@ -604,13 +604,10 @@ class FeatureStore:
             "meta": meta,
         }
         timesteps = np.asarray(features.timesteps, dtype=np.int64)
-        self._writing.add(attrs["write_id"])
         try:
             return run(self._aput(cache_key, prefix, arrays, timesteps, attrs, replace))
         except self._io_errors() as exc:
             raise StoreError(f"writing {prefix} into {self.path} failed: {exc}") from exc
-        finally:
-            self._writing.discard(attrs["write_id"])
 
     def _io_errors(self) -> tuple[type[BaseException], ...]:
         """The exceptions of a failed write that become a StoreError (disk full, ...)."""
@@ -648,6 +645,7 @@ class FeatureStore:
             return False
         replaceable = None if current is None else current.get("write_id")
         staging = f"{prefix}.{attrs['write_id']}{STAGING_SUFFIX}"
+        self._writing.add(attrs["write_id"])
         try:
             await gather_all(
                 self._awrite_layer(staging, n, a, timesteps) for n, a in arrays.items()
@@ -658,6 +656,8 @@ class FeatureStore:
             with contextlib.suppress(OSError):  # best effort: leave no leftover
                 await self._aremove(staging)
             raise
+        finally:
+            self._writing.discard(attrs["write_id"])
 
     async def _acommit(self, staging: str, prefix: str, replaceable: str | None) -> bool:
         """Move the finished ``staging`` folder to ``prefix``: True when it is in place, False

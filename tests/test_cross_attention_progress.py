@@ -111,6 +111,6 @@ def test_cli_quiet_sets_the_environment_for_library_bars(
 ) -> None:
     from diffeat.cli.main import cli
 
-    monkeypatch.delenv(QUIET_ENV, raising=False)
+    monkeypatch.setenv(QUIET_ENV, "0")  # recorded, so the test restores it
     CliRunner().invoke(cli, args)
     assert os.environ.get(QUIET_ENV) == "1"

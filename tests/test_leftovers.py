@@ -111,3 +111,17 @@ def test_next_checkpoint_save_removes_old_temporary_files(tmp_path: Path) -> Non
     assert sorted(p.name for p in tmp_path.iterdir() if p.suffix == ".tmp") == sorted(
         [fresh.name, other.name]
     )  # the save's own temporary file is gone too
+
+
+def test_verify_repair_uses_the_same_age_rule(tmp_path: Path) -> None:
+    from diffeat.store.verify import verify_store
+
+    path = tmp_path / "s.zarr"
+    store = FeatureStore(path)
+    store.put("ck", "img0", _fs(0))
+    old = _staging(path / "ck", "img1.0123abcd.partial", OLD)
+    live = _staging(path / "ck", "img3.89abcdef.partial", OLD)
+    (live / "a" / "features" / "c.1.0.0.0").write_bytes(b"y")  # a live writer's new chunk
+    report = verify_store(store, repair=True)
+    assert report.leftovers == [str(old)]
+    assert not old.exists() and live.exists()

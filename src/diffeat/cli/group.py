@@ -28,6 +28,8 @@ from typing import Any
 
 import click
 
+from diffeat.core.progress import QUIET_ENV
+
 log = logging.getLogger("diffeat.cli")
 
 # Command name -> the built-in module whose ``add_to(cli)`` adds it.
@@ -73,6 +75,7 @@ def _root_obj(ctx: click.Context) -> dict[str, Any]:
 def quiet_callback(ctx: click.Context, _param: click.Parameter, value: bool) -> None:
     if value:
         _root_obj(ctx)["quiet"] = True
+        os.environ[QUIET_ENV] = "1"  # read by library progress bars (diffeat.core.progress)
 
 
 def verbose_callback(ctx: click.Context, _param: click.Parameter, value: int) -> None:

@@ -7,6 +7,7 @@ command's module when the command is asked for.
 
 from __future__ import annotations
 
+import os
 import sys
 import traceback
 
@@ -24,6 +25,10 @@ Environment:
                            not to load, their commands included
   DIFFEAT_IMAGE_ORIENTATION  raw: keep a photo's stored raster (default exif:
                            turn it upright by its EXIF orientation)
+  DIFFEAT_QUIET            1: no progress bars from library code (what
+                           --quiet sets for the process)
+  DIFFEAT_FULL_HASH        1: fingerprint every byte of large weight files
+                           (default: 16 sampled 1 MiB blocks; a new store key)
   DIFFEAT_ZARR_FAST_PATH   0 to read and write the store through zarr's
                            public API only (default 1: the faster path)
   AWS_ENDPOINT_URL         endpoint of an S3-compatible server for --store
@@ -66,9 +71,11 @@ def cli(ctx: click.Context, quiet: bool, raw_orientation: bool) -> None:
     """Correspondences from diffusion-model features."""
     obj = ctx.ensure_object(dict)
     obj["quiet"] = bool(quiet or obj.get("quiet"))
-    if raw_orientation:
-        import os
+    if obj["quiet"]:
+        from diffeat.core.progress import QUIET_ENV
 
+        os.environ[QUIET_ENV] = "1"  # read by library progress bars (the matchers')
+    if raw_orientation:
         from diffeat.core.images import ORIENTATION_ENV
 
         os.environ[ORIENTATION_ENV] = "raw"  # read by every image load of this process

@@ -19,7 +19,9 @@ from pathlib import Path
 from diffeat.core.errors import ModelLoadError
 
 __all__ = [
+    "FULL_HASH_ENV",
     "file_fingerprint",
+    "full_hash",
     "files_fingerprint",
     "hub_snapshot",
     "is_hub_id",
@@ -29,22 +31,57 @@ __all__ = [
 
 _SAMPLE_BLOCK = 1 << 20
 _SAMPLES = 16
+_READ_BLOCK = 8 << 20
+
+#: ``1``: fingerprint every byte of large weight files, not 16 sampled blocks (slower:
+#: the whole file is read once per process; the store key changes with the mode)
+FULL_HASH_ENV = "DIFFEAT_FULL_HASH"
+
+#: (path, size, mtime_ns, inode) -> full fingerprint: each large file is read once a process
+_FULL_CACHE: dict[tuple[str, int, int, int], str] = {}
 
 
-def file_fingerprint(path: Path) -> str:
-    """sha256 of a small file; of the size and 16 evenly spread 1 MiB blocks of a large one."""
+def full_hash() -> bool:
+    """Whether large files are hashed whole (:data:`FULL_HASH_ENV` set, not ``0``)."""
+    return os.environ.get(FULL_HASH_ENV, "").strip().lower() not in ("", "0", "false", "no")
+
+
+def file_fingerprint(path: Path, full: bool | None = None) -> str:
+    """sha256 of the size and the bytes read of ``path``: every byte of a file of at most
+    16 MiB; of a larger one 16 evenly spread 1 MiB blocks (first and last included), or
+    every byte with ``full`` (default: :func:`full_hash`, the ``DIFFEAT_FULL_HASH``
+    environment variable).
+
+    The sampled rule keeps opening a model fast, but weights edited in place between
+    the blocks keep their fingerprint (and so their store key and stored features);
+    the full hash sees every byte, and gives a large file a different fingerprint from
+    its sampled one, so the two modes never share store entries. Small files have the
+    same fingerprint in both modes (they are read whole either way).
+    """
     path = Path(path)
-    size = path.stat().st_size
+    stat = path.stat()
+    size = stat.st_size
+    full = full_hash() if full is None else full
+    small = size <= _SAMPLE_BLOCK * _SAMPLES
+    memo = (str(path.absolute()), size, stat.st_mtime_ns, stat.st_ino)
+    if full and not small and memo in _FULL_CACHE:
+        return _FULL_CACHE[memo]
     h = hashlib.sha256(str(size).encode())
     with path.open("rb") as fh:
-        if size <= _SAMPLE_BLOCK * _SAMPLES:
+        if small:
             h.update(fh.read())
+        elif full:
+            while block := fh.read(_READ_BLOCK):
+                h.update(block)
         else:
             step = (size - _SAMPLE_BLOCK) // (_SAMPLES - 1)
             for i in range(_SAMPLES):
                 fh.seek(i * step)
                 h.update(fh.read(_SAMPLE_BLOCK))
-    return h.hexdigest()
+    digest = h.hexdigest()
+    if full and not small:
+        _FULL_CACHE[memo] = digest
+    return digest
 
 
 def offline_hint(model: str) -> str:

@@ -66,6 +66,28 @@ COMMIT_ATTEMPTS = 16
 #: ``.partial``, which no key may, so listings never show them
 STAGING_SUFFIX = ".partial"
 TRASH_SUFFIX = ".deleted.partial"
+#: a ``*.partial`` leftover (a killed writer's staging folder, an interrupted delete's
+#: folder, a zarr temporary file) is removed by the next writer and by ``store verify
+#: --repair`` only once nothing in it changed for this long: a live writer's is younger
+LEFTOVER_AGE_S = 3600.0
+
+
+def leftover_age(path: Path, now: float | None = None) -> float:
+    """Seconds since anything under ``path`` last changed: the newest ``mtime`` of the
+    path and every file and folder inside (a live writer keeps adding chunk files). A
+    folder of a delete (``*.deleted.partial``: an entry renamed aside, its files' times
+    unchanged) counts its own ``ctime`` too, which the rename sets."""
+    now = time.time() if now is None else now
+    stat = path.stat()
+    newest = stat.st_mtime
+    if path.name.endswith(TRASH_SUFFIX):
+        newest = max(newest, stat.st_ctime)
+    if path.is_dir():
+        for dirpath, dirs, files in os.walk(path):
+            for name in [*dirs, *files]:
+                with contextlib.suppress(FileNotFoundError):
+                    newest = max(newest, (Path(dirpath) / name).stat().st_mtime)
+    return now - newest
 
 
 class MissingEntry(KeyError):
@@ -257,6 +279,8 @@ class FeatureStore:
         self.mode = mode
         self.dtype = check_storage_dtype(dtype)
         self._known_groups: set[str] = set()
+        self._swept: set[str] = set()  # cache keys whose old leftovers this writer removed
+        self._writing: set[str] = set()  # write ids of this object's puts in progress
         try:
             self.format_version = self._open()
         except OSError as exc:
@@ -613,11 +637,15 @@ class FeatureStore:
         if cache_key not in self._known_groups:
             await store.write_if_absent(f"{cache_key}/zarr.json", group_json({}))
             self._known_groups.add(cache_key)
+        if cache_key not in self._swept:
+            self._swept.add(cache_key)
+            await asyncio.to_thread(self.sweep_leftovers, cache_key)
         current = await self._aentry(prefix)
         if current is not None and not replace:
             return False
         replaceable = None if current is None else current.get("write_id")
         staging = f"{prefix}.{attrs['write_id']}{STAGING_SUFFIX}"
+        self._writing.add(attrs["write_id"])
         try:
             await gather_all(
                 self._awrite_layer(staging, n, a, timesteps) for n, a in arrays.items()
@@ -628,6 +656,8 @@ class FeatureStore:
             with contextlib.suppress(OSError):  # best effort: leave no leftover
                 await self._aremove(staging)
             raise
+        finally:
+            self._writing.discard(attrs["write_id"])
 
     async def _acommit(self, staging: str, prefix: str, replaceable: str | None) -> bool:
         """Move the finished ``staging`` folder to ``prefix``: True when it is in place, False
@@ -904,13 +934,45 @@ class FeatureStore:
                     continue
                 path = Path(dirpath) / name
                 try:
-                    age = now - path.stat().st_mtime
+                    age = leftover_age(path, now)
                 except FileNotFoundError:
                     continue
                 if name.endswith(TRASH_SUFFIX) or age >= min_age_s:
                     found.append(path)
             dirs[:] = [d for d in dirs if not d.endswith(STAGING_SUFFIX)]
         return sorted(found)
+
+    def sweep_leftovers(self, cache_key: str, min_age_s: float = LEFTOVER_AGE_S) -> list[Path]:
+        """Remove the leftovers of killed writers where the next writer of ``cache_key``
+        looks (the first ``put`` of each cache key does this): ``*.partial`` files and
+        folders in the store's root folder and in ``cache_key``'s folder (staging folders,
+        folders of interrupted deletes, zarr temporary files) that nothing changed in for
+        ``min_age_s`` seconds (:func:`leftover_age`), never a staging folder of this
+        object's own writes in progress. Best effort: a leftover that cannot be removed
+        stays for ``diffeat store verify --repair``. Returns what was removed."""
+        self._check_writable()
+        now = time.time()
+        removed: list[Path] = []
+        for folder in (self.path, self.path / check_key(cache_key, "cache key")):
+            try:
+                names = [e.name for e in os.scandir(folder)]
+            except OSError:
+                continue
+            for name in names:
+                if not name.endswith(STAGING_SUFFIX):
+                    continue
+                parts = name.split(".")
+                if len(parts) >= 3 and parts[-2] in self._writing:
+                    continue  # a write of this object, in progress
+                path = folder / name
+                try:
+                    if leftover_age(path, now) < min_age_s:
+                        continue
+                    self.remove_leftover(path)
+                except OSError:
+                    continue
+                removed.append(path)
+        return removed
 
     def remove_leftover(self, path: Path) -> None:
         """Remove one path listed by :meth:`leftovers` (gone already: nothing happens)."""

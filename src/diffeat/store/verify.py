@@ -13,13 +13,9 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from diffeat.store.featurestore import FeatureStore
+from diffeat.store.featurestore import LEFTOVER_AGE_S, FeatureStore
 
 __all__ = ["LEFTOVER_AGE_S", "EntryDamage", "VerifyReport", "verify_store"]
-
-#: staging folders and zarr's temporary files younger than this may belong to a live
-#: writer: ``repair`` leaves them (folders of interrupted deletes go whatever their age)
-LEFTOVER_AGE_S = 3600.0
 
 
 @dataclass

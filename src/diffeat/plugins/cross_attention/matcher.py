@@ -32,6 +32,7 @@ from diffeat.core.devices import pick_device
 from diffeat.core.errors import ConfigError
 from diffeat.core.features import FeatureSet
 from diffeat.core.geometry import ImageTransform, check_points
+from diffeat.core.progress import progress_bar
 from diffeat.plugins.cross_attention.attention import (
     CrossAttentionLayer,
     TokenAttention,
@@ -80,6 +81,7 @@ class CrossAttentionMatcher(Matcher):
         self._parts: DiffusionParts | None = None
         self._layers: list[CrossAttentionLayer] | None = None
         self._cache: Any = None  # a QueryCache when the pipeline has a store
+        self._bar: Any = None  # the progress bar of the running match (counts UNet calls)
 
     def use_cache(self, cache: Any) -> None:
         """Keep each source point's optimised contexts in ``cache`` (a ``QueryCache``)."""
@@ -128,6 +130,9 @@ class CrossAttentionMatcher(Matcher):
         """``[B, L, side, side]``: each layer's token map, heads averaged, upsampled."""
         probe = TokenAttention(self.parts.unet, self.layers, self.options.token)
         timestep = torch.tensor(t, device=latents.device)
+        calls = probe(latents, timestep, context)
+        if self._bar is not None:
+            self._bar.update(1)
         maps = [
             F.interpolate(
                 select_heads(m, self.options.heads)[:, None],
@@ -135,7 +140,7 @@ class CrossAttentionMatcher(Matcher):
                 mode="bilinear",
                 align_corners=False,
             )[:, 0]
-            for m in probe(latents, timestep, context)
+            for m in calls
         ]
         return torch.stack(maps, dim=1)
 
@@ -270,12 +275,11 @@ class CrossAttentionMatcher(Matcher):
         """The cache query of a point: its exact coordinates in the size frame."""
         return f"point {point[0]!r},{point[1]!r}"
 
-    def _optimise_or_reuse(self, source: View, image: torch.Tensor, jobs: list[Job]) -> None:
-        """Optimise the jobs whose point is not in the cache; keep each point once done."""
+    def _reuse(self, source: View, jobs: list[Job]) -> list[Job]:
+        """Fill the jobs whose point's contexts the cache holds; the others are returned."""
         cache, restarts = self._cache, self.options.restarts
         if cache is None:
-            self.optimise(image, jobs)
-            return
+            return list(jobs)
         todo: list[Job] = []
         for start in range(0, len(jobs), restarts):
             point_jobs = jobs[start : start + restarts]
@@ -288,6 +292,14 @@ class CrossAttentionMatcher(Matcher):
             for r, job in enumerate(point_jobs):
                 job.context = contexts[r : r + 1].to(self.device)
                 job.losses = losses[r].tolist() if losses is not None else []
+        return todo
+
+    def _optimise_and_keep(self, source: View, image: torch.Tensor, todo: list[Job]) -> None:
+        """Optimise ``todo`` (whole points, restart-major); keep each point once done."""
+        cache, restarts = self._cache, self.options.restarts
+        if cache is None:
+            self.optimise(image, todo)
+            return
 
         def keep(chunk: list[Job]) -> None:
             for job in chunk:
@@ -314,6 +326,12 @@ class CrossAttentionMatcher(Matcher):
 
         if todo:
             self.optimise(image, todo, keep)
+
+    def unet_calls(self, optimised: int, inferred: int) -> int:
+        """The UNet calls of optimising ``optimised`` jobs and running ``inferred`` jobs on a
+        target: every chunk of ``max_batch`` jobs takes ``steps`` (or ``crops``) calls."""
+        o = self.options
+        return -(-optimised // o.max_batch) * o.steps + -(-inferred // o.max_batch) * o.crops
 
     # -- the matcher ------------------------------------------------------------------------
 
@@ -348,11 +366,20 @@ class CrossAttentionMatcher(Matcher):
         src = squashed(source.image, size)
         tgt = squashed(target.image, size)
         optimised = self.jobs([(float(x), float(y)) for x, y in frame], "optimise")
-        self._optimise_or_reuse(source, src, optimised)
         inference = self.jobs([(float(x), float(y)) for x, y in frame], "infer")
-        for job, done in zip(inference, optimised):
-            job.context = done.context
-        canvases = self.attend(tgt, inference)  # [N * R, L, S, S]
+        desc = f"cross-attention, {len(pts)} point{'s' if len(pts) != 1 else ''}"
+        todo = self._reuse(source, optimised)
+        total = self.unet_calls(len(todo), len(inference))
+        with progress_bar(total, desc, "UNet call", o.progress) as bar:
+            self._bar = bar
+            try:
+                self._optimise_and_keep(source, src, todo)
+                for job, done in zip(inference, optimised):
+                    job.context = done.context
+                canvases = self.attend(tgt, inference)  # [N * R, L, S, S]
+                bar.refresh()  # the final count, whatever the redraw interval skipped
+            finally:
+                self._bar = None
         found, scores, kept, peaks = [], [], [], []
         for n in range(len(pts)):
             maps = canvases[n * o.restarts : (n + 1) * o.restarts].mean(dim=0)  # [L, S, S]

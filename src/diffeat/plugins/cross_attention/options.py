@@ -69,6 +69,12 @@ class CrossAttentionOptions:
         1, "independent optimisations per UNet call (results do not depend on it)", cache=False
     )
     dtype: Literal["float32"] = opt("float32", "model dtype (the official runs float32)")
+    progress: bool = opt(
+        True,
+        "a progress bar on stderr counting UNet calls (hidden by diffeat --quiet, "
+        "DIFFEAT_QUIET=1, or when stderr is not a terminal)",
+        cache=False,
+    )
     device: str = opt("auto", "torch device; auto: cuda if available, else cpu", cache=False)
 
     def validate(self) -> None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import tempfile
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -24,6 +25,11 @@ from diffeat.plugins.hyperfeatures.network import FORMAT, AggregationNetwork
 METADATA_KEY = "diffeat"
 #: name prefix of the extra (non-network) tensors in the file
 EXTRA_PREFIX = "train."
+
+#: a hidden ``.<name>.*.tmp`` file of an interrupted save (a killed process) is removed
+#: by the next save to the same path once it has not changed for this long: a live save
+#: writes its file within seconds, so a younger one may be another process's save
+STALE_TMP_AGE_S = 600.0
 
 _TRAIN_HINT = "train one with `diffeat train ... --out PATH`"
 
@@ -62,7 +68,9 @@ def save_checkpoint(
     """Write ``network`` (and ``extra`` JSON metadata, ``tensors``) to one safetensors file.
 
     The file is written next to its final name and moved into place, so an
-    interrupted write never leaves a partial checkpoint under ``path``.
+    interrupted write never leaves a partial checkpoint under ``path``; the hidden
+    temporary files that killed saves to ``path`` left are removed once they are
+    :data:`STALE_TMP_AGE_S` old (:func:`remove_stale_temps`).
     """
     from safetensors.torch import save_file
 
@@ -76,6 +84,7 @@ def save_checkpoint(
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    remove_stale_temps(path)
     fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
     tmp = Path(tmp_name)
@@ -89,6 +98,33 @@ def save_checkpoint(
         tmp.unlink(missing_ok=True)
         raise
     return path
+
+
+def remove_stale_temps(
+    path: str | os.PathLike[str], min_age_s: float = STALE_TMP_AGE_S
+) -> list[Path]:
+    """Remove the temporary files (``.<name>.<random>.tmp`` next to ``path``) of saves to
+    ``path`` that were killed, when unchanged for ``min_age_s`` seconds; best effort.
+    Returns the files removed."""
+    path = Path(path)
+    prefix, now = f".{path.name}.", time.time()
+    removed: list[Path] = []
+    try:
+        names = [e.name for e in os.scandir(path.parent)]
+    except OSError:
+        return removed
+    for name in names:
+        if not (name.startswith(prefix) and name.endswith(".tmp")):
+            continue
+        tmp = path.parent / name
+        try:
+            if now - tmp.stat().st_mtime < min_age_s:
+                continue
+            tmp.unlink()
+        except OSError:
+            continue
+        removed.append(tmp)
+    return removed
 
 
 def _umask() -> int:

@@ -6,6 +6,7 @@ import ast
 import fnmatch
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -63,13 +64,28 @@ def test_every_file_is_rendered_valid_code(kind):
         assert {"extractor", "aggregator", "matcher"} <= set(stages)
 
 
+@pytest.mark.skipif(shutil.which("ruff") is None, reason="ruff is not installed")
+def test_the_written_package_is_lint_clean_under_its_own_ruff_settings(tmp_path):
+    folder = tmp_path / "all"
+    run("plugin", "new", "all-kinds", *[a for k in KINDS for a in ("--kind", k)], "--dir", folder)
+    for args in (["check", "--no-cache", "."], ["format", "--check", "--no-cache", "."]):
+        proc = subprocess.run(
+            ["ruff", *args], cwd=folder, capture_output=True, text=True, timeout=120
+        )
+        assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
 def test_the_example_template_is_what_plugin_new_writes():
     """examples/plugin-template is rendered from the same files: they cannot drift apart."""
     package = plugin_package("template", ["extractor", "matcher"])
     on_disk = {
         p.relative_to(EXAMPLE).as_posix(): p.read_text(encoding="utf-8")
         for p in EXAMPLE.rglob("*")
-        if p.is_file() and "__pycache__" not in p.parts and ".egg-info" not in str(p)
+        if p.is_file()
+        and not any(
+            part.startswith((".", "__pycache__", "build")) for part in p.relative_to(EXAMPLE).parts
+        )
+        and ".egg-info" not in str(p)
     }
     assert sorted(on_disk) == sorted(package.files)
     for path, text in package.files.items():

@@ -10,6 +10,7 @@ from diffeat.core.errors import ConfigError
 from diffeat.core.images import as_input
 from diffeat.core.plugins import get_plugin_manager
 from diffeat.testing import ExtractorConformance, smooth_texture
+
 from diffeat_template.extractor import ResNetExtractor, ResNetOptions, build_backbone
 
 

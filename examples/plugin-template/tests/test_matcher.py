@@ -9,6 +9,7 @@ from diffeat.core.components import View
 from diffeat.core.geometry import ImageTransform
 from diffeat.core.plugins import get_plugin_manager
 from diffeat.testing import MatcherConformance, smooth_texture
+
 from diffeat_template.matcher import RatioMatcher, RatioOptions
 
 

@@ -128,8 +128,8 @@ def plugin_package(name: str, kinds: tuple[str, ...] | list[str]) -> PluginPacka
         "diffeat_version": __version__,
         "extra_dependencies": ', "safetensors>=0.4"' if "extractor" in kinds else "",
     }
-    imports = "\n".join(
-        f"from {package}.{k} import {spec[k]['class']}, {spec[k]['options']}" for k in kinds
+    imports = "\n".join(  # sorted by module, as isort does
+        f"from {package}.{k} import {spec[k]['class']}, {spec[k]['options']}" for k in sorted(kinds)
     )
     exported = sorted(name for k in kinds for name in (spec[k]["class"], spec[k]["options"]))
     hooks = "".join(
@@ -138,6 +138,8 @@ def plugin_package(name: str, kinds: tuple[str, ...] | list[str]) -> PluginPacka
         for k in kinds
     )
     all_names = ", ".join(f'"{e}"' for e in exported)
+    if len(all_names) > 85:  # one name a line, as ruff format writes a long list
+        all_names = "\n" + "".join(f'    "{e}",\n' for e in exported)
     files: dict[str, str] = {}
     src = f"src/{package}"
     files[f"{src}/__init__.py"] = render(

@@ -11,6 +11,7 @@ name a pipeline file (or ``--dataset``) uses.
 from __future__ import annotations
 
 from diffeat import hookimpl
+
 from diffeat_template.extractor import ResNetExtractor, ResNetOptions
 from diffeat_template.matcher import RatioMatcher, RatioOptions
 

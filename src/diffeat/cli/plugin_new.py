@@ -131,7 +131,7 @@ def plugin_package(name: str, kinds: tuple[str, ...] | list[str]) -> PluginPacka
     imports = "\n".join(  # sorted by module, as isort does
         f"from {package}.{k} import {spec[k]['class']}, {spec[k]['options']}" for k in sorted(kinds)
     )
-    exported = sorted(name for k in kinds for name in (spec[k]["class"], spec[k]["options"]))
+    exported = sorted(e for k in kinds for e in (spec[k]["class"], spec[k]["options"]))
     hooks = "".join(
         f"\n\n\n@hookimpl\ndef {spec[k]['hook']}(register):\n"
         f'    register("{name}-{spec[k]["suffix"]}", {spec[k]["class"]})'
@@ -166,8 +166,9 @@ def plugin_package(name: str, kinds: tuple[str, ...] | list[str]) -> PluginPacka
         listing.insert(0, (f"{name}.toml", "a pipeline file using the plugin"))
         usage.append(f"diffeat match {name}.toml a.jpg b.jpg --point 40,30")
     if "dataset" in kinds:
+        pipeline = f"{name}.toml" if pipeline_kinds else "PIPELINE.toml"
         usage.append(
-            f"diffeat eval PIPELINE.toml --dataset {name}-pairs --root DATA  # DATA/test.json"
+            f"diffeat eval {pipeline} --dataset {name}-pairs --root DATA  # DATA/test.json"
         )
     listing.insert(0, ("pyproject.toml", f"the package, its `diffeat` entry point ({name})"))
     width = max(len(path) for path, _ in listing) + 2

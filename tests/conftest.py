@@ -10,6 +10,7 @@ from diffeat.testing import TestPlugin, smooth_texture
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
+os.environ.pop("DIFFEAT_STORE", None)  # a user's default store must not leak into the tests
 
 
 @pytest.fixture(scope="session")

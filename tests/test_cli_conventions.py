@@ -82,11 +82,15 @@ def test_help_lists_environment_variables():
         "DIFFEAT_DISABLE_PLUGINS",
         "HF_HUB_OFFLINE",
         "DIFFEAT_ZARR_FAST_PATH",
+        "DIFFEAT_STORE",
         "HF_HOME",
     ):
         assert var in out
     docs = (ROOT / "docs" / "cli.md").read_text()
-    assert all(var in docs for var in ("DIFFEAT_PLUGINS", "DIFFEAT_DISABLE_PLUGINS", "HF_HOME"))
+    assert all(
+        var in docs
+        for var in ("DIFFEAT_PLUGINS", "DIFFEAT_DISABLE_PLUGINS", "DIFFEAT_STORE", "HF_HOME")
+    )
 
 
 def test_quiet_is_accepted_before_and_after_the_subcommand():

@@ -1,4 +1,8 @@
-"""examples/plugin-template: pip-installable, found by entry point, its own tests pass."""
+"""examples/plugin-template: pip-installable, found by entry point, its own tests pass.
+
+It is what ``diffeat plugin new template --kind extractor --kind matcher`` writes
+(``tests/test_plugin_new.py`` holds the two equal).
+"""
 
 from __future__ import annotations
 
@@ -47,7 +51,7 @@ def test_the_templates_own_tests_pass_against_the_installed_package(installed):
     assert " passed" in proc.stdout and "failed" not in proc.stdout
     # the tests imported the installed package, not the source folder
     where = subprocess.run(
-        [sys.executable, "-c", "import diffeat_plugin_template as m; print(m.__file__)"],
+        [sys.executable, "-c", "import diffeat_template as m; print(m.__file__)"],
         cwd=source,
         env=env_with(site),
         capture_output=True,

@@ -6,7 +6,9 @@ documented, by :mod:`diffeat.cli.api`; import it from there.
 
 from __future__ import annotations
 
+import functools
 import json
+import os
 import sys
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
@@ -63,13 +65,63 @@ def parse_point(text: str) -> tuple[float, float]:
     return x, y
 
 
-store_option = click.option(
-    "--store",
-    "store_path",
-    default=None,
-    type=click.Path(),
-    help="Reuse and keep features in this store.",
-)
+#: the environment variable naming the feature store used when ``--store`` is not given
+STORE_ENV = "DIFFEAT_STORE"
+
+
+def resolve_store(store_path: str | None, no_store: bool = False) -> str | None:
+    """The store a command uses: ``--store PATH``, else none with ``--no-store``, else
+    ``$DIFFEAT_STORE`` when set (and not empty), else none (features computed, not kept).
+
+    Giving both ``--store`` and ``--no-store`` is a :class:`DiffeatError`.
+    """
+    if store_path is not None and no_store:
+        raise DiffeatError(
+            f"--store {store_path} and --no-store contradict each other: give one of them"
+        )
+    if no_store:
+        return None
+    if store_path is not None:
+        return store_path
+    return os.environ.get(STORE_ENV) or None
+
+
+def required_store(store_path: str | None, command: str) -> str:
+    """The store of a command that only writes into one (``diffeat extract``): ``--store``,
+    else ``$DIFFEAT_STORE``, else a :class:`DiffeatError` saying how to give one."""
+    resolved = resolve_store(store_path)
+    if resolved is None:
+        raise DiffeatError(
+            f"diffeat {command} writes features into a store: pass --store PATH "
+            f"(a folder, created if missing) or set {STORE_ENV}=PATH"
+        )
+    return resolved
+
+
+def store_option(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """``--store PATH`` and ``--no-store``; the command receives ``store_path``, resolved by
+    :func:`resolve_store` (``$DIFFEAT_STORE`` when neither is given)."""
+
+    @functools.wraps(fn)
+    def with_store(*args: Any, store_path: str | None, no_store: bool, **kwargs: Any) -> Any:
+        return fn(*args, store_path=resolve_store(store_path, no_store), **kwargs)
+
+    with_store = click.option(
+        "--no-store",
+        "no_store",
+        is_flag=True,
+        help=f"Keep no features, even when {STORE_ENV} is set.",
+    )(with_store)
+    return click.option(
+        "--store",
+        "store_path",
+        default=None,
+        type=click.Path(),
+        help=(
+            "Reuse and keep features in this store (folder or s3:// gs:// az:// URL); "
+            f"default: ${STORE_ENV} when set, else none."
+        ),
+    )(with_store)
 
 
 def config_options(fn: Callable[..., Any]) -> Callable[..., Any]:

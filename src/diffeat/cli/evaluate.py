@@ -178,7 +178,8 @@ def eval_cmd(
     if store_path is None and ev.stats.computed > 0:
         click.echo(
             "hint: without --store every pair extracts both images anew; "
-            "--store PATH extracts each image once and lets later runs reuse it",
+            "--store PATH (or DIFFEAT_STORE=PATH) extracts each image once and lets later "
+            "runs reuse it",
             err=True,
         )
 

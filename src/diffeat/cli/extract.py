@@ -16,6 +16,7 @@ from diffeat.cli.common import (
     emit_json,
     is_quiet,
     progress_bar,
+    required_store,
 )
 from diffeat.cli.datasets_common import dataset_option
 from diffeat.cli.distributed import ScaleOptions, scale_options
@@ -151,9 +152,12 @@ def switch_on(cfg: PipelineConfig, option: str, flag: str) -> None:
 @click.option(
     "--store",
     "store_path",
-    required=True,
+    default=None,
     type=click.Path(),
-    help="Feature store folder, or object-store URL (s3://, gs://, az://); created if missing.",
+    help=(
+        "Feature store folder, or object-store URL (s3://, gs://, az://); created if missing. "
+        "Default: $DIFFEAT_STORE."
+    ),
 )
 @click.option(
     "--dataset",
@@ -173,7 +177,7 @@ def extract_cmd(
     ctx: click.Context,
     config: str,
     inputs: tuple[str, ...],
-    store_path: str,
+    store_path: str | None,
     dataset_name: str | None,
     root: str | None,
     split: str | None,
@@ -210,6 +214,7 @@ def extract_cmd(
         raise DiffeatError("--root, --split and -o describe a dataset: add --dataset NAME")
     if dataset_name is not None and not root:
         raise DiffeatError(f"--dataset {dataset_name} needs --root DIR, the dataset's folder")
+    store_path = required_store(store_path, "extract")
     distributed.check(scale)
     cfg = load_config(config, collect_overrides(overrides, model, device))
     if compile_model:

@@ -35,6 +35,7 @@ log = logging.getLogger("diffeat.cli")
 # Command name -> the built-in module whose ``add_to(cli)`` adds it.
 BUILTIN_COMMANDS = {
     "plugins": "diffeat.cli.info",
+    "plugin": "diffeat.cli.plugin_new",
     "layers": "diffeat.cli.info",
     "config": "diffeat.cli.info",
     "extract": "diffeat.cli.extract",

@@ -23,6 +23,8 @@ Environment:
                            (entry points) to load; built-ins always load
   DIFFEAT_DISABLE_PLUGINS  comma-separated plugins (built-in or third-party)
                            not to load, their commands included
+  DIFFEAT_STORE            the feature store of extract/match/eval/plot when
+                           --store is not given (--no-store: none)
   DIFFEAT_IMAGE_ORIENTATION  raw: keep a photo's stored raster (default exif:
                            turn it upright by its EXIF orientation)
   DIFFEAT_QUIET            1: no progress bars from library code (what

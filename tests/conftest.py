@@ -43,6 +43,14 @@ def tiny_adm_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def tiny_flux_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny random FLUX folder (transformer, VAE, CLIP and T5 encoders)."""
+    from diffeat.testing.dit import build_tiny_flux
+
+    return build_tiny_flux(tmp_path_factory.mktemp("tiny-flux") / "model")
+
+
+@pytest.fixture(scope="session")
 def tiny_dino_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A tiny random DINO ViT (patch 8, trained at 32 px), built once per session."""
     from diffeat.testing.vit import build_tiny_dino

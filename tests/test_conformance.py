@@ -82,6 +82,20 @@ class TinyExtractor:
 SD = {"image_size": [64, 64], "device": "cpu", "layers": ["up_blocks.1", "up_blocks.2"]}
 
 TINY_EXTRACTORS: dict[str, dict[str, TinyExtractor]] = {
+    "diffusion-transformer": {
+        "flux": TinyExtractor(
+            "tiny_flux_model",
+            lambda m: {
+                "model": str(m),
+                "device": "cpu",
+                "layers": ["transformer_blocks.1", "single_transformer_blocks.0"],
+                "timesteps": [260],
+                "ensemble_size": 2,
+                "image_size": [64, 48],
+            },
+            images=1,
+        ),
+    },
     "adm": {
         "dift": TinyExtractor(
             "tiny_adm_model",

@@ -22,7 +22,6 @@ written by ``diffeat convert adm``; nothing of guided-diffusion's code is copied
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 from collections.abc import Sequence
@@ -44,6 +43,7 @@ from diffeat.core.images import (
     model_size_for,
     to_tensor,
 )
+from diffeat.core.noise import image_seed
 from diffeat.plugins.adm.architecture import AdmArchitecture, BlockInfo
 from diffeat.plugins.adm.convert import ADM_FILE, read_adm_meta
 from diffeat.plugins.adm.options import AdmOptions
@@ -52,12 +52,6 @@ from diffeat.plugins.module_capture import HookTarget, ModuleCapture, first_tens
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 WEIGHTS = "diffusion_pytorch_model.safetensors"
-
-
-def image_seed(seed: int, key: str) -> int:
-    """The noise seed of one image (the rule of the stable-diffusion extractor): it depends
-    on the config seed and the image content only."""
-    return int(hashlib.sha256(f"{seed}:{key}".encode()).hexdigest()[:15], 16)
 
 
 def q_sample_coefficients(

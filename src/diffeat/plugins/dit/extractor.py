@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import difflib
 import fnmatch
-import hashlib
 import json
 from collections.abc import Sequence
 from typing import Any
@@ -28,6 +27,7 @@ from diffeat.core.errors import ConfigError, DiffeatError, ModelLoadError
 from diffeat.core.features import FeatureSet, LayerInfo
 from diffeat.core.geometry import ImageTransform, Size
 from diffeat.core.images import ImageInput, fit_image, fit_transform, resize, to_tensor
+from diffeat.core.noise import image_seed
 from diffeat.plugins.dit.families import (
     Family,
     config_block_names,
@@ -55,11 +55,6 @@ DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.
 _COND = "__conditioning__"
 
 __all__ = ["DiffusionTransformerExtractor", "image_tokens", "tokens_to_map"]
-
-
-def image_seed(seed: int, key: str) -> int:
-    """The noise seed of one image: the config seed and the image content only."""
-    return int(hashlib.sha256(f"{seed}:{key}".encode()).hexdigest()[:15], 16)
 
 
 def image_tokens(output: Any, n_image: int) -> torch.Tensor:

@@ -16,7 +16,6 @@ every copy), and the UNet forward stops after the deepest requested module.
 from __future__ import annotations
 
 import functools
-import hashlib
 import json
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -40,6 +39,7 @@ from diffeat.core.images import (
     resize,
     to_tensor,
 )
+from diffeat.core.noise import image_seed
 from diffeat.core.speed import compile_around, to_channels_last
 from diffeat.plugins.modelfiles import file_fingerprint
 from diffeat.plugins.stable_diffusion.captioner import (
@@ -99,11 +99,6 @@ def preprocess_pixels(
         return F.interpolate(small[None], size=(h, w), mode="bilinear", align_corners=False)[0]
     size = model_size_for(image.size, model_size, size_rule)
     return to_tensor(fit_image(image.image, size, size_rule, resample))
-
-
-def image_seed(seed: int, key: str) -> int:
-    """The noise seed of one image: depends on the config seed and the image content only."""
-    return int(hashlib.sha256(f"{seed}:{key}".encode()).hexdigest()[:15], 16)
 
 
 class StableDiffusionExtractor(Extractor):

@@ -22,6 +22,10 @@
 #              one image per call vs the bare batched extractor vs `diffeat extract`'s path
 #              (--batch-size, --workers), FLOPs/image and share of the peak
 #              -> $OUT/throughput_cuda_fp16.json
+#     hedlin   bench_hedlin.py: the cross-attention matcher (Hedlin et al.) on SD 1.5 at 512 px,
+#              batched vs one (point, restart, crop) per UNet call, same seed, 2 points,
+#              HEDLIN_STEPS (32) of the official 129 steps (the ratio does not depend on them)
+#              -> $OUT/hedlin_cuda.json
 #   all output goes to $OUT/gpu_log.txt too; a summary of the JSON files ends the log.
 #
 # Environment (all optional): OUT (default benchmarks/out/gpu), PYTHON (python3),
@@ -41,7 +45,7 @@ START=$SECONDS
 PY=${PYTHON:-python3}
 DEVICE=${GPU_CHECK_DEVICE:-cuda}
 BUDGET=${GPU_CHECK_BUDGET:-540}
-STEPS=${GPU_CHECK_STEPS:-"throughput dift16 hyper base32 base16 dift32 sddino"}
+STEPS=${GPU_CHECK_STEPS:-"throughput dift16 hedlin hyper base32 base16 dift32 sddino"}
 SITE=${GPU_CHECK_SITE:-/tmp/site}
 MODELS=${GPU_CHECK_MODELS:-benchmarks/out}
 OUT=${OUT:-benchmarks/out/gpu}
@@ -180,7 +184,10 @@ for step in $STEPS; do
             --dtype float16 --size real --sd-dir "$SD15" --vit-dir "$MODELS/vit-random" \
             --batch-size "${TP_BATCH:-8}" --workers "${TP_WORKERS:-6}" --images "${TP_IMAGES:-64}" \
             ${TP_EXTRA:-} --json "$OUT/throughput_${DEVICE%%:*}_fp16.json" ;;
-    *) log "=== unknown step $step (known: throughput dift16 dift32 base32 base16 hyper sddino)" ;;
+    hedlin)
+        run_step hedlin 240 "$PY" benchmarks/bench_hedlin.py --device "$DEVICE" --sd-dir "$SD15" \
+            --points 2 --steps "${HEDLIN_STEPS:-32}" --json "$OUT/hedlin_${DEVICE%%:*}.json" ;;
+    *) log "=== unknown step $step (known: throughput dift16 hedlin dift32 base32 base16 hyper sddino)" ;;
     esac
 done
 

@@ -134,10 +134,16 @@ def test_sd_batch_of_images_times_ensemble_matches_one_image_per_call(tiny_sd, i
         # same noise per image; the kernels round differently for another batch shape
         torch.testing.assert_close(a.layers["up_blocks.1"], b.layers["up_blocks.1"])
         assert a.meta == b.meta
-    # bit for bit: an image's features do not depend on its batch-mates or its place
+    # an image's features do not depend on its batch-mates or its place (its own noise);
+    # with several threads the kernels may round differently by place, so not bit for bit
     swapped = ex.extract([images[4], images[2], images[1], images[0]])
-    assert torch.equal(swapped[3].layers["up_blocks.1"], batched[0].layers["up_blocks.1"])
-    assert torch.equal(swapped[1].layers["up_blocks.1"], batched[2].layers["up_blocks.1"])
+    close = {"rtol": 1e-5, "atol": 1e-6}
+    torch.testing.assert_close(
+        swapped[3].layers["up_blocks.1"], batched[0].layers["up_blocks.1"], **close
+    )
+    torch.testing.assert_close(
+        swapped[1].layers["up_blocks.1"], batched[2].layers["up_blocks.1"], **close
+    )
     # the preprocessed entry point is the same computation, bit for bit
     pixels = torch.stack([ex.preprocessor()(im) for im in images[:4]])
     again = ex.extract_preprocessed(images[:4], pixels)
@@ -156,8 +162,8 @@ def test_vit_batch_matches_one_image_per_call(tiny_dinov2_model, images):
         torch.testing.assert_close(a.layers[name], b.layers[name])
         assert a.meta == b.meta
     swapped = ex.extract_preprocessed(images[3::-1], pixels.flip(0))
-    for a, b in zip(batched, swapped[::-1]):
-        assert torch.equal(a.layers[name], b.layers[name])
+    for a, b in zip(batched, swapped[::-1]):  # the place in the batch: float rounding only
+        torch.testing.assert_close(a.layers[name], b.layers[name], rtol=1e-5, atol=1e-5)
 
 
 # -- the extract path ---------------------------------------------------------------------------

@@ -489,7 +489,8 @@ class StableDiffusionExtractor(Extractor):
     ) -> list[FeatureSet]:
         """:meth:`extract` from :meth:`preprocess` ed ``pixels`` ``[B, 3, H, W]`` (CPU or
         device): all images in one batch, ``B x ensemble_size`` UNet inputs per pass. Each
-        image gets its own seeded noise, so its features do not depend on its batch-mates."""
+        image gets its own seeded noise, so its features do not depend on its batch-mates
+        (beyond float rounding: kernels may sum in another order for another batch)."""
         if not images:
             return []
         warn_if_slow(self)  # once, on a CPU, when an image will take minutes

@@ -492,3 +492,21 @@ def test_a_failing_server_is_a_store_error(store: ObjectFeatureStore, monkeypatc
         store.put("ck", "a", features(1))
     monkeypatch.undo()
     assert not store.has("ck", "a") and store.leftovers(0.0) == []
+
+
+def test_opening_while_another_process_creates_the_store(s3: LocalS3, monkeypatch) -> None:
+    """The root zarr.json of a store another process is creating lands between this
+    process's read of it and its listing: the open looks again instead of calling the
+    prefix foreign (seen as a flaky two-process extraction)."""
+    url = s3.url()
+    FeatureStore(url)  # the other process: creates zarr.json
+    reads = []
+    real = ObjectFeatureStore._read_now
+
+    def first_read_misses(self, key):
+        reads.append(key)
+        return None if len(reads) == 1 else real(self, key)
+
+    monkeypatch.setattr(ObjectFeatureStore, "_read_now", first_read_misses)
+    opened = FeatureStore(url)
+    assert opened.format_version >= 3 and len(reads) >= 2

@@ -142,6 +142,14 @@ class ObjectFeatureStore(FeatureStore):
 
     def _open(self) -> int:
         raw = self._read_now("zarr.json")
+        # objects but no root metadata: another process may be creating the store right now
+        # (its zarr.json lands between our read and our listing), so look again a few times
+        # before calling the prefix foreign or damaged
+        for delay in (0.1, 0.3, 1.0):
+            if raw is not None or not run(self._store.any_object("")):
+                break
+            time.sleep(delay)
+            raw = self._read_now("zarr.json")
         if raw is None:
             if run(self._store.any_object("")):
                 raise StoreError(

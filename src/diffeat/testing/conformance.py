@@ -181,7 +181,10 @@ def check_preprocessed(extractor: Extractor, images: Sequence[ImageInput]) -> No
 
     preprocess = preprocessor_of(extractor)
     assert preprocess is not None, "the extractor does not preprocess apart"
-    preprocess = pickle.loads(pickle.dumps(preprocess))
+    try:  # worker processes receive it pickled (by the DataLoader); nothing is unpickled here
+        pickle.dumps(preprocess)
+    except (pickle.PicklingError, AttributeError, TypeError) as exc:
+        raise AssertionError(f"the preprocessor cannot be pickled for workers: {exc}") from None
     pixels = torch.stack([preprocess(im) for im in images])
     assert pixels.dtype == torch.float32 and pixels.shape[1] == 3, "expected [B, 3, H, W] float32"
     batched = extractor.extract_preprocessed(list(images), pixels)  # type: ignore[attr-defined]

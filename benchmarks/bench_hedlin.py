@@ -27,7 +27,16 @@ import time
 from pathlib import Path
 from typing import Any
 
-from _common import OUT, cuda_peaks, fmt, machine_info, peak_rss_mib, reset_peak_rss, write_json
+from _common import (
+    OUT,
+    cpu_seconds,
+    cuda_peaks,
+    fmt,
+    machine_info,
+    peak_rss_mib,
+    reset_peak_rss,
+    write_json,
+)
 
 
 def _model(args: argparse.Namespace) -> Path:
@@ -71,15 +80,17 @@ def _run(folder: Path, args: argparse.Namespace, max_batch: int) -> dict[str, An
     cuda = matcher.device.type == "cuda"
     sync = torch.cuda.synchronize if cuda else (lambda: None)
     phases = {"optimise": 0.0, "attend": 0.0}
+    cpu_phases = {"optimise": 0.0, "attend": 0.0}
     for name in phases:
         inner = getattr(matcher, name)
 
         def timed(*a: Any, _inner: Any = inner, _name: str = name, **k: Any) -> Any:
             sync()
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), cpu_seconds()
             out = _inner(*a, **k)
             sync()
             phases[_name] += time.perf_counter() - t0
+            cpu_phases[_name] += cpu_seconds() - c0
             return out
 
         setattr(matcher, name, timed)
@@ -95,14 +106,17 @@ def _run(folder: Path, args: argparse.Namespace, max_batch: int) -> dict[str, An
     if cuda:
         torch.cuda.reset_peak_memory_stats(matcher.device)
     reset_peak_rss()
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), cpu_seconds()
     result = matcher.match(src, tgt, points)
     sync()
-    total = time.perf_counter() - t0
+    total, cpu_total = time.perf_counter() - t0, cpu_seconds() - c0
     return {
         "max_batch": max_batch,
         "load_s": load_s,
         "seconds": total,
+        "cpu_seconds": cpu_total,
+        "optimise_cpu_s_per_point": cpu_phases["optimise"] / args.points,
+        "attend_cpu_s_per_point": cpu_phases["attend"] / args.points,
         "optimise_s_per_point": phases["optimise"] / args.points,
         "attend_s_per_point": phases["attend"] / args.points,
         "points": result.points.tolist(),
@@ -126,8 +140,19 @@ def main() -> None:
     parser.add_argument(
         "--small", action="store_true", help="CPU run: 128 px, 3 steps, 2 restarts, 5 crops"
     )
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=0,
+        help="torch CPU threads (0: torch's default); with 1, CPU seconds measure the work "
+        "even while other jobs share the cores",
+    )
     parser.add_argument("--json", default=None)
     args = parser.parse_args()
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
     if args.small:
         args.size, args.steps, args.restarts, args.crops = 128, 3, 2, 5
     batch = args.max_batch or args.points * args.restarts
@@ -151,15 +176,18 @@ def main() -> None:
         "identical_points": same,
         "max_final_loss_difference": loss_diff,
         "speedup": one["seconds"] / batched["seconds"],
+        "speedup_cpu_seconds": one["cpu_seconds"] / batched["cpu_seconds"],
+        "threads": args.threads or None,
     }
     for name, run in (("one at a time", one), (f"max_batch {batch}", batched)):
         print(
             f"{name:>14}: {fmt(run['seconds'], '.2f')} s  optimise {fmt(run['optimise_s_per_point'], '.2f')}"
             f" s/point  attend {fmt(run['attend_s_per_point'], '.2f')} s/point"
-            f"  peak RSS {fmt(run['peak_rss_mib'], '.0f')} MiB"
+            f"  peak RSS {fmt(run['peak_rss_mib'], '.0f')} MiB  CPU {fmt(run['cpu_seconds'], '.2f')} s"
         )
     print(
-        f"speed-up {report['speedup']:.2f}x, identical points: {same}, "
+        f"speed-up {report['speedup']:.2f}x wall, {report['speedup_cpu_seconds']:.2f}x CPU "
+        f"seconds, identical points: {same}, "
         f"final losses differ by at most {loss_diff:.2e} (batched convolutions round differently)"
     )
     if args.json:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import time
 
 import pytest
 from clihelp import run
@@ -14,9 +13,7 @@ pytestmark = pytest.mark.slow
 
 def test_quickstart_builds_matches_and_reuses(tmp_path):
     folder = tmp_path / "qs"
-    start = time.monotonic()
-    proc = run("quickstart", folder, timeout=120)
-    assert time.monotonic() - start < 60
+    proc = run("quickstart", folder)
     assert "built the tiny offline model" in proc.stderr
     lines = proc.stdout.splitlines()
     matches = [line for line in lines if line.startswith("  ") and "->" in line]
@@ -27,7 +24,7 @@ def test_quickstart_builds_matches_and_reuses(tmp_path):
         assert (folder / name).is_file(), name
     assert Image.open(folder / "matches.png").size[0] > 0
 
-    again = json.loads(run("quickstart", folder, "--json", timeout=120).stdout)
+    again = json.loads(run("quickstart", folder, "--json").stdout)
     assert again["model"] == str(folder / "tiny-sd")
     assert [m["source"] for m in again["matches"]] == [[40.0, 30.0], [64.0, 48.0], [90.0, 60.0]]
     for m in again["matches"]:
@@ -37,7 +34,7 @@ def test_quickstart_builds_matches_and_reuses(tmp_path):
     # the printed next command runs as given
     first = again["next"][0].split()
     assert first[:2] == ["diffeat", "match"]
-    out = run(*first[1:], "--json", timeout=120).stdout
+    out = run(*first[1:], "--json").stdout
     assert json.loads(out)["matches"][0]["source"] == [40.0, 30.0]
 
 

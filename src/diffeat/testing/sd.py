@@ -440,24 +440,36 @@ def save_stable_diffusion(
     """Save components as a diffusers Stable Diffusion folder (safetensors, no safety checker).
 
     The tokenizer folder must already be written (by :func:`write_clip_tokenizer`, the
-    vocab.json/merges.txt layout of the hub checkpoints); the other components are saved
-    through a pipeline object so that ``model_index.json`` is written too.
+    vocab.json/merges.txt layout of the hub checkpoints). ``model_index.json`` is written as
+    ``StableDiffusionPipeline.save_config`` writes it; importing that pipeline class only to
+    write a JSON file costs seconds and prints transformers' torchvision warnings.
     """
-    from diffusers import StableDiffusionPipeline
+    import diffusers
+    from transformers.utils import logging as transformers_logging
 
-    pipe = StableDiffusionPipeline(
-        vae=vae.eval(),
-        text_encoder=text_encoder.eval(),
-        tokenizer=tokenizer,
-        unet=unet.eval(),
-        scheduler=scheduler,
-        safety_checker=None,
-        feature_extractor=None,
-        requires_safety_checker=False,
+    components = {"unet": unet, "vae": vae, "text_encoder": text_encoder, "scheduler": scheduler}
+    bars = transformers_logging.is_progress_bar_enabled()
+    transformers_logging.disable_progress_bar()  # a "Writing model shards" bar for one file
+    try:
+        for name, component in components.items():
+            component.save_pretrained(folder / name, safe_serialization=True)
+    finally:
+        if bars:
+            transformers_logging.enable_progress_bar()
+    components["tokenizer"] = tokenizer
+    index: dict[str, Any] = {
+        "_class_name": "StableDiffusionPipeline",
+        "_diffusers_version": diffusers.__version__,
+        "requires_safety_checker": False,
+    }
+    for name in ("feature_extractor", "image_encoder", "safety_checker"):
+        index[name] = [None, None]
+    for name, component in components.items():
+        library = type(component).__module__.split(".")[0]
+        index[name] = [library, type(component).__name__]
+    (folder / "model_index.json").write_text(
+        json.dumps(dict(sorted(index.items())), indent=2) + "\n"
     )
-    for name in ("unet", "vae", "text_encoder", "scheduler"):
-        getattr(pipe, name).save_pretrained(folder / name, safe_serialization=True)
-    pipe.save_config(folder)
 
 
 def build_tiny_captioner(

@@ -8,6 +8,7 @@ under ``## Reference`` runs and loads as a plugin.
 from __future__ import annotations
 
 import inspect
+import json
 import re
 import sys
 import types
@@ -122,3 +123,67 @@ def test_reference_example_runs_and_loads(
     assert len(record.provides) >= len(registers), "a register_* hook registered nothing"
     if "register_commands" in implemented:
         assert group.commands, "register_commands added no command"
+
+
+# ------------------------------------------------ docs/store-format.md's examples
+
+STORE_DOC = DOC.parent / "store-format.md"
+
+
+def json_example_after(heading: str) -> dict:
+    """The first ```json block after ``heading`` in docs/store-format.md, parsed."""
+    text = STORE_DOC.read_text()
+    start = text.index(f"\n{heading}\n")
+    block = re.search(r"^```json\n(.*?)^```$", text[start:], re.S | re.M)
+    assert block, f"no json example under {heading!r}"
+    return json.loads(block.group(1))
+
+
+def test_store_format_examples_have_the_keys_the_plugins_write(
+    tiny_sd: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The documented extractor info and entry are what the stable-diffusion plugin
+    writes (the same keys at every level; the doc's abridged ``config`` and
+    ``versions`` hold only keys a real one has)."""
+    from diffeat.core.pipeline import Pipeline
+    from diffeat.testing import smooth_texture
+
+    monkeypatch.chdir(tmp_path)
+    smooth_texture((50, 37), seed=0).save("cat.png")
+    data = {
+        "extractor": {
+            "plugin": "stable-diffusion",
+            "model": str(tiny_sd),
+            "image_size": [64, 64],
+            "ensemble_size": 1,
+            "prompt": "a photo of a cat",
+        }
+    }
+    pipe = Pipeline.from_dict(data, store=tmp_path / "s.zarr")
+    pipe.extract(["cat.png"])
+    (image_key,) = pipe.store.entries(pipe.cache_key)
+    folder = tmp_path / "s.zarr" / pipe.cache_key
+    entry = json.loads((folder / image_key / "zarr.json").read_text())
+    info = json.loads((folder / "zarr.json").read_text())["attributes"]
+
+    doc_entry = json_example_after("## Entry group")
+    assert doc_entry.keys() == entry.keys()
+    attrs, doc_attrs = entry["attributes"], doc_entry["attributes"]
+    assert doc_attrs.keys() == attrs.keys()
+    assert doc_attrs["meta"].keys() == attrs["meta"].keys()
+    assert doc_attrs["meta"]["transform"].keys() == attrs["meta"]["transform"].keys()
+    assert list(doc_attrs["layers"]) == list(attrs["layers"])
+    (spec,), (doc_spec,) = attrs["layers"].values(), doc_attrs["layers"].values()
+    assert doc_spec.keys() == spec.keys()
+    assert attrs["source"] == str(tmp_path / "cat.png")  # stored absolute, as documented
+    assert doc_attrs["source"].startswith("/")
+
+    doc_info = json_example_after("## Cache-key group: extractor info")
+    assert doc_info.keys() == info.keys()
+    assert doc_info["model"].keys() == info["model"].keys()
+    assert [layer.keys() for layer in doc_info["layers"]] == [
+        layer.keys() for layer in info["layers"]
+    ]
+    assert doc_info["config"].keys() <= info["config"].keys()
+    assert doc_info["versions"].keys() <= info["versions"].keys()
+    assert doc_info["plugin"] == info["plugin"] == doc_info["config"]["plugin"]

@@ -122,6 +122,14 @@ heat = ds["features"].isel(timestep=0).astype("float32").mean("channel")
 # the cell under image pixel (x=50, y=30): nearest centre in image coordinates
 j = int(np.abs(ds["x_image"].values - 50).argmin())
 i = int(np.abs(ds["y_image"].values - 30).argmin())
+import matplotlib
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt
+plt.imshow(image)
+plt.imshow(heat, extent=ds.attrs["extent_image"], alpha=0.5)
+xs, ys = np.meshgrid(ds["x_image"], ds["y_image"])
+plt.scatter(xs, ys, s=4)
+plt.savefig({str(tmp_path / "over.png")!r})
 print(json.dumps({{
     "image": list(image.shape), "cell": [i, j], "value": float(heat.values[i, j]),
     "extent": ds.attrs["extent_image"],
@@ -142,6 +150,7 @@ print(json.dumps({{
     assert got["x_image"] == pytest.approx([9.5, 29.5, 49.5, 69.5])
     assert got["y_image"] == pytest.approx([5.5, 17.5, 29.5, 41.5])
     assert got["extent"] == pytest.approx([-0.5, 79.5, 47.5, -0.5])
+    assert (tmp_path / "over.png").stat().st_size > 0
 
 
 def test_padded_input_maps_through_the_offset() -> None:

@@ -52,6 +52,7 @@ from diffeat.store.format import (
     torch_dtype,
 )
 from diffeat.store.keys import check_key, check_layer_key, is_valid_key
+from diffeat.store.xarray_view import with_coordinates
 from diffeat.store.zarr_io import ZarrFolder, is_store_url, run
 
 if TYPE_CHECKING:
@@ -88,6 +89,24 @@ def leftover_age(path: Path, now: float | None = None) -> float:
                 with contextlib.suppress(FileNotFoundError):
                     newest = max(newest, (Path(dirpath) / name).stat().st_mtime)
     return now - newest
+
+
+def absolute_source(source: str) -> str:
+    """``source`` as stored with an entry: a relative path to an existing file (as the
+    writer's working folder resolves it) made absolute, also the file part of a video
+    frame's ``clip.mp4#12``; anything else (``<memory>``, a URL, an absolute path, free
+    text naming no file) unchanged."""
+    if not source or source.startswith("<") or "://" in source or os.path.isabs(source):
+        return source
+    path, sep, rest = source, "", ""
+    if not os.path.isfile(source) and "#" in source:
+        path, sep, rest = source.rpartition("#")
+    try:
+        if os.path.isfile(path):
+            return os.path.abspath(path) + sep + rest
+    except (OSError, ValueError):  # a name the filesystem cannot hold: not a file
+        pass
+    return source
 
 
 class MissingEntry(KeyError):
@@ -587,10 +606,12 @@ class FeatureStore:
         if not isinstance(features, FeatureSet):
             raise TypeError(f"put() takes a FeatureSet, got {type(features).__name__}")
         if source is not None:
-            source = os.fspath(source)
+            source = absolute_source(os.fspath(source))
         for name in features.layers:
             check_layer_key(name)
         meta = to_json_value(features.meta, f"FeatureSet.meta of image {image_key!r}")
+        if isinstance(meta, dict) and isinstance(meta.get("source"), str):
+            meta["source"] = absolute_source(meta["source"])
         arrays = {
             name: self._to_numpy(image_key, name, tensor)
             for name, tensor in features.layers.items()
@@ -1022,7 +1043,10 @@ class FeatureStore:
 
     def open_xarray(self, cache_key: str, image_key: str, layer: str) -> xarray.Dataset:
         """One layer of an entry as an xarray Dataset: variable ``features`` with dims
-        ``(timestep, channel, y, x)`` and a ``timestep`` coordinate (lazily loaded)."""
+        ``(timestep, channel, y, x)`` and a ``timestep`` coordinate (lazily loaded), plus
+        each cell's centre in model-input and original-image pixels (``x_input``,
+        ``y_input``, ``x_image``, ``y_image``) and the image transform in ``attrs``
+        (:mod:`diffeat.store.xarray_view`)."""
         try:
             import xarray as xr
         except ImportError:
@@ -1056,7 +1080,21 @@ class FeatureStore:
                 "source": attrs.get("source") or "",
             }
         )
-        return ds
+        shape = ds[FEATURES_ARRAY].shape  # [T, C, h, w]
+        transform = (attrs.get("meta") or {}).get("transform")
+        if not isinstance(transform, dict):
+            transform = None
+        stride = None if transform else self._declared_stride(cache_key, layer)
+        return with_coordinates(ds, (int(shape[-1]), int(shape[-2])), transform, stride)
+
+    def _declared_stride(self, cache_key: str, layer: str) -> float | None:
+        """The stride the extractor declared for ``layer`` (its registered info), if any."""
+        info = parse_group_json(self._read_now(f"{cache_key}/zarr.json")) or {}
+        for spec in info.get("layers") or []:
+            if isinstance(spec, dict) and spec.get("name") == layer:
+                with contextlib.suppress(TypeError, ValueError):
+                    return float(spec["stride"])
+        return None
 
 
 def _trash_name(prefix: str) -> str:

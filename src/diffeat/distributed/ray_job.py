@@ -167,7 +167,9 @@ class ExtractWorker:
                 continue
             size = (int(batch["width"][i]), int(batch["height"][i]))
             image = Image.frombytes("RGB", size, bytes(batch["pixels"][i]))
-            inp = ImageInput(image, str(batch["key"][i]), str(batch["source"][i]))
+            # the absolute path is stored as the entry's source: a worker's working folder
+            # is not the driver's
+            inp = ImageInput(image, str(batch["key"][i]), str(batch["path"][i]))
             inp = inp.with_category(str(batch["category"][i]))
             keys[i] = self.pipe.image_key(inp)
             inputs.append(inp)

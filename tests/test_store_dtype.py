@@ -273,3 +273,25 @@ def test_cli_help_shows_the_store_dtype_option():
     for command in ("extract", "match", "eval", "train", "propagate", "quickstart"):
         out = run(command, "--help").stdout
         assert "--store-dtype" in out and "DIFFEAT_STORE_DTYPE" in out, command
+
+
+def test_bfloat16_on_object_storage_moves_format_3_to_5() -> None:
+    pytest.importorskip("obstore")
+    pytest.importorskip("moto.server")
+    from diffeat.testing.s3 import local_s3_server
+
+    with local_s3_server() as s3:
+        url = s3.url()
+        store = FeatureStore(url, dtype="bfloat16")
+        assert store.format_version == 3
+        fs = wide_features()
+        store.put("ck", "img", fs)
+        assert store.format_version == 5
+        again = FeatureStore(url, mode="r")
+        assert again.format_version == 5 and again.entries("ck") == ["img"]  # the index
+        got = again.get("ck", "img", dtype=torch.bfloat16)
+        assert torch.equal(bits(got.layers["up0"]), bits(fs.layers["up0"].to(torch.bfloat16)))
+        assert again.info()["extractors"]["ck"]["dtype"] == "bfloat16"
+        assert verify_store(again).ok
+        FeatureStore(url, dtype="float32").put("ck32", "img", fs)  # still writable, format 5
+        assert FeatureStore(url, mode="r").entries("ck32") == ["img"]

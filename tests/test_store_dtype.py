@@ -295,3 +295,38 @@ def test_bfloat16_on_object_storage_moves_format_3_to_5() -> None:
         assert verify_store(again).ok
         FeatureStore(url, dtype="float32").put("ck32", "img", fs)  # still writable, format 5
         assert FeatureStore(url, mode="r").entries("ck32") == ["img"]
+
+
+@pytest.mark.slow
+def test_ray_actors_store_in_the_dtype_asked_for(config, photos, tmp_path, monkeypatch):
+    """`ray_extract(..., store_dtype=...)` (what `extract --ray --store-dtype` calls): the
+    actors open the store in that dtype, under that dtype's cache key."""
+    pytest.importorskip("ray")
+    from diffeat.core.pipeline import Pipeline
+    from diffeat.distributed import ray_extract
+
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    files = sorted(photos.iterdir())
+    ref_path = tmp_path / "ref.zarr"
+    ref = Pipeline.from_file(config, store=FeatureStore(ref_path, dtype="bfloat16"))
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as the actors: the comparison is bit for bit
+    try:
+        assert ref.extract(files).computed == 2
+    finally:
+        torch.set_num_threads(threads)
+    store = tmp_path / "ray.zarr"
+    report = ray_extract(config, files, store, workers=1, batch_size=2, store_dtype="bfloat16")
+    assert report.computed == 2 and not report.failed
+    got = FeatureStore(store, mode="r")
+    assert list(got.extractors()) == [ref.cache_key]  # the bfloat16 key
+    assert got.format_version == 4
+    want = FeatureStore(ref_path, mode="r")
+    for image_key in want.entries(ref.cache_key):
+        info = got.entry_info(ref.cache_key, image_key)
+        assert {spec["dtype"] for spec in info["layers"].values()} == {"bfloat16"}
+        a = want.get(ref.cache_key, image_key, dtype=torch.bfloat16)
+        b = got.get(ref.cache_key, image_key, dtype=torch.bfloat16)
+        for name in a.layers:
+            assert torch.equal(bits(a.layers[name]), bits(b.layers[name])), (image_key, name)

@@ -330,3 +330,12 @@ def test_ray_actors_store_in_the_dtype_asked_for(config, photos, tmp_path, monke
         b = got.get(ref.cache_key, image_key, dtype=torch.bfloat16)
         for name in a.layers:
             assert torch.equal(bits(a.layers[name]), bits(b.layers[name])), (image_key, name)
+
+
+def test_train_hint_extracts_in_the_same_store_dtype() -> None:
+    from diffeat.cli.datasets_common import extract_command
+
+    common = {"dataset": "spair", "root": "data", "split": "trn", "options": (), "store": "s"}
+    assert "--store-dtype" not in extract_command("c.toml", **common)
+    line = extract_command("c.toml", **common, store_dtype="float32")
+    assert line.endswith("--store s --store-dtype float32")

@@ -277,8 +277,10 @@ class FeatureStore:
     ``mode="a"`` opens the store for reading and writing and creates it if the
     folder is missing or empty; ``mode="r"`` opens an existing store read-only.
     ``dtype`` is the storage dtype of the feature arrays this handle writes:
-    ``"float16"`` (default) or ``"float32"``. Reads return whatever was stored,
-    cast to the dtype asked for.
+    ``"float16"`` (default), ``"float32"`` (exact for float32 features) or
+    ``"bfloat16"`` (the raw bits in ``uint16`` arrays; the store's first bfloat16
+    write moves it to format 4, or 5 on object storage: docs/store-format.md,
+    *Storage dtypes*). Reads return whatever was stored, cast to the dtype asked for.
     """
 
     FORMAT_VERSION = FORMAT_VERSION

@@ -15,8 +15,9 @@ Options and the pipeline
     :func:`config_options` adds ``--set``, ``--model`` and ``--device``;
     :func:`collect_overrides` turns them into overrides (``--model`` and ``--device``
     go to every stage that takes them: the extractor, and a matcher that owns its model);
-    :func:`store_option` adds ``--store`` and ``--no-store`` (the command
-    receives ``store_path``: ``--store``, else ``$DIFFEAT_STORE``, else ``None``);
+    :func:`store_option` adds ``--store``, ``--no-store`` and ``--store-dtype`` (the
+    command receives ``store_path``: ``--store``, else ``$DIFFEAT_STORE``, else ``None``;
+    the storage dtype goes to :func:`open_pipeline` on its own);
     :func:`open_pipeline` builds the
     pipeline of a config file in front of that store. :func:`parse_point`
     reads a ``--point X,Y``.

@@ -21,6 +21,7 @@ if TYPE_CHECKING:
     from tqdm import tqdm
 
     from diffeat.core.pipeline import Pipeline
+    from diffeat.store import FeatureStore
 
 
 def emit_json(data: Any) -> None:
@@ -98,13 +99,68 @@ def required_store(store_path: str | None, command: str) -> str:
     return resolved
 
 
+#: the environment variable naming the storage dtype when ``--store-dtype`` is not given
+STORE_DTYPE_ENV = "DIFFEAT_STORE_DTYPE"
+#: the storage dtypes of ``--store-dtype`` (``diffeat.store.format.STORAGE_DTYPES``, named
+#: here so that ``--help`` imports no torch); the first is the default
+STORE_DTYPES = ("float16", "float32", "bfloat16")
+_STORE_DTYPE_META = "diffeat.store_dtype"
+
+
+def store_dtype_option(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """``--store-dtype float16|float32|bfloat16`` (else ``$DIFFEAT_STORE_DTYPE``, else float16):
+    the storage dtype of the features the command stores and reuses. The command does not
+    receive it: :func:`open_store` and :func:`open_pipeline` open the store with it
+    (:func:`store_dtype` says which it is)."""
+
+    @functools.wraps(fn)
+    def with_dtype(*args: Any, store_dtype: str, **kwargs: Any) -> Any:
+        click.get_current_context().meta[_STORE_DTYPE_META] = store_dtype
+        return fn(*args, **kwargs)
+
+    return click.option(
+        "--store-dtype",
+        "store_dtype",
+        type=click.Choice(STORE_DTYPES),
+        default=STORE_DTYPES[0],
+        show_default=True,
+        envvar=STORE_DTYPE_ENV,
+        show_envvar=True,
+        help=(
+            "Storage dtype of the features kept in the store: float16 (half the size; maps "
+            "within ~3e-4 relative of float32), float32 (exact) or bfloat16. Part of the "
+            "store key: each dtype has entries of its own."
+        ),
+    )(with_dtype)
+
+
+def store_dtype() -> str:
+    """The ``--store-dtype`` of the command being run (float16 outside a command that has
+    the option)."""
+    ctx = click.get_current_context(silent=True)
+    if ctx is None:
+        return STORE_DTYPES[0]
+    return str(ctx.meta.get(_STORE_DTYPE_META, STORE_DTYPES[0]))
+
+
+def open_store(store_path: str, mode: str = "a") -> FeatureStore:
+    """The feature store at ``store_path`` (a folder or object-store URL) in the command's
+    ``--store-dtype`` (:func:`store_dtype`)."""
+    from diffeat.store import FeatureStore
+
+    return FeatureStore(store_path, mode, dtype=store_dtype())  # type: ignore[arg-type]
+
+
 def store_option(fn: Callable[..., Any]) -> Callable[..., Any]:
-    """``--store PATH`` and ``--no-store``; the command receives ``store_path``, resolved by
-    :func:`resolve_store` (``$DIFFEAT_STORE`` when neither is given)."""
+    """``--store PATH``, ``--no-store`` and ``--store-dtype`` (:func:`store_dtype_option`); the
+    command receives ``store_path``, resolved by :func:`resolve_store` (``$DIFFEAT_STORE``
+    when neither is given)."""
 
     @functools.wraps(fn)
     def with_store(*args: Any, store_path: str | None, no_store: bool, **kwargs: Any) -> Any:
         return fn(*args, store_path=resolve_store(store_path, no_store), **kwargs)
+
+    with_store = store_dtype_option(with_store)
 
     with_store = click.option(
         "--no-store",
@@ -158,13 +214,13 @@ def collect_overrides(
 
 def open_pipeline(config: str, overrides: list[str], store_path: str | None = None) -> Pipeline:
     """The pipeline of the TOML file ``config`` with ``overrides``, in front of the feature
-    store at ``store_path`` (none: features are computed, not kept)."""
+    store at ``store_path`` (none: features are computed, not kept), opened in the
+    command's ``--store-dtype``."""
     from diffeat.core.config import load_config
     from diffeat.core.pipeline import Pipeline
-    from diffeat.store import FeatureStore
 
     cfg = load_config(config, overrides)
-    return Pipeline(cfg, store=FeatureStore(store_path) if store_path else None)
+    return Pipeline(cfg, store=open_store(store_path) if store_path else None)
 
 
 def progress_bar(total: int, desc: str, quiet: bool) -> tqdm:

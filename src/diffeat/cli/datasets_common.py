@@ -73,6 +73,7 @@ def extract_command(
     options: Sequence[str],
     store: str,
     overrides: Sequence[str] = (),
+    store_dtype: str = "float16",
 ) -> str:
     """The ``diffeat extract --dataset ...`` command line that stores a split's images."""
     args = ["diffeat", "extract", config, "--dataset", dataset, "--root", root]
@@ -81,6 +82,8 @@ def extract_command(
     for item in options:
         args += ["-o", item]
     args += ["--store", store]
+    if store_dtype != "float16":
+        args += ["--store-dtype", store_dtype]
     for item in overrides:
         args += ["--set", item]
     return shlex.join(args)

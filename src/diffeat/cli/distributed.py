@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any
 
 import click
 
-from diffeat.cli.common import is_quiet, progress_bar
+from diffeat.cli.common import is_quiet, progress_bar, store_dtype
 from diffeat.core.errors import DiffeatError
 
 if TYPE_CHECKING:
@@ -192,4 +192,5 @@ def ray_report(
             batch_size=scale.ray_batch_size,
             gpus_per_worker=scale.ray_gpus_per_worker,
             progress=bar,
+            store_dtype=store_dtype(),
         )

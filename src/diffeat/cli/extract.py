@@ -15,8 +15,10 @@ from diffeat.cli.common import (
     config_options,
     emit_json,
     is_quiet,
+    open_store,
     progress_bar,
     required_store,
+    store_dtype_option,
 )
 from diffeat.cli.datasets_common import dataset_option
 from diffeat.cli.distributed import ScaleOptions, scale_options
@@ -168,6 +170,7 @@ def switch_on(cfg: PipelineConfig, option: str, flag: str) -> None:
 @click.option("--root", default=None, type=click.Path(), help="The dataset's folder.")
 @click.option("--split", default=None, help="Dataset split (default: the dataset's).")
 @dataset_option("A dataset option (repeatable; see `diffeat datasets`).")
+@store_dtype_option
 @config_options
 @throughput_options
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON report.")
@@ -203,7 +206,6 @@ def extract_cmd(
     from diffeat.core.config import load_config
     from diffeat.core.pipeline import Pipeline
     from diffeat.core.prefetch import ExtractSettings
-    from diffeat.store import FeatureStore
 
     if bool(inputs) == bool(dataset_name):
         raise DiffeatError(
@@ -231,7 +233,7 @@ def extract_cmd(
     shard = distributed.this_shard(ctx, scale)
     if shard is not None:
         images = distributed.shard_inputs(ctx, scale, shard, images)
-    pipe = Pipeline(cfg, store=FeatureStore(store_path))
+    pipe = Pipeline(cfg, store=open_store(store_path))
     log.info("%d images -> store %s under cache key %s", len(images), store_path, pipe.cache_key)
     if scale.uses_ray:
         report = distributed.ray_report(ctx, scale, cfg, images, store_path)

@@ -25,6 +25,8 @@ Environment:
                            not to load, their commands included
   DIFFEAT_STORE            the feature store of extract/match/eval/plot when
                            --store is not given (--no-store: none)
+  DIFFEAT_STORE_DTYPE      float16 (default), float32 or bfloat16: what
+                           --store-dtype is when not given
   DIFFEAT_IMAGE_ORIENTATION  raw: keep a photo's stored raster (default exif:
                            turn it upright by its EXIF orientation)
   DIFFEAT_QUIET            1: no progress bars from library code (what

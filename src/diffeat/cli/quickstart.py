@@ -18,7 +18,7 @@ from pathlib import Path
 
 import click
 
-from diffeat.cli.common import emit_json, is_quiet
+from diffeat.cli.common import emit_json, is_quiet, open_store, store_dtype, store_dtype_option
 from diffeat.core.errors import DiffeatError
 
 #: Offset of the target image inside the source texture: a source point (x, y) shows the
@@ -130,6 +130,8 @@ def prepare(files: QuickstartFiles) -> bool:
 def next_commands(files: QuickstartFiles) -> list[str]:
     """The commands a user can run next, with this folder's paths filled in."""
     q = shlex.quote
+    dtype = store_dtype()
+    keep = f" --store-dtype {dtype}" if dtype != "float16" else ""
     cfg, src, tgt, model = (
         q(str(files.config)),
         q(str(files.source)),
@@ -140,7 +142,7 @@ def next_commands(files: QuickstartFiles) -> list[str]:
         f"diffeat match {cfg} {src} {tgt} --point 40,30 --plot {q(str(files.plot))}",
         f"diffeat layers {cfg}",
         f"diffeat config show {cfg}",
-        f"diffeat extract {cfg} {src} {tgt} --store {q(str(files.store))} "
+        f"diffeat extract {cfg} {src} {tgt} --store {q(str(files.store))}{keep} "
         f"&& diffeat store info {q(str(files.store))}",
         "# a real preset with the tiny model (any preset takes --model and --set):",
         f"diffeat match examples/dift-sd21.toml {src} {tgt} --point 40,30 --model {model} "
@@ -153,6 +155,7 @@ def next_commands(files: QuickstartFiles) -> list[str]:
 @click.command("quickstart")
 @click.argument("directory", required=False, type=click.Path(file_okay=False))
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+@store_dtype_option
 @click.pass_context
 def quickstart_cmd(ctx: click.Context, directory: str | None, as_json: bool) -> None:
     """Check the install in a minute, offline: build a tiny random-weight Stable Diffusion
@@ -161,7 +164,6 @@ def quickstart_cmd(ctx: click.Context, directory: str | None, as_json: bool) -> 
     from diffeat.core.config import load_config
     from diffeat.core.images import as_input
     from diffeat.core.pipeline import Pipeline
-    from diffeat.store import FeatureStore
 
     files = QuickstartFiles(Path(directory) if directory else default_directory())
     quiet = is_quiet(ctx) or as_json
@@ -171,7 +173,7 @@ def quickstart_cmd(ctx: click.Context, directory: str | None, as_json: bool) -> 
     if not quiet:
         what = "built the tiny offline model" if built else "reusing the tiny model"
         click.echo(f"{what}: {files.model}", err=True)
-    pipe = Pipeline(load_config(files.config), store=FeatureStore(files.store))
+    pipe = Pipeline(load_config(files.config), store=open_store(str(files.store)))
     src, tgt = as_input(files.source), as_input(files.target)
     result = pipe.match(src, tgt, list(POINTS))
     plot: Path | None = files.plot

@@ -55,8 +55,9 @@ def store_info(path: str, as_json: bool) -> None:
             click.echo(f"- {key}: plugin {ex.get('plugin')}, model {model}")
         layers = ", ".join(layer["name"] for layer in ex.get("layers", []))
         click.echo(f"    layers: {layers}; timesteps: {ex.get('timesteps')}")
+        dtype = f" ({ex['dtype']})" if ex.get("dtype") else ""
         click.echo(
-            f"    {ex['entries']} complete entries, "
+            f"    {ex['entries']} complete entries{dtype}, "
             f"{'?' if ex['incomplete'] is None else ex['incomplete']} incomplete, "
             f"{_mb(ex['bytes'])} on disk"
         )

@@ -10,7 +10,15 @@ from typing import TYPE_CHECKING
 
 import click
 
-from diffeat.cli.common import collect_overrides, config_options, emit_json, is_quiet
+from diffeat.cli.common import (
+    collect_overrides,
+    config_options,
+    emit_json,
+    is_quiet,
+    open_store,
+    store_dtype,
+    store_dtype_option,
+)
 from diffeat.cli.datasets_common import dataset_option
 from diffeat.core.errors import ConfigError
 
@@ -93,6 +101,7 @@ def _summary(report: TrainReport) -> str:
     is_flag=True,
     help="Fail (listing them) instead of extracting images whose features are not stored.",
 )
+@store_dtype_option
 @config_options
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
 @click.pass_context
@@ -122,7 +131,6 @@ def train_cmd(
     from diffeat.cli.datasets_common import dataset_from_cli, extract_command
     from diffeat.core.config import load_config
     from diffeat.core.pipeline import Pipeline
-    from diffeat.store import FeatureStore
     from diffeat.train.loop import train, trainable_aggregator, training_stage
     from diffeat.train.options import train_options
 
@@ -134,7 +142,7 @@ def train_cmd(
     options = train_options(cfg.train, config)
     if steps is not None:
         options = dataclasses.replace(options, steps=steps)
-    pipe = Pipeline(cfg, store=FeatureStore(store_path))
+    pipe = Pipeline(cfg, store=open_store(store_path))
     aggregator = trainable_aggregator(pipe)  # refuse an untrainable pipeline before any dataset
 
     train_pairs = list(dataset_from_cli(dataset_name, root, split, dataset_options).pairs())
@@ -158,6 +166,7 @@ def train_cmd(
             options=dataset_options,
             store=store_path,
             overrides=extractor_overrides,
+            store_dtype=store_dtype(),
         )
         for s in ([split, val_split] if validating and val_split != split else [split])
     ]

@@ -307,7 +307,8 @@ class FeatureStorage(Protocol):
     builds those keys.
     """
 
-    #: the storage precision of feature values (``"float16"`` or ``"float32"``)
+    #: the storage precision of feature values (``"float16"``, ``"float32"`` or ``"bfloat16"``;
+    #: any but float16 is part of the cache key, see ``diffeat.core.sources``)
     dtype: str
     #: where the store lives (a worker process reopens it from here)
     path: str | os.PathLike[str]

@@ -45,14 +45,20 @@ from diffeat.core.writer import BackgroundWriter, WriteResult
 STORE_KEY_VERSION = 1
 
 
-def extractor_cache_key(plugin: str, options: Any, model_identity: dict[str, Any]) -> str:
-    """The store key of an extractor: plugin + result-affecting options + model identity."""
+def extractor_cache_key(
+    plugin: str, options: Any, model_identity: dict[str, Any], store_dtype: str = "float16"
+) -> str:
+    """The store key of an extractor: plugin + result-affecting options + model identity,
+    and the store's storage dtype when it is not the default float16 (so float32 and
+    bfloat16 entries are entries of their own, and float16 keys stay as they were)."""
     data = {
         "v": STORE_KEY_VERSION,
         "plugin": plugin,
         "config": options_dict(options, cache_only=True),
         "model": model_identity,
     }
+    if store_dtype != "float16":
+        data["store_dtype"] = store_dtype
     return f"{plugin}-{config_digest(data)[:20]}"
 
 
@@ -131,7 +137,10 @@ class FeatureSource:
     def cache_key(self) -> str:
         if self._cache_key is None:
             self._cache_key = extractor_cache_key(
-                self.stage.plugin, self.stage.options, self.extractor.model_identity()
+                self.stage.plugin,
+                self.stage.options,
+                self.extractor.model_identity(),
+                getattr(self.store, "dtype", "float16"),
             )
         return self._cache_key
 

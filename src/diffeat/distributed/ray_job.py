@@ -125,13 +125,15 @@ class ExtractWorker:
     use a subclass that kills its process once.
     """
 
-    def __init__(self, config: dict[str, Any], config_source: str, store: str) -> None:
+    def __init__(
+        self, config: dict[str, Any], config_source: str, store: str, store_dtype: str = "float16"
+    ) -> None:
         #: a user error building the pipeline here (a plugin or store this node lacks) is
         #: reported by the first batch, so that the driver raises it with its message
         self.error: DiffeatError | None = None
         try:
             cfg = parse_config(config, source=config_source)
-            self.pipe = Pipeline(cfg, store=open_store(store))
+            self.pipe = Pipeline(cfg, store=open_store(store, dtype=store_dtype))
             self.sources = len(cfg.extractors)
         except DiffeatError as exc:
             self.error = exc
@@ -238,6 +240,7 @@ def ray_extract(
     cpus_per_worker: float = 1.0,
     progress: Progress | None = None,
     worker_class: type[ExtractWorker] = ExtractWorker,
+    store_dtype: str = "float16",
 ) -> ExtractReport:
     """Extract ``images`` (file paths, :class:`~diffeat.core.datasets.ImageRef` s or a
     :class:`~diffeat.core.datasets.LazyImages`) into the store at ``store`` on a Ray cluster.
@@ -250,7 +253,9 @@ def ray_extract(
     of the cluster, or 1 without GPUs), each with ``gpus_per_worker`` GPUs (default 1
     where the cluster has GPUs, else 0) and ``cpus_per_worker`` CPUs. ``batch_size``:
     images per actor call, the unit a lost worker costs. ``progress.update(n)`` counts
-    finished images. Returns the counts of one ``Pipeline.extract`` over all images.
+    finished images. ``store_dtype``: the storage dtype the actors open the store with
+    (``--store-dtype``; part of the cache key). Returns the counts of one
+    ``Pipeline.extract`` over all images.
     """
     ray = import_ray()
     cfg = config if isinstance(config, PipelineConfig) else load_config(config)
@@ -276,6 +281,7 @@ def ray_extract(
                 "config": cfg.resolved(),
                 "config_source": cfg.source,
                 "store": os.fspath(store),
+                "store_dtype": store_dtype,
             },
             compute=ray.data.ActorPoolStrategy(size=pool),
             num_gpus=gpus,

@@ -33,6 +33,7 @@ import torch
 from diffeat.core.errors import StoreError
 from diffeat.core.features import FeatureSet
 from diffeat.store.format import (
+    BFLOAT16_VERSIONS,
     CHECKSUM_VERSION,
     COMPLETE_ATTR,
     DATA_ATTR,
@@ -40,16 +41,21 @@ from diffeat.store.format import (
     FORMAT_VERSION,
     LOCAL_FORMAT_VERSION,
     ROOT_ATTR,
+    STORAGE_DTYPES,
     TIMESTEP_ARRAY,
     check_storage_dtype,
     chunk_keys,
     features_json,
     group_json,
+    holds_bfloat16,
+    itemsize,
+    layout_version,
     parse_group_json,
     timestep_json,
     to_bytes,
     to_json_value,
     torch_dtype,
+    zarr_data_type,
 )
 from diffeat.store.keys import check_key, check_layer_key, is_valid_key
 from diffeat.store.xarray_view import with_coordinates
@@ -62,6 +68,10 @@ __all__ = ["DamagedEntry", "DamagedRootError", "FeatureStore", "MissingEntry", "
 
 _FLOAT16_SOURCES = (torch.float32, torch.float64, torch.bfloat16)
 _FLOAT16_MAX = 65504.0
+#: bfloat16 has float32's exponent range: only the few float32 values within one bfloat16
+#: rounding step of float32's maximum (and larger float64 ones) would become inf
+_BFLOAT16_SOURCES = (torch.float32, torch.float64)
+_BFLOAT16_MAX = float(torch.finfo(torch.bfloat16).max)
 COMMIT_ATTEMPTS = 16
 #: suffixes of the folders of writes in progress and of removals in progress; both end in
 #: ``.partial``, which no key may, so listings never show them
@@ -174,6 +184,8 @@ def restore_root(path: str | os.PathLike[str]) -> bool:
         return False
     store = ZarrFolder(folder, read_only=False)
     version = CHECKSUM_VERSION if _has_checksums(folder) else 1
+    if version == CHECKSUM_VERSION and _has_bfloat16(folder):
+        version = BFLOAT16_VERSIONS[version]
     run(store.write("zarr.json", group_json({ROOT_ATTR: {"format_version": version}})))
     return True
 
@@ -187,6 +199,20 @@ def _has_checksums(folder: Path) -> bool:
         except (OSError, ValueError, AttributeError):
             continue
         return any(isinstance(c, dict) and c.get("name") == "crc32c" for c in codecs)
+    return False
+
+
+def _has_bfloat16(folder: Path) -> bool:
+    """Whether an entry under ``folder`` records a bfloat16 layer (its store is then format 4)."""
+    for meta in folder.glob("*/*/zarr.json"):
+        try:
+            layers = (parse_group_json(meta.read_bytes()) or {}).get("layers")
+        except OSError:
+            continue
+        if isinstance(layers, dict) and any(
+            isinstance(spec, dict) and spec.get("dtype") == "bfloat16" for spec in layers.values()
+        ):
+            return True
     return False
 
 
@@ -226,14 +252,15 @@ class DamagedEntry(StoreError):
         )
 
 
-def _overflows_float16(src: torch.Tensor) -> bool:
-    """True if a finite value of ``src`` would become inf in float16."""
+def _overflows(src: torch.Tensor, limit: float = _FLOAT16_MAX) -> bool:
+    """True if a finite value of ``src`` is beyond ``limit`` in size (the largest finite
+    value of the storage dtype: float16's by default)."""
     if not src.numel():
         return False
     lo, hi = torch.aminmax(src)  # one fast pass; the exact check only when it fails
-    if -_FLOAT16_MAX <= float(lo) and float(hi) <= _FLOAT16_MAX:
+    if -limit <= float(lo) and float(hi) <= limit:
         return False
-    return bool(((src.abs() > _FLOAT16_MAX) & src.isfinite()).any())
+    return bool(((src.abs() > limit) & src.isfinite()).any())
 
 
 async def gather_all(coros) -> list[Any]:
@@ -269,8 +296,10 @@ class FeatureStore:
     ``mode="a"`` opens the store for reading and writing and creates it if the
     folder is missing or empty; ``mode="r"`` opens an existing store read-only.
     ``dtype`` is the storage dtype of the feature arrays this handle writes:
-    ``"float16"`` (default) or ``"float32"``. Reads return whatever was stored,
-    cast to the dtype asked for.
+    ``"float16"`` (default), ``"float32"`` (exact for float32 features) or
+    ``"bfloat16"`` (the raw bits in ``uint16`` arrays; the store's first bfloat16
+    write moves it to format 4, or 5 on object storage: docs/store-format.md,
+    *Storage dtypes*). Reads return whatever was stored, cast to the dtype asked for.
     """
 
     FORMAT_VERSION = FORMAT_VERSION
@@ -348,7 +377,7 @@ class FeatureStore:
                 "feature store (or its root metadata is damaged): choose another path"
             )
         version = root_version(path, attrs)
-        if version > LOCAL_FORMAT_VERSION and self.mode == "a":
+        if layout_version(version) > LOCAL_FORMAT_VERSION and self.mode == "a":
             raise StoreError(
                 f"{path} is a format {version} store (written on object storage, then copied "
                 "here): a local path can read it but not write into it; open it with mode='r', "
@@ -501,7 +530,7 @@ class FeatureStore:
         nbytes = 0
         for name, spec in attrs["layers"].items():
             shape = [int(s) for s in spec["shape"]]
-            size = int(np.prod(shape)) * np.dtype(spec["dtype"]).itemsize
+            size = int(np.prod(shape)) * itemsize(spec["dtype"])
             layers[name] = {"shape": shape, "dtype": spec["dtype"], "nbytes": size}
             nbytes += size
         return {
@@ -625,10 +654,33 @@ class FeatureStore:
             "meta": meta,
         }
         timesteps = np.asarray(features.timesteps, dtype=np.int64)
+        self._allow_bfloat16()
         try:
             return run(self._aput(cache_key, prefix, arrays, timesteps, attrs, replace))
         except self._io_errors() as exc:
             raise StoreError(f"writing {prefix} into {self.path} failed: {exc}") from exc
+
+    def _allow_bfloat16(self) -> None:
+        """Before this handle's first bfloat16 layer goes into a store whose format version
+        does not allow bfloat16 layers, move its root to the version that does (2 -> 4 on a
+        disk, 3 -> 5 on object storage), so that an older diffeat refuses the store instead
+        of taking those layers for damage. Several writers doing this at once write the
+        same root document."""
+        if self.dtype != "bfloat16" or holds_bfloat16(self.format_version):
+            return
+        new = BFLOAT16_VERSIONS.get(self.format_version)
+        if new is None:
+            raise StoreError(
+                f"{self.path} is a format {self.format_version} store, which cannot hold "
+                "bfloat16 layers: store float16 or float32 there, or extract into a new store"
+            )
+        attrs = parse_group_json(self._read_now("zarr.json")) or {}
+        marker = attrs.get(ROOT_ATTR)
+        marker = dict(marker) if isinstance(marker, dict) else {}
+        if marker.get("format_version") != new:
+            marker["format_version"] = new
+            run(self._store.write("zarr.json", group_json({**attrs, ROOT_ATTR: marker})))
+        self.format_version = new
 
     def _io_errors(self) -> tuple[type[BaseException], ...]:
         """The exceptions of a failed write that become a StoreError (disk full, ...)."""
@@ -637,12 +689,20 @@ class FeatureStore:
     def _to_numpy(self, image_key: str, name: str, tensor: torch.Tensor) -> np.ndarray:
         target = torch_dtype(self.dtype)
         src = tensor.detach()
-        if target == torch.float16 and src.dtype in _FLOAT16_SOURCES and _overflows_float16(src):
+        limit = None
+        if target == torch.float16 and src.dtype in _FLOAT16_SOURCES:
+            limit = _FLOAT16_MAX
+        elif target == torch.bfloat16 and src.dtype in _BFLOAT16_SOURCES:
+            limit = _BFLOAT16_MAX
+        if limit is not None and _overflows(src, limit):
             raise StoreError(
-                f"layer {name!r} of image {image_key!r} has values beyond the float16 range "
-                f"(|x| > {_FLOAT16_MAX:g}): open the FeatureStore with dtype='float32'"
+                f"layer {name!r} of image {image_key!r} has values beyond the {self.dtype} range "
+                f"(|x| > {limit:g}): open the FeatureStore with dtype='float32' "
+                "(--store-dtype float32)"
             )
         out = src.to(target)  # cast before leaving the GPU: half the bytes to copy
+        if target == torch.bfloat16:  # numpy has no bfloat16: its raw bits, as uint16
+            return out.cpu().contiguous().view(torch.int16).numpy().view(np.uint16)
         return out.cpu().contiguous().numpy()
 
     async def _aput(
@@ -863,7 +923,7 @@ class FeatureStore:
             )
         except Exception as exc:
             stored = await self._adata_type(path)
-            if stored is not None and stored != spec.get("dtype"):  # say the likely cause
+            if stored is not None and stored != zarr_data_type(spec.get("dtype")):
                 what = f"its dtype {stored} is not the entry's recorded {spec.get('dtype')}"
             elif "checksum" in str(exc).lower():
                 what = "a chunk's crc32c checksum does not match its bytes (they changed on disk)"
@@ -875,7 +935,7 @@ class FeatureStore:
             raise self._damaged(
                 path, f"its shape {list(data.shape)} is not the entry's recorded {shape}"
             )
-        if data.dtype.name != spec.get("dtype"):
+        if data.dtype.name != zarr_data_type(spec.get("dtype")):
             raise self._damaged(
                 path, f"its dtype {data.dtype.name} is not the entry's recorded {spec.get('dtype')}"
             )
@@ -887,7 +947,10 @@ class FeatureStore:
                 f"{len(missing)} of its chunk files are missing ({', '.join(missing[:3])}"
                 f"{', ...' if len(missing) > 3 else ''}); they would read as NaN",
             )
-        tensor = torch.from_numpy(data)
+        if spec.get("dtype") == "bfloat16":  # the raw bits of bfloat16 values, as uint16
+            tensor = torch.from_numpy(data.view(np.int16)).view(torch.bfloat16)
+        else:
+            tensor = torch.from_numpy(data)
         if cast is None or tensor.dtype == cast:
             return tensor
         # the cast runs in a worker thread, overlapping with the other layers' reads
@@ -912,7 +975,9 @@ class FeatureStore:
             if not isinstance(spec, dict) or not isinstance(spec.get("shape"), list):
                 problems.append(f"layer {name!r} has no recorded shape")
                 continue
-            dtype = torch.float16 if spec.get("dtype") == "float16" else torch.float32
+            recorded = spec.get("dtype")
+            known = isinstance(recorded, str) and recorded in STORAGE_DTYPES
+            dtype = torch_dtype(recorded) if known else torch.float32
             try:
                 fs = self.get(cache_key, image_key, dtype=dtype, layers=[name])
             except MissingEntry:
@@ -1029,6 +1094,7 @@ class FeatureStore:
                 "entries": len(complete),
                 "incomplete": len(incomplete),
                 "bytes": await asyncio.to_thread(self._stored_bytes, key),
+                "dtype": await self._asample_dtype(key, complete),
             }
             if info is None:
                 summary[key]["damaged"] = self._damaged_info(key)
@@ -1038,6 +1104,18 @@ class FeatureStore:
             "extractors": summary,
             "bytes": await asyncio.to_thread(self._stored_bytes, ""),
         }
+
+    async def _asample_dtype(self, cache_key: str, complete: list[str]) -> str | None:
+        """The storage dtype of the entries under ``cache_key``, read from the first complete
+        one (None: no entry). A source writes one dtype per cache key (the cache key names
+        any storage dtype but float16); entries of several give ``"mixed (...)"``."""
+        for image_key in complete[:1]:
+            attrs = await self._aentry(f"{cache_key}/{image_key}")
+            layers = attrs.get("layers", {}) if attrs else {}
+            dtypes = sorted({str(spec.get("dtype")) for spec in layers.values()})
+            if dtypes:
+                return dtypes[0] if len(dtypes) == 1 else f"mixed ({', '.join(dtypes)})"
+        return None
 
     # ------------------------------------------------------------------ xarray
 

@@ -51,6 +51,7 @@ from diffeat.store.format import (
     ROOT_ATTR,
     check_storage_dtype,
     group_json,
+    layout_version,
     parse_group_json,
 )
 from diffeat.store.keys import check_key, is_valid_key
@@ -171,7 +172,7 @@ class ObjectFeatureStore(FeatureStore):
                 "a diffeat feature store (or its root metadata is damaged): choose another prefix"
             )
         version = root_version(self.path, attrs)
-        if version < OBJECT_FORMAT_VERSION and self.mode == "a":
+        if layout_version(version) < OBJECT_FORMAT_VERSION and self.mode == "a":
             raise StoreError(
                 f"{self.path} is a format {version} store (copied from a local disk): on object "
                 "storage it can be read (mode='r') but not written, since format "
@@ -186,7 +187,7 @@ class ObjectFeatureStore(FeatureStore):
 
     @property
     def _indexed(self) -> bool:
-        return self.format_version >= OBJECT_FORMAT_VERSION
+        return layout_version(self.format_version) >= OBJECT_FORMAT_VERSION
 
     def _xarray_target(self) -> Any:
         return self._store.zarr_store
@@ -317,15 +318,18 @@ class ObjectFeatureStore(FeatureStore):
                 state = await self._aindex(key, compact=True)
                 count, incomplete = len(state), None  # only a LIST of everything can tell
                 nbytes = sum(int(v[1]) for v in state.values())
+                names = sorted(state)
             else:
                 complete, partial = await self._ascan(key)
                 count, incomplete = len(complete), len(partial)
                 nbytes = sum(int(m["size"]) for m in await self._store.list_objects(key))
+                names = complete
             summary[key] = {
                 **(info or {}),
                 "entries": count,
                 "incomplete": incomplete,
                 "bytes": nbytes,
+                "dtype": await self._asample_dtype(key, names),
             }
             if info is None:
                 summary[key]["damaged"] = self._damaged_info(key)

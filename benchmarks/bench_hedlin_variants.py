@@ -8,8 +8,10 @@ synthetic textures (known transforms, so the ground truth is exact). Every varia
 variant the wall seconds per source point (and its split: optimisation, inference), the VAE
 encodes and UNet calls per point, the PCK@0.05 / @0.1 on the synthetic set, and the agreement
 with the official recipe's predictions: the mean and median distance (in the protocol's 512 x
-512 squashed frame) of each variant's points to the official points, and the share of points
-that are the same.
+512 squashed frame) of each variant's points to the official points, the share of points
+that are the same, and the Pearson correlation of each point's attention map (the layers' mean
+softmax map, whose argmax is the match) with the official one, averaged over the points: a
+graded measure where the argmax of a nearly flat map jumps.
 
 On the tiny random-weight model (the default, which runs on a CPU) the matcher cannot find
 correspondences: its PCK is near chance, and the agreement figures say only how much a variant
@@ -111,6 +113,7 @@ def _options(name: str, args: argparse.Namespace, model: Path) -> dict[str, Any]
         "device": args.device,
         "max_batch": args.max_batch or args.points * VARIANTS[name].get("restarts", 5),
         "progress": False,
+        "return_maps": True,
         **changed,
     }
 
@@ -148,6 +151,15 @@ def _run(name: str, args: argparse.Namespace, model: Path, bench: Path) -> dict[
             return out
 
         setattr(matcher, phase, timed)
+    maps: list[Any] = []  # each point's attention map (mean over layers of the softmax maps)
+    inner_match = matcher.match
+
+    def match(*a: Any, **k: Any) -> Any:
+        result = inner_match(*a, **k)
+        maps.extend(result.extras["attention"].mean(dim=1).numpy())
+        return result
+
+    matcher.match = match
     encoded: list[int] = []
     matcher.parts.vae.encoder.register_forward_hook(lambda m, a, o: encoded.append(len(a[0])))
     dataset = Synthetic(SPairOptions(root=str(bench)))
@@ -157,7 +169,11 @@ def _run(name: str, args: argparse.Namespace, model: Path, bench: Path) -> dict[
     n_points = sum(len(o.predicted) for o in ev.outcomes)
     o = matcher.options
     return {
-        "options": {k: v for k, v in matcher_options.items() if k not in ("plugin", "model")},
+        "options": {
+            k: v
+            for k, v in matcher_options.items()
+            if k not in ("plugin", "model", "progress", "return_maps")
+        },
         "load_s": load_s,
         "seconds": seconds,
         "points": n_points,
@@ -169,6 +185,7 @@ def _run(name: str, args: argparse.Namespace, model: Path, bench: Path) -> dict[
         "unet_passes_per_point": o.restarts * (o.steps + o.crops),  # batch rows
         "pck": {str(a): ev.headline(alpha=a) for a in (0.05, 0.1)},
         "predicted": [np.asarray(out.predicted).tolist() for out in ev.outcomes],
+        "maps": maps,
         "target_sizes": [list(out.pair.target_size) for out in ev.outcomes],
     }
 
@@ -258,7 +275,7 @@ def _print_runs(runs: dict[str, dict[str, Any]], cpu_ratio: bool) -> None:
     head = (
         "| variant | s / point | CPU s / point | optimise | inference | x official "
         "| VAE encodes / point | UNet passes / point | PCK@0.05 | PCK@0.1 "
-        "| to official: mean px | median px | same |"
+        "| to official: mean px | median px | same | map r |"
     )
     print(head)
     print("|" + "---|" * (head.count("|") - 1))
@@ -270,7 +287,8 @@ def _print_runs(runs: dict[str, dict[str, Any]], cpu_ratio: bool) -> None:
             f"| {official[key] / run[key]:.2f} "
             f"| {run['vae_encodes_per_point']:.0f} | {run['unet_passes_per_point']} "
             f"| {fmt(run['pck']['0.05'], '.3f')} | {fmt(run['pck']['0.1'], '.3f')} "
-            f"| {a['mean_px']:.1f} | {a['median_px']:.1f} | {100 * a['same_share']:.0f}% |"
+            f"| {a['mean_px']:.1f} | {a['median_px']:.1f} | {100 * a['same_share']:.0f}% "
+            f"| {a['map_correlation']:.3f} |"
         )
 
 
@@ -283,10 +301,12 @@ def _agreement(run: dict[str, Any], official: dict[str, Any]) -> dict[str, float
         scale = np.array([512 / w, 512 / h])
         dists.append(np.linalg.norm((np.asarray(pred) - np.asarray(ref)) * scale, axis=1))
     d = np.concatenate(dists) if dists else np.zeros(0)
+    corr = [np.corrcoef(m.ravel(), r.ravel())[0, 1] for m, r in zip(run["maps"], official["maps"])]
     return {
         "mean_px": float(d.mean()),
         "median_px": float(np.median(d)),
         "same_share": float((d < 1e-6).mean()),
+        "map_correlation": float(np.mean(corr)),
     }
 
 
@@ -342,6 +362,8 @@ def main() -> None:
     official = runs["official"]
     for run in runs.values():
         run["agreement"] = _agreement(run, official)
+    for run in runs.values():
+        del run["maps"]  # not for the JSON
     print(
         f"\n{args.model} model, {args.size} px, {args.steps} steps, {args.device}, "
         f"{official['points']} source points on {args.pairs} synthetic pairs; load average "

@@ -251,7 +251,8 @@ for f in sorted(Path(sys.argv[1]).glob("*.json")):
             a = r.get("agreement", {})
             print(f"  {name:11} {r['s_per_point']:.3f} s/point "
                   f"(x{off.get('s_per_point', 0) / r['s_per_point']:.2f}), PCK@0.1 "
-                  f"{r['pck'].get('0.1')}, to official mean {a.get('mean_px', 0):.1f} px")
+                  f"{r['pck'].get('0.1')}, to official mean {a.get('mean_px', 0):.1f} px, "
+                  f"map r {a.get('map_correlation', 0):.3f}")
     elif "inversion" in d or "training" in d:
         inv, tr = d.get("inversion") or {}, d.get("training") or {}
         if inv:

@@ -165,7 +165,7 @@ def test_crop_bank_encodes_n_crops_per_point_not_one_a_step(
     banked = _matcher(tiny_sd, steps=steps, restarts=restarts, crop_bank=n)
     encoded = _count_encoded(banked)
     starts: list[list[tuple[int, int]]] = []
-    inner = banked.crop_bank
+    inner = banked.crop_bank_of
 
     def recorded(img: torch.Tensor, point: tuple[float, float]):
         bank = inner(img, point)
@@ -173,7 +173,7 @@ def test_crop_bank_encodes_n_crops_per_point_not_one_a_step(
             starts.append(bank.starts)
         return bank
 
-    banked.crop_bank = recorded  # type: ignore[method-assign]
+    banked.crop_bank_of = recorded  # type: ignore[method-assign]
     jobs = banked.jobs([(32.0, 30.0)], "optimise")
     banked.optimise(image, jobs)
     (bank,) = starts
@@ -211,14 +211,14 @@ def test_crop_bank_steps_use_the_banked_crops(
         return real(point, x0, y0, crop, size, sigma)
 
     banks: list[list[tuple[int, int]]] = []
-    inner = matcher.crop_bank
+    inner = matcher.crop_bank_of
 
     def recorded(img, point):
         bank = inner(img, point)
         banks.append(bank.starts)
         return bank
 
-    matcher.crop_bank = recorded  # type: ignore[method-assign]
+    matcher.crop_bank_of = recorded  # type: ignore[method-assign]
     monkeypatch.setattr(module, "gaussian_target", spy)
     matcher.optimise(squashed(source.image, SIZE), matcher.jobs([(40.0, 25.0)], "optimise"))
     assert len(seen) == 10 and set(seen) <= set(banks[0])
@@ -238,3 +238,27 @@ def test_crop_bank_match_and_batching(tiny_sd: Path, views: tuple[View, View]) -
     # and the bank is not the official per-step crop (the losses differ)
     official = _matcher(tiny_sd).match(source, target, points)
     assert not torch.allclose(official.extras["losses"][..., 1], one.extras["losses"][..., 1])
+
+
+def test_cli_takes_the_variants_and_names_a_bad_dtype(tiny_sd: Path, tmp_path: Path) -> None:
+    from clihelp import run, run_json
+
+    root = Path(__file__).resolve().parents[1]
+    a, b = tmp_path / "a.png", tmp_path / "b.png"
+    smooth_texture((80, 60), seed=1).save(a)
+    smooth_texture((48, 64), seed=2).save(b)
+    common = [
+        "match", root / "examples" / "hedlin-sd14.toml", a, b, "--point", "30,20",
+        "--model", str(tiny_sd), "--device", "cpu", "--set", "matcher.size=64",
+        "--set", "matcher.steps=2", "--set", "matcher.restarts=1", "--set", "matcher.crops=4",
+    ]  # fmt: skip
+    out = run_json(
+        *common, "--set", 'matcher.dtype="bfloat16"', "--set", "matcher.crop_bank=3", timeout=600
+    )
+    (row,) = out["matches"]
+    assert 0 <= row["target"][0] < 48 and 0 <= row["target"][1] < 64
+    proc = run(*common, "--set", 'matcher.dtype="half"', check=2, timeout=600)
+    assert "(cross-attention).dtype: 'half' is not one of 'float32', 'float16', 'bfloat16'" in (
+        proc.stderr
+    )
+    assert "Traceback" not in proc.stderr

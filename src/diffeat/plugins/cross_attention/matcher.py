@@ -230,7 +230,7 @@ class CrossAttentionMatcher(Matcher):
         finally:
             self._banks = {}
 
-    def crop_bank(self, image: torch.Tensor, point: Point) -> CropBank:
+    def crop_bank_of(self, image: torch.Tensor, point: Point) -> CropBank:
         """The bank of ``point`` on the squashed source ``image``: ``crop_bank`` crop starts
         drawn by the official rule from a generator of (``seed``, point) (shared by the
         point's restarts), each distinct start encoded once, ``max_batch`` crops a VAE call."""
@@ -265,7 +265,7 @@ class CrossAttentionMatcher(Matcher):
                 crops, banked, targets, noises = [], [], [], []
                 for job in jobs:
                     if o.crop_bank:
-                        bank = self.crop_bank(image, job.point)
+                        bank = self.crop_bank_of(image, job.point)
                         pick = torch.randint(0, len(bank.starts), (1,), generator=job.generator)
                         x0, y0 = bank.starts[int(pick.item())]
                         banked.append(bank.latents[(x0, y0)])

@@ -26,6 +26,10 @@
 #              batched vs one (point, restart, crop) per UNet call, same seed, 2 points,
 #              HEDLIN_STEPS (32) of the official 129 steps (the ratio does not depend on them)
 #              -> $OUT/hedlin_cuda.json
+#     hedlinvar bench_hedlin_variants.py: the matcher's result-changing speed-ups (restarts 2 / 1,
+#              crops 8 / 4, float16, bfloat16, a crop bank, all combined) against the official
+#              recipe on SD 1.5 at 512 px, 2 synthetic pairs x 1 point, HEDLIN_STEPS (32) steps:
+#              s/point and agreement with the official points -> $OUT/hedlin_variants_cuda.json
 #   all output goes to $OUT/gpu_log.txt too; a summary of the JSON files ends the log.
 #
 # Environment (all optional): OUT (default benchmarks/out/gpu), PYTHON (python3),
@@ -45,7 +49,7 @@ START=$SECONDS
 PY=${PYTHON:-python3}
 DEVICE=${GPU_CHECK_DEVICE:-cuda}
 BUDGET=${GPU_CHECK_BUDGET:-540}
-STEPS=${GPU_CHECK_STEPS:-"throughput dift16 hedlin hyper base32 base16 dift32 sddino"}
+STEPS=${GPU_CHECK_STEPS:-"throughput dift16 hedlin hyper base32 base16 dift32 sddino hedlinvar"}
 SITE=${GPU_CHECK_SITE:-/tmp/site}
 MODELS=${GPU_CHECK_MODELS:-benchmarks/out}
 OUT=${OUT:-benchmarks/out/gpu}
@@ -187,7 +191,11 @@ for step in $STEPS; do
     hedlin)
         run_step hedlin 240 "$PY" benchmarks/bench_hedlin.py --device "$DEVICE" --sd-dir "$SD15" \
             --points 2 --steps "${HEDLIN_STEPS:-32}" --json "$OUT/hedlin_${DEVICE%%:*}.json" ;;
-    *) log "=== unknown step $step (known: throughput dift16 hedlin dift32 base32 base16 hyper sddino)" ;;
+    hedlinvar)
+        run_step hedlinvar 240 "$PY" benchmarks/bench_hedlin_variants.py --model sd15 \
+            --sd-dir "$SD15" --device "$DEVICE" --pairs 2 --points 1 --steps "${HEDLIN_STEPS:-32}" \
+            --json "$OUT/hedlin_variants_${DEVICE%%:*}.json" ;;
+    *) log "=== unknown step $step (known: throughput dift16 hedlin hedlinvar dift32 base32 base16 hyper sddino)" ;;
     esac
 done
 
@@ -237,6 +245,14 @@ for f in sorted(Path(sys.argv[1]).glob("*.json")):
         for key in ("captioner_cost_ratio", "fp32_over_fp16"):
             if key in d:
                 print(f"  {key} {d[key]:.3f}")
+    elif isinstance(d.get("runs"), dict) and f.name.startswith("hedlin_variants"):
+        off = d["runs"].get("official", {})
+        for name, r in d["runs"].items():
+            a = r.get("agreement", {})
+            print(f"  {name:11} {r['s_per_point']:.3f} s/point "
+                  f"(x{off.get('s_per_point', 0) / r['s_per_point']:.2f}), PCK@0.1 "
+                  f"{r['pck'].get('0.1')}, to official mean {a.get('mean_px', 0):.1f} px, "
+                  f"map r {a.get('map_correlation', 0):.3f}")
     elif "inversion" in d or "training" in d:
         inv, tr = d.get("inversion") or {}, d.get("training") or {}
         if inv:

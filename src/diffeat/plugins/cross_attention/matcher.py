@@ -11,6 +11,13 @@ the match. Every random draw comes from a per-(point, restart) seeded generator,
 so batching several optimisations in one UNet call (``max_batch``) changes
 nothing.
 
+Speed-ups that change results are options, off by default: ``dtype`` runs the
+UNet and VAE in float16 or bfloat16 (the contexts, Adam, the attention
+probabilities and the loss stay float32), and ``crop_bank = N`` encodes N random
+crops per source point once and draws each step's crop from them instead of
+encoding a new one every step (each step's crop still follows the official
+rule's distribution; crops repeat across steps and restarts).
+
 With a feature store the optimised contexts of each source point are kept there
 (:class:`~diffeat.core.query_cache.QueryCache`, float32, with their loss
 curves) as soon as the point's restarts are done: a second target, a rerun or
@@ -20,16 +27,17 @@ result bit for bit.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 import torch.nn.functional as F
 
 from diffeat.core.components import Matcher, MatchResult, View
 from diffeat.core.devices import pick_device
-from diffeat.core.errors import ConfigError
+from diffeat.core.errors import ConfigError, DiffeatError
 from diffeat.core.features import FeatureSet
 from diffeat.core.geometry import ImageTransform, check_points
 from diffeat.core.progress import progress_bar
@@ -48,10 +56,16 @@ from diffeat.plugins.cross_attention.crops import (
     squashed,
     stream_seed,
 )
-from diffeat.plugins.cross_attention.model import DiffusionParts, load_diffusion_parts, model_folder
+from diffeat.plugins.cross_attention.model import (
+    DTYPES,
+    DiffusionParts,
+    load_diffusion_parts,
+    model_folder,
+)
 from diffeat.plugins.cross_attention.options import CrossAttentionOptions
 
 Point = tuple[float, float]
+T = TypeVar("T")
 
 
 @dataclass
@@ -65,8 +79,32 @@ class Job:
     losses: list[float] = field(default_factory=list)
 
 
-def _chunks(items: list[Job], size: int) -> list[list[Job]]:
+@dataclass
+class CropBank:
+    """One source point's pre-encoded crops: ``starts[i]`` is drawn by the official rule and
+    ``latents[starts[i]]`` is its latent (a position drawn twice is encoded once)."""
+
+    starts: list[tuple[int, int]]
+    latents: dict[tuple[int, int], torch.Tensor]
+
+
+def _chunks(items: list[T], size: int) -> list[list[T]]:
     return [items[i : i + size] for i in range(0, len(items), size)]
+
+
+@contextmanager
+def _half_on_cpu(dtype: str, device: torch.device) -> Iterator[None]:
+    """A torch without a float16 CPU kernel for an op: a clear error, not a traceback."""
+    try:
+        yield
+    except (RuntimeError, NotImplementedError) as exc:
+        if dtype == "float16" and device.type == "cpu" and "Half" in str(exc):
+            raise DiffeatError(
+                f"matcher.dtype = 'float16': this torch has no float16 CPU kernel for an op "
+                f"the UNet or VAE runs ({str(exc).splitlines()[0]}); use dtype = 'bfloat16' "
+                "or 'float32' on the CPU, or a CUDA device"
+            ) from None
+        raise
 
 
 class CrossAttentionMatcher(Matcher):
@@ -82,6 +120,7 @@ class CrossAttentionMatcher(Matcher):
         self._layers: list[CrossAttentionLayer] | None = None
         self._cache: Any = None  # a QueryCache when the pipeline has a store
         self._bar: Any = None  # the progress bar of the running match (counts UNet calls)
+        self._banks: dict[Point, CropBank] = {}  # crop_bank > 0: the banks of ``optimise``
 
     def use_cache(self, cache: Any) -> None:
         """Keep each source point's optimised contexts in ``cache`` (a ``QueryCache``)."""
@@ -94,7 +133,8 @@ class CrossAttentionMatcher(Matcher):
         """The frozen UNet, VAE encoder and noise schedule, loaded on first use."""
         if self._parts is None:
             folder = model_folder(self.options.model, self.options.revision)
-            self._parts = load_diffusion_parts(folder, torch.float32, self.device)
+            dtype = DTYPES[self.options.dtype]
+            self._parts = load_diffusion_parts(folder, dtype, self.device)
         return self._parts
 
     @property
@@ -111,9 +151,11 @@ class CrossAttentionMatcher(Matcher):
     # -- the steps shared by both phases ----------------------------------------------------
 
     def _encode(self, images: torch.Tensor) -> torch.Tensor:
-        """``[B, 3, S, S]`` in [0, 1] -> latents: the posterior mean x the scaling factor."""
-        x = images.to(self.device) * 2 - 1
-        return self.parts.vae.encode(x).latent_dist.mean * self.parts.scaling_factor
+        """``[B, 3, S, S]`` in [0, 1] -> float32 latents: the posterior mean x the scaling
+        factor (the VAE runs in its own dtype)."""
+        vae = self.parts.vae
+        x = images.to(self.device, vae.dtype) * 2 - 1
+        return vae.encode(x).latent_dist.mean.float() * self.parts.scaling_factor
 
     def _noisy(self, latents: torch.Tensor, noise: torch.Tensor, t: int) -> torch.Tensor:
         acp = self.parts.alphas_cumprod.to(latents.device)[t]
@@ -127,10 +169,15 @@ class CrossAttentionMatcher(Matcher):
     def _maps(
         self, latents: torch.Tensor, t: int, context: torch.Tensor, side: int
     ) -> torch.Tensor:
-        """``[B, L, side, side]``: each layer's token map, heads averaged, upsampled."""
-        probe = TokenAttention(self.parts.unet, self.layers, self.options.token)
+        """``[B, L, side, side]``: each layer's token map, heads averaged, upsampled.
+
+        The latents and the (float32) context are cast to the UNet's dtype here, so the
+        gradient reaches the float32 context through a half-precision UNet; the maps are
+        float32 (the probabilities are recomputed in float32)."""
+        unet = self.parts.unet
+        probe = TokenAttention(unet, self.layers, self.options.token)
         timestep = torch.tensor(t, device=latents.device)
-        calls = probe(latents, timestep, context)
+        calls = probe(latents.to(unet.dtype), timestep, context.to(unet.dtype))
         if self._bar is not None:
             self._bar.update(1)
         maps = [
@@ -166,11 +213,41 @@ class CrossAttentionMatcher(Matcher):
         done: Callable[[list[Job]], None] | None = None,
     ) -> None:
         """Optimise each job's context on the squashed source ``image`` ``[3, S, S]``;
-        ``done`` gets the jobs of each chunk once it is optimised."""
-        for chunk in _chunks(jobs, self.options.max_batch):
-            self._optimise_chunk(image, chunk)
-            if done is not None:
-                done(chunk)
+        ``done`` gets the jobs of each chunk once it is optimised. With ``crop_bank`` a
+        point's bank is built when its first job runs and dropped after its last."""
+        left: dict[Point, int] = {}
+        for job in jobs:
+            left[job.point] = left.get(job.point, 0) + 1
+        try:
+            for chunk in _chunks(jobs, self.options.max_batch):
+                self._optimise_chunk(image, chunk)
+                for job in chunk:
+                    left[job.point] -= 1
+                    if not left[job.point]:
+                        self._banks.pop(job.point, None)
+                if done is not None:
+                    done(chunk)
+        finally:
+            self._banks = {}
+
+    def crop_bank_of(self, image: torch.Tensor, point: Point) -> CropBank:
+        """The bank of ``point`` on the squashed source ``image``: ``crop_bank`` crop starts
+        drawn by the official rule from a generator of (``seed``, point) (shared by the
+        point's restarts), each distinct start encoded once, ``max_batch`` crops a VAE call."""
+        bank = self._banks.get(point)
+        if bank is not None:
+            return bank
+        o = self.options
+        size = image.shape[-1]
+        crop = crop_side(size, o.crop_percent)
+        g = torch.Generator().manual_seed(stream_seed(o.seed, "crop-bank", point, 0))
+        starts = [draw_crop(point, size, crop, o.margin, g) for _ in range(o.crop_bank)]
+        latents: dict[tuple[int, int], torch.Tensor] = {}
+        with torch.no_grad():
+            for part in _chunks(list(dict.fromkeys(starts)), o.max_batch):
+                self._crop_latents(image, part, crop, latents)
+        bank = self._banks[point] = CropBank(starts, latents)
+        return bank
 
     def _optimise_chunk(self, image: torch.Tensor, jobs: list[Job]) -> None:
         o = self.options
@@ -185,14 +262,20 @@ class CrossAttentionMatcher(Matcher):
         latent_side = size // 8
         for _ in range(o.steps):
             with torch.no_grad():
-                crops, targets, noises = [], [], []
+                crops, banked, targets, noises = [], [], [], []
                 for job in jobs:
-                    x0, y0 = draw_crop(job.point, size, crop, o.margin, job.generator)
-                    crops.append(crop_resized(image, x0, y0, crop))
+                    if o.crop_bank:
+                        bank = self.crop_bank_of(image, job.point)
+                        pick = torch.randint(0, len(bank.starts), (1,), generator=job.generator)
+                        x0, y0 = bank.starts[int(pick.item())]
+                        banked.append(bank.latents[(x0, y0)])
+                    else:
+                        x0, y0 = draw_crop(job.point, size, crop, o.margin, job.generator)
+                        crops.append(crop_resized(image, x0, y0, crop))
                     targets.append(gaussian_target(job.point, x0, y0, crop, size, o.sigma))
                     shape = torch.Size((1, self._latent_channels, latent_side, latent_side))
                     noises.append(self._draw_noise(shape, job.generator))
-                latents = self._encode(torch.stack(crops))
+                latents = torch.stack(banked) if banked else self._encode(torch.stack(crops))
                 noisy = self._noisy(latents, torch.cat(noises), o.optimise_timestep)
                 target = torch.stack(targets).to(self.device)
             maps = self._maps(noisy, o.optimise_timestep, context, size)
@@ -370,7 +453,10 @@ class CrossAttentionMatcher(Matcher):
         desc = f"cross-attention, {len(pts)} point{'s' if len(pts) != 1 else ''}"
         todo = self._reuse(source, optimised)
         total = self.unet_calls(len(todo), len(inference))
-        with progress_bar(total, desc, "UNet call", o.progress) as bar:
+        with (
+            _half_on_cpu(o.dtype, self.device),
+            progress_bar(total, desc, "UNet call", o.progress) as bar,
+        ):
             self._bar = bar
             try:
                 self._optimise_and_keep(source, src, todo)

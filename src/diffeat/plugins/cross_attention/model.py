@@ -7,6 +7,7 @@ Loaded with diffusers directly; hub snapshots and fingerprints come from the neu
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -54,7 +55,26 @@ class DiffusionParts:
         return {"fingerprint": files_fingerprint(files, self.folder)}
 
 
+#: the model dtypes of the ``dtype`` option
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def vae_dtype(folder: Path, dtype: torch.dtype) -> torch.dtype:
+    """The VAE's dtype: float32 when ``dtype`` is float16 and ``vae/config.json`` says
+    ``force_upcast`` (SDXL's VAE overflows in float16), else ``dtype``."""
+    if dtype != torch.float16:
+        return dtype
+    try:
+        config = json.loads((folder / "vae" / "config.json").read_text())
+    except (OSError, ValueError):
+        return dtype
+    return torch.float32 if config.get("force_upcast") else dtype
+
+
 def load_diffusion_parts(folder: Path, dtype: torch.dtype, device: torch.device) -> DiffusionParts:
-    """The UNet and VAE encoder on ``device``, eval mode, without gradients."""
-    unet, vae, scheduler = load_unet_vae_scheduler(folder, dtype, device)
+    """The UNet (in ``dtype``) and VAE encoder (see :func:`vae_dtype`) on ``device``, eval
+    mode, without gradients; the noise schedule in float32."""
+    unet, vae, scheduler = load_unet_vae_scheduler(
+        folder, dtype, device, vae_dtype=vae_dtype(folder, dtype)
+    )
     return DiffusionParts(unet, vae, scheduler.alphas_cumprod.float(), folder)

@@ -68,7 +68,17 @@ class CrossAttentionOptions:
     max_batch: int = opt(
         1, "independent optimisations per UNet call (results do not depend on it)", cache=False
     )
-    dtype: Literal["float32"] = opt("float32", "model dtype (the official runs float32)")
+    dtype: Literal["float32", "float16", "bfloat16"] = opt(
+        "float32",
+        "UNet and VAE dtype (the official runs float32); float16 or bfloat16 is a speed-up "
+        "that changes results: the contexts, Adam and the loss stay float32",
+    )
+    crop_bank: int = opt(
+        0,
+        "0: VAE-encode every step's random crop (official); N > 0: encode N random crops per "
+        "source point once (the same crop rule) and draw each step's crop from them",
+        cache="if-set",
+    )
     progress: bool = opt(
         True,
         "a progress bar on stderr counting UNet calls (hidden by diffeat --quiet, "
@@ -78,6 +88,10 @@ class CrossAttentionOptions:
     device: str = opt("auto", "torch device; auto: cuda if available, else cpu", cache=False)
 
     def validate(self) -> None:
+        if self.dtype not in ("float32", "float16", "bfloat16"):
+            raise ValueError(
+                f"dtype = {self.dtype!r} is not one of 'float32' (official), 'float16', 'bfloat16'"
+            )
         if not self.layers:
             raise ValueError("layers must name at least one UNet module with cross-attention")
         checks = {
@@ -92,6 +106,7 @@ class CrossAttentionOptions:
             "context_length": self.context_length >= 1,
             "token": 0 <= self.token < self.context_length,
             "max_batch": self.max_batch >= 1,
+            "crop_bank": self.crop_bank >= 0,
             "optimise_timestep": self.optimise_timestep >= 0,
             "inference_timestep": self.inference_timestep >= 0,
         }
@@ -100,5 +115,6 @@ class CrossAttentionOptions:
             name = bad[0]
             raise ValueError(
                 f"{name} = {getattr(self, name)!r} is out of range (size: a multiple of 8; "
-                f"token: below context_length; margin: below 0.5; counts: at least 1)"
+                f"token: below context_length; margin: below 0.5; crop_bank: 0 (off) or a "
+                f"number of crops; counts: at least 1)"
             )

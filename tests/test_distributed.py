@@ -483,9 +483,8 @@ def test_ray_rows_carry_paths_categories_and_decoded_pixels(photos, monkeypatch)
     monkeypatch.chdir(photos.parent)
     relative = [Path(photos.name) / "p1.png", Path(photos.name) / "broken.png"]
     rows = image_items(relative)
-    assert [r["source"] for r in rows] == [
-        str(p) for p in relative
-    ]  # reported as given (the entry stores "path")
+    # "source" is what failures report, as given; the entry stores the absolute "path"
+    assert [r["source"] for r in rows] == [str(p) for p in relative]
     assert [r["path"] for r in rows] == [str(photos / "p1.png"), str(photos / "broken.png")]
     refs = LazyImages([ImageRef(photos / "p2.png", "dog"), ImageRef(photos / "p0.png", "cat")])
     assert [(r["index"], r["category"]) for r in image_items(refs)] == [(0, "dog"), (1, "cat")]

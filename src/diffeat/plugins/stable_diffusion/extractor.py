@@ -41,7 +41,7 @@ from diffeat.core.images import (
 )
 from diffeat.core.noise import image_seed
 from diffeat.core.speed import compile_around, to_channels_last
-from diffeat.plugins.modelfiles import file_fingerprint
+from diffeat.plugins.modelfiles import file_fingerprint, hub_origin
 from diffeat.plugins.stable_diffusion.captioner import (
     ImplicitCaptioner,
     build_captioner,
@@ -179,12 +179,16 @@ class StableDiffusionExtractor(Extractor):
             compile_around(p.vae, [])
 
     def model_identity(self) -> dict[str, Any]:
-        identity = {
-            "model": self.options.model,
-            "revision": self.options.revision,
-            "fingerprint": model_fingerprint(self.folder),
-            **model_info(self.folder),
-        }
+        origin = hub_origin(self.folder)
+        if origin is not None:  # a hub snapshot: its repository and commit, nothing read
+            identity: dict[str, Any] = {**origin.identity(), **model_info(self.folder)}
+        else:
+            identity = {
+                "model": self.options.model,
+                "revision": self.options.revision,
+                "fingerprint": model_fingerprint(self.folder),
+                **model_info(self.folder),
+            }
         if self.family != "sd":  # SD 1.x/2.x identities (store keys) stay as they were
             identity["family"] = self.family
         if self.options.unet_weights:

@@ -40,6 +40,7 @@ from diffeat.core.images import (
     to_tensor,
 )
 from diffeat.core.noise import image_seed
+from diffeat.core.progress import inner_bar
 from diffeat.core.speed import compile_around, to_channels_last
 from diffeat.plugins.modelfiles import file_fingerprint, hub_origin
 from diffeat.plugins.stable_diffusion.captioner import (
@@ -296,7 +297,10 @@ class StableDiffusionExtractor(Extractor):
         """UNet passes capturing :attr:`module_names` (the one capture mechanism of the recipes)."""
         if self._unet_passes is None:
             self._unet_passes = UNetPasses(
-                self.parts.unet, self.module_names, stop_early=self.options.stop_early
+                self.parts.unet,
+                self.module_names,
+                stop_early=self.options.stop_early,
+                rows_per_pass=self.options.ensemble_batch,
             )
         return self._unet_passes
 
@@ -566,8 +570,16 @@ class StableDiffusionExtractor(Extractor):
             if added is not None:
                 added = {k: v.repeat_interleave(e, dim=0) for k, v in added.items()}
             zero = self.options.added_conditioning == "none"
-            with self.unet_passes.conditioned(added, zero_added=zero):
-                maps = self.recipe.run(self, latents, context, noise, offsets)
+            passes = self.unet_passes
+            forwards = self.recipe.forwards(self, latents.shape[0])
+            desc = f"stable-diffusion {self.options.mode}, {b} input{'s' if b != 1 else ''}"
+            with inner_bar(forwards, desc) as bar, passes.conditioned(added, zero_added=zero):
+                passes.bar = bar  # counts UNet forwards (ensemble chunks x timesteps or steps)
+                try:
+                    maps = self.recipe.run(self, latents, context, noise, offsets)
+                    bar.refresh()  # the final count, whatever the redraw interval skipped
+                finally:
+                    passes.bar = None
         return {name: m.view(b, e, *m.shape[1:]).mean(dim=1) for name, m in maps.items()}
 
     def conditioning_states(

@@ -180,3 +180,68 @@ def test_not_a_terminal_draws_nothing(tiny_sd: Path, monkeypatch: pytest.MonkeyP
 def test_negative_ensemble_batch_is_refused(tiny_sd: Path) -> None:
     with pytest.raises(Exception, match="ensemble_batch must be >= 0"):
         make(tiny_sd, ensemble_batch=-1)
+
+
+def test_cpu_warning_says_how_to_see_each_copy(
+    tiny_sd: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Said once before starting: the slow-CPU warning names ensemble_batch when the
+    ensemble would run in one forward (no bar), and not when it is already split."""
+    import logging
+
+    from diffeat.plugins.stable_diffusion import cost
+
+    monkeypatch.setattr(cost, "_params", lambda module: 859.5e6)  # SD 1.5's size
+    monkeypatch.setattr(cost, "cpu_threads", lambda: 2)
+    messages = []
+    for opts in ({"ensemble_size": 8}, {"ensemble_size": 8, "ensemble_batch": 2}):
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger=cost.__name__):
+            cost.warn_if_slow(make(tiny_sd, image_size=[768, 768], **opts))
+        (record,) = [r for r in caplog.records if r.levelno == logging.WARNING]
+        messages.append(record.getMessage())
+    assert "--set extractor.ensemble_batch=1" in messages[0]
+    assert "ensemble_size=1" in messages[0]
+    assert "ensemble_batch" not in messages[1]
+
+
+def test_counted_counts_each_item_once_done(monkeypatch: pytest.MonkeyPatch) -> None:
+    from diffeat.core.progress import counted
+
+    err = _Terminal()
+    monkeypatch.setattr("sys.stderr", err)
+    seen = []
+    for t in counted([261, 101, 51, 11, 1], "dit, 1 image"):
+        seen.append(t)
+    assert seen == [261, 101, 51, 11, 1]
+    assert counts(err.getvalue())[-1] == ("5", "5") and "dit, 1 image" in err.getvalue()
+    err = _Terminal()
+    monkeypatch.setattr("sys.stderr", err)
+    assert list(counted([1, 2, 3], "adm")) == [1, 2, 3] and err.getvalue() == ""
+
+
+def test_adm_counts_its_timesteps(tiny_adm_model: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from diffeat.plugins.adm.extractor import AdmExtractor
+    from diffeat.plugins.adm.options import AdmOptions
+
+    options = AdmOptions(
+        model=str(tiny_adm_model),
+        layers=["output_blocks.4"],
+        timesteps=[301, 201, 101, 41],
+        ensemble_size=2,
+        image_size=[64, 64],
+        device="cpu",
+    )
+    ex = AdmExtractor(options)
+    calls: list[int] = []
+    ex.unet.register_forward_pre_hook(lambda *_: calls.append(1))
+    err = _Terminal()
+    monkeypatch.setattr("sys.stderr", err)
+    ex.extract(images())
+    assert len(calls) == 4
+    assert "adm, 1 image" in err.getvalue() and counts(err.getvalue())[-1] == ("4", "4")
+    monkeypatch.setenv(QUIET_ENV, "1")
+    err = _Terminal()
+    monkeypatch.setattr("sys.stderr", err)
+    ex.extract(images())
+    assert err.getvalue() == ""

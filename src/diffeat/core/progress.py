@@ -16,7 +16,10 @@ from __future__ import annotations
 
 import os
 import sys
-from typing import Any
+from collections.abc import Iterable, Iterator
+from typing import Any, TypeVar
+
+T = TypeVar("T")
 
 #: ``1`` (set by ``diffeat --quiet``): library code draws no progress bars
 QUIET_ENV = "DIFFEAT_QUIET"
@@ -43,3 +46,14 @@ def inner_bar(total: int, desc: str, unit: str = "UNet pass") -> Any:
     """The bar of the model passes of one batch of images (:func:`progress_bar`), drawn only
     when there are at least :data:`INNER_MIN_PASSES` of them."""
     return progress_bar(total, desc, unit, enabled=total >= INNER_MIN_PASSES)
+
+
+def counted(items: Iterable[T], desc: str, unit: str = "UNet pass") -> Iterator[T]:
+    """``items``, one model pass each, counted by an :func:`inner_bar` as each is done
+    (``for t in counted(timesteps, "adm, 2 images"): ...``)."""
+    items = list(items)
+    with inner_bar(len(items), desc, unit) as bar:
+        for item in items:
+            yield item
+            bar.update(1)
+        bar.refresh()

@@ -210,10 +210,7 @@ def test_counted_counts_each_item_once_done(monkeypatch: pytest.MonkeyPatch) -> 
 
     err = _Terminal()
     monkeypatch.setattr("sys.stderr", err)
-    seen = []
-    for t in counted([261, 101, 51, 11, 1], "dit, 1 image"):
-        seen.append(t)
-    assert seen == [261, 101, 51, 11, 1]
+    assert list(counted([261, 101, 51, 11, 1], "dit, 1 image")) == [261, 101, 51, 11, 1]
     assert counts(err.getvalue())[-1] == ("5", "5") and "dit, 1 image" in err.getvalue()
     err = _Terminal()
     monkeypatch.setattr("sys.stderr", err)
@@ -245,3 +242,32 @@ def test_adm_counts_its_timesteps(tiny_adm_model: Path, monkeypatch: pytest.Monk
     monkeypatch.setattr("sys.stderr", err)
     ex.extract(images())
     assert err.getvalue() == ""
+
+
+def test_split_forwards_keep_each_tile_s_captioner_offset(
+    tiny_sd: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """ODISE's tiles with the implicit captioner: each tile's time-embedding offset goes
+    with its own rows when the forwards are split (3 tiles x 2 copies, 2 rows a forward)."""
+    from diffeat.testing import build_tiny_captioner
+    from diffeat.testing.vit import build_tiny_openclip
+
+    config, checkpoint = build_tiny_openclip(tmp_path / "clip")
+    captioner = build_tiny_captioner(tmp_path / "odise.safetensors", clip_dim=16)
+    opts = {
+        "layers": ["up_blocks.1.attentions.1"],
+        "timesteps": [100],
+        "ensemble_size": 2,
+        "image_size": [128, 64],
+        "tile_size": [64, 64],
+        "tile_stride": [32, 32],
+        "captioner": str(captioner),
+        "captioner_clip": config,
+        "captioner_clip_pretrained": checkpoint,
+    }
+    (whole,), calls, _ = run(make(tiny_sd, **opts), monkeypatch)
+    assert calls == 1
+    (split,), calls, out = run(make(tiny_sd, **opts, ensemble_batch=2), monkeypatch)
+    assert calls == 3 and out == ""  # 3 forwards: fewer than 4, no bar
+    name = "up_blocks.1.attentions.1"
+    torch.testing.assert_close(whole.layers[name], split.layers[name], rtol=1e-5, atol=1e-5)

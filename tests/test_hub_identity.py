@@ -141,3 +141,32 @@ def test_files_fingerprint_of_a_snapshot_is_its_commit_and_names(
     assert a == files_fingerprint([snap_a / n for n in reversed(names)], snap_a)
     assert a != files_fingerprint([snap_b / n for n in names], snap_b)
     assert a != files_fingerprint([snap_a / names[0]], snap_a)
+
+
+def test_the_environment_points_a_fresh_process_at_the_cache(tiny_sd: Path, tmp_path: Path) -> None:
+    """``HF_HUB_CACHE`` and ``HF_HUB_OFFLINE=1`` as a user sets them, read by a new process."""
+    import json
+    import subprocess
+    import sys
+
+    cache = tmp_path / "hub"
+    _snapshot(cache, "x/y", COMMIT_A, tiny_sd)
+    src = Path(__file__).resolve().parents[1] / "src"
+    env = {
+        **os.environ,
+        "HF_HUB_CACHE": str(cache),
+        "HF_HUB_OFFLINE": "1",
+        "PYTHONPATH": os.pathsep.join([str(src), os.environ.get("PYTHONPATH", "")]),
+    }
+    code = (
+        "import json\n"
+        "from diffeat.plugins.stable_diffusion.extractor import StableDiffusionExtractor as E\n"
+        "from diffeat.plugins.stable_diffusion.options import StableDiffusionOptions as O\n"
+        "print(json.dumps(E(O(model='x/y', device='cpu')).model_identity()))\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300
+    )
+    assert done.returncode == 0, done.stderr
+    identity = json.loads(done.stdout.strip().splitlines()[-1])
+    assert identity["hub_id"] == "x/y" and identity["revision"] == COMMIT_A

@@ -1,20 +1,31 @@
-"""Progress bars of long library work (a matcher's optimisation), outside the CLI's reach.
+"""Progress bars of long library work (a matcher's optimisation, the model passes of one
+image), outside the CLI's reach.
 
 Library code cannot see click's context, so ``diffeat --quiet`` (or ``-q`` after
 a command's name) also sets the environment variable :data:`QUIET_ENV` for the
 process; :func:`progress_bar` reads it. A bar is drawn on stderr only when
 ``enabled``, the process is not quiet and stderr is a terminal (tqdm's
 ``disable=None`` rule), so logs and pipes never fill with bar redraws.
+
+:func:`inner_bar` is the bar inside one batch of images (the CLI's bar counts
+images): it counts model passes (ensemble chunks, DDIM steps) and appears only
+from :data:`INNER_MIN_PASSES` passes on, so a quick image draws nothing.
 """
 
 from __future__ import annotations
 
 import os
 import sys
-from typing import Any
+from collections.abc import Iterable, Iterator
+from typing import Any, TypeVar
+
+T = TypeVar("T")
 
 #: ``1`` (set by ``diffeat --quiet``): library code draws no progress bars
 QUIET_ENV = "DIFFEAT_QUIET"
+
+#: an :func:`inner_bar` is drawn from this many model passes on
+INNER_MIN_PASSES = 4
 
 
 def quiet() -> bool:
@@ -29,3 +40,20 @@ def progress_bar(total: int, desc: str, unit: str, enabled: bool = True) -> Any:
 
     disable: bool | None = None if enabled and not quiet() else True
     return tqdm(total=total, desc=desc, unit=unit, disable=disable, file=sys.stderr, leave=False)
+
+
+def inner_bar(total: int, desc: str, unit: str = "UNet pass") -> Any:
+    """The bar of the model passes of one batch of images (:func:`progress_bar`), drawn only
+    when there are at least :data:`INNER_MIN_PASSES` of them."""
+    return progress_bar(total, desc, unit, enabled=total >= INNER_MIN_PASSES)
+
+
+def counted(items: Iterable[T], desc: str, unit: str = "UNet pass") -> Iterator[T]:
+    """``items``, one model pass each, counted by an :func:`inner_bar` as each is done
+    (``for t in counted(timesteps, "adm, 2 images"): ...``)."""
+    items = list(items)
+    with inner_bar(len(items), desc, unit) as bar:
+        for item in items:
+            yield item
+            bar.update(1)
+        bar.refresh()

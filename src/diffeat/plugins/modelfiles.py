@@ -1,8 +1,10 @@
 """Shared helpers for extractors that load weight files: hub snapshots, fingerprints, hints.
 
 A model is a hub id or a local folder. Hub ids are resolved to a local snapshot
-first (downloaded when online, read from the cache when offline), so the model
-identity is always a fingerprint of the files actually loaded.
+first (downloaded when online, read from the cache when offline). A folder inside
+a hub cache (``.../models--owner--name/snapshots/<commit>/``) is identified by
+its repository and commit (:func:`hub_origin`: exact, and nothing is read); any
+other folder by a fingerprint of the files actually loaded.
 
 A neutral module: every built-in plugin (Stable Diffusion, the ViTs) imports it,
 so they all fingerprint files and word the offline hint the same way, and none
@@ -13,7 +15,9 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
 from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 from diffeat.core.errors import ModelLoadError
@@ -23,6 +27,8 @@ __all__ = [
     "file_fingerprint",
     "full_hash",
     "files_fingerprint",
+    "HubOrigin",
+    "hub_origin",
     "hub_snapshot",
     "is_hub_id",
     "offline_hint",
@@ -93,8 +99,61 @@ def offline_hint(model: str) -> str:
     )
 
 
+_COMMIT = re.compile(r"[0-9a-f]{40}")
+
+
+@dataclass(frozen=True)
+class HubOrigin:
+    """Where a folder of the hub cache comes from: the repository and the commit."""
+
+    hub_id: str
+    """``owner/name``"""
+    revision: str
+    """the 40-hex commit hash of the snapshot"""
+    snapshot: Path
+    """the snapshot folder (``.../models--owner--name/snapshots/<commit>``)"""
+
+    def identity(self) -> dict[str, str]:
+        """``{"hub_id", "revision"}``: the model identity of a hub model."""
+        return {"hub_id": self.hub_id, "revision": self.revision}
+
+
+def hub_origin(path: Path | str) -> HubOrigin | None:
+    """The repository and commit of ``path`` when it lies in a Hugging Face hub cache
+    snapshot (``.../models--owner--name/snapshots/<40-hex commit>/...``), else None.
+
+    A snapshot's files are the commit's files (the cache stores them under their
+    content hash and links them in), so the commit identifies them exactly without
+    reading a byte. The path is taken as given, not resolved: the files of a snapshot
+    are links into ``blobs/``.
+    """
+    parts = Path(path).expanduser().absolute().parts
+    for i in range(len(parts) - 2):
+        repo, snapshots, commit = parts[i : i + 3]
+        if snapshots == "snapshots" and _COMMIT.fullmatch(commit):
+            if repo.startswith("models--") and repo.count("--") >= 2:
+                owner, _, name = repo[len("models--") :].partition("--")
+                if owner and name:
+                    return HubOrigin(f"{owner}/{name}", commit, Path(*parts[: i + 3]))
+    return None
+
+
 def files_fingerprint(files: Iterable[Path], root: Path | None = None) -> str:
-    """A content fingerprint of ``files`` (names relative to ``root`` when given)."""
+    """A content fingerprint of ``files`` (names relative to ``root`` when given).
+
+    Files all in one hub cache snapshot (:func:`hub_origin`) are fingerprinted by the
+    repository, the commit and their names, without reading them; others by
+    :func:`file_fingerprint` of each.
+    """
+    files = [Path(p) for p in files]
+    origins = {hub_origin(f) for f in files}
+    if len(origins) == 1 and None not in origins:
+        (origin,) = origins
+        assert origin is not None
+        h = hashlib.sha256(f"hub:{origin.hub_id}@{origin.revision}".encode())
+        for f in sorted(files):
+            h.update(f.absolute().relative_to(origin.snapshot).as_posix().encode())
+        return h.hexdigest()[:32]
     h = hashlib.sha256()
     for f in sorted(Path(p) for p in files):
         name = f.relative_to(root).as_posix() if root is not None else f.name

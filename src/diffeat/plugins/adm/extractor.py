@@ -44,6 +44,7 @@ from diffeat.core.images import (
     to_tensor,
 )
 from diffeat.core.noise import image_seed
+from diffeat.core.progress import counted
 from diffeat.plugins.adm.architecture import AdmArchitecture, BlockInfo
 from diffeat.plugins.adm.convert import ADM_FILE, read_adm_meta
 from diffeat.plugins.adm.options import AdmOptions
@@ -268,7 +269,8 @@ class AdmExtractor(Extractor):
         meta = self.meta
         x0 = pixels.to(self.device, torch.float32).repeat_interleave(e, dim=0)
         per_t: dict[str, list[torch.Tensor]] = {blk.name: [] for blk in self.blocks}
-        for ti, t in enumerate(self.options.timesteps):
+        desc = f"adm, {b} image{'s' if b != 1 else ''}"
+        for ti, t in counted(enumerate(self.options.timesteps), desc):
             a, s = q_sample_coefficients(t, meta["diffusion_steps"], meta["noise_schedule"])
             eps = torch.cat([n[ti] for n in noise]).to(self.device, torch.float32)
             xt = a * x0 + s * eps

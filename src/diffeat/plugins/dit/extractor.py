@@ -28,6 +28,7 @@ from diffeat.core.features import FeatureSet, LayerInfo
 from diffeat.core.geometry import ImageTransform, Size
 from diffeat.core.images import ImageInput, fit_image, fit_transform, resize, to_tensor
 from diffeat.core.noise import image_seed
+from diffeat.core.progress import counted
 from diffeat.plugins.dit.families import (
     Family,
     config_block_names,
@@ -375,7 +376,8 @@ class DiffusionTransformerExtractor(Extractor):
                 if len({s["txt_ids"].shape for s in states}) > 1:
                     raise DiffeatError("FLUX prompts of one batch must have one T5 length")
             per_t: dict[str, list[torch.Tensor]] = {n: [] for n in self.module_names}
-            for ti, t in enumerate(self.options.timesteps):
+            desc = f"{self.family.name}, {b} image{'s' if b != 1 else ''}"
+            for ti, t in counted(enumerate(self.options.timesteps), desc):
                 eps = torch.cat([n["noise"][ti] for n in noise]).to(self.device)
                 xt, value = self.noisy(x0, eps, t)
                 maps, mods = self.run(xt, value, cond)

@@ -5,7 +5,8 @@ The DIFT and hyperfeatures presets are sized for a GPU (768 px, an ensemble of
 extraction on a CPU, :func:`warn_if_slow` estimates the seconds per image from
 the work (pixels x UNet passes, scaled by the model's parameter count and the
 torch threads) and, above :data:`WARN_SECONDS`, logs one warning naming the
-options that make it faster.
+options that make it faster (and, when the whole ensemble runs in one UNet forward,
+``ensemble_batch``, which lets the progress bar count copies).
 
 The estimate is calibrated on ``docs/performance.md``: the real-size SD 1.5
 architecture (UNet 859.5 M parameters) at 512 x 512 on 2 CPU threads takes
@@ -23,6 +24,8 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import torch
+
+from diffeat.core.progress import INNER_MIN_PASSES
 
 if TYPE_CHECKING:
     from diffeat.plugins.stable_diffusion.extractor import StableDiffusionExtractor
@@ -118,6 +121,17 @@ def faster_options(ex: StableDiffusionExtractor, cost: CpuCost) -> list[str]:
     return hints
 
 
+def progress_hint(ex: StableDiffusionExtractor) -> str:
+    """How to see progress inside an image whose ensemble runs in too few UNet forwards for
+    a bar (DIFT: one forward per timestep for all copies): ``ensemble_batch``; else ``""``."""
+    o = ex.options
+    if ex.recipe.mode not in ("add-noise", "clean") or o.ensemble_batch or o.ensemble_size < 2:
+        return ""
+    if len(o.timesteps) >= INNER_MIN_PASSES:
+        return ""
+    return "; --set extractor.ensemble_batch=1 shows its progress copy by copy"
+
+
 def warn_if_slow(ex: StableDiffusionExtractor) -> CpuCost | None:
     """Before the first extraction of ``ex`` on a CPU, log a warning (once per extractor)
     when one image will take longer than :data:`WARN_SECONDS`. Returns the estimate when
@@ -134,12 +148,13 @@ def warn_if_slow(ex: StableDiffusionExtractor) -> CpuCost | None:
     took = f"{cost.seconds:.0f} s" if cost.seconds < 120 else f"{cost.seconds / 60:.0f} min"
     log.warning(
         "stable-diffusion on the CPU: about %s per image (%dx%d px, %d UNet passes, "
-        "%d threads); %suse a GPU (--device cuda)",
+        "%d threads); %suse a GPU (--device cuda)%s",
         took,
         w,
         h,
         cost.unet_passes,
         cpu_threads(),
         faster,
+        progress_hint(ex),
     )
     return cost

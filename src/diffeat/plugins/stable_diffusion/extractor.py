@@ -40,8 +40,9 @@ from diffeat.core.images import (
     to_tensor,
 )
 from diffeat.core.noise import image_seed
+from diffeat.core.progress import inner_bar
 from diffeat.core.speed import compile_around, to_channels_last
-from diffeat.plugins.modelfiles import file_fingerprint
+from diffeat.plugins.modelfiles import file_fingerprint, hub_origin
 from diffeat.plugins.stable_diffusion.captioner import (
     ImplicitCaptioner,
     build_captioner,
@@ -179,12 +180,16 @@ class StableDiffusionExtractor(Extractor):
             compile_around(p.vae, [])
 
     def model_identity(self) -> dict[str, Any]:
-        identity = {
-            "model": self.options.model,
-            "revision": self.options.revision,
-            "fingerprint": model_fingerprint(self.folder),
-            **model_info(self.folder),
-        }
+        origin = hub_origin(self.folder)
+        if origin is not None:  # a hub snapshot: its repository and commit, nothing read
+            identity: dict[str, Any] = {**origin.identity(), **model_info(self.folder)}
+        else:
+            identity = {
+                "model": self.options.model,
+                "revision": self.options.revision,
+                "fingerprint": model_fingerprint(self.folder),
+                **model_info(self.folder),
+            }
         if self.family != "sd":  # SD 1.x/2.x identities (store keys) stay as they were
             identity["family"] = self.family
         if self.options.unet_weights:
@@ -292,7 +297,10 @@ class StableDiffusionExtractor(Extractor):
         """UNet passes capturing :attr:`module_names` (the one capture mechanism of the recipes)."""
         if self._unet_passes is None:
             self._unet_passes = UNetPasses(
-                self.parts.unet, self.module_names, stop_early=self.options.stop_early
+                self.parts.unet,
+                self.module_names,
+                stop_early=self.options.stop_early,
+                rows_per_pass=self.options.ensemble_batch,
             )
         return self._unet_passes
 
@@ -562,8 +570,16 @@ class StableDiffusionExtractor(Extractor):
             if added is not None:
                 added = {k: v.repeat_interleave(e, dim=0) for k, v in added.items()}
             zero = self.options.added_conditioning == "none"
-            with self.unet_passes.conditioned(added, zero_added=zero):
-                maps = self.recipe.run(self, latents, context, noise, offsets)
+            passes = self.unet_passes
+            forwards = self.recipe.forwards(self, latents.shape[0])
+            desc = f"stable-diffusion {self.options.mode}, {b} input{'s' if b != 1 else ''}"
+            with inner_bar(forwards, desc) as bar, passes.conditioned(added, zero_added=zero):
+                passes.bar = bar  # counts UNet forwards (ensemble chunks x timesteps or steps)
+                try:
+                    maps = self.recipe.run(self, latents, context, noise, offsets)
+                    bar.refresh()  # the final count, whatever the redraw interval skipped
+                finally:
+                    passes.bar = None
         return {name: m.view(b, e, *m.shape[1:]).mean(dim=1) for name, m in maps.items()}
 
     def conditioning_states(

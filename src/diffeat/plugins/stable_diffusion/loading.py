@@ -24,7 +24,7 @@ from diffeat.plugins.diffusers_models import (
     load_component,
     load_unet_vae_scheduler,
 )
-from diffeat.plugins.modelfiles import file_fingerprint, files_fingerprint
+from diffeat.plugins.modelfiles import file_fingerprint, files_fingerprint, hub_origin
 
 #: the components whose files identify a model (SDXL's second text encoder included;
 #: absent folders are skipped, so SD 1.x/2.x fingerprints are as before)
@@ -117,6 +117,8 @@ def weights_fingerprint(path: Path) -> str:
     """A content fingerprint of a UNet weights file or of the files of a UNet folder."""
     if path.is_dir():
         return files_fingerprint([f for f in path.rglob("*") if f.is_file()], path)
+    if hub_origin(path) is not None:  # a file of a hub snapshot: its commit and name
+        return files_fingerprint([path])
     return file_fingerprint(path)[:32]
 
 

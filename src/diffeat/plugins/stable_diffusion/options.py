@@ -122,6 +122,13 @@ class StableDiffusionOptions:
     dtype: Literal["float32", "float16", "bfloat16"] = opt("float32", "model dtype")
     device: str = opt("auto", "torch device; auto: cuda if available, else cpu", cache=False)
     batch_size: int = opt(1, "images per UNet pass (each with ensemble_size copies)", cache=False)
+    ensemble_batch: int = opt(
+        0,
+        "latents per UNet forward (ensemble copies, of all images of a batch together); 0: "
+        "all in one forward. Smaller uses less memory and, on a CPU, lets the progress bar "
+        "count copies; results equal up to float rounding",
+        cache=False,
+    )
     encode_per_copy: bool = opt(
         False,
         "VAE-encode every ensemble copy, as the original code does (slower, same result)",
@@ -174,6 +181,10 @@ class StableDiffusionOptions:
             raise ValueError(f"ensemble_size must be >= 1, got {self.ensemble_size}")
         if self.batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
+        if self.ensemble_batch < 0:
+            raise ValueError(
+                f"ensemble_batch must be >= 0 (0: one forward), got {self.ensemble_batch}"
+            )
         if len(self.image_size) != 2 or any(v < 8 or v % 8 for v in self.image_size):
             raise ValueError(
                 f"image_size must be [width, height], multiples of 8, got {self.image_size}"

@@ -7,8 +7,8 @@ from __future__ import annotations
 
 import difflib
 import fnmatch
-from collections.abc import Iterator
-from contextlib import contextmanager
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from typing import Any
 
 import torch
@@ -17,6 +17,9 @@ from torch import nn
 from diffeat.core.errors import ConfigError
 from diffeat.core.features import LayerInfo
 from diffeat.plugins.module_capture import HookTarget, ModuleCapture, first_tensor
+
+#: the key of the UNet output among a pass's captured maps (no module has this name)
+_SAMPLE = " sample"
 
 #: the parts of a ResNet block whose outputs are maps (``conv2``: the residual branch)
 RESNET_PARTS = ("norm1", "conv1", "norm2", "conv2", "conv_shortcut")
@@ -136,15 +139,31 @@ class UNetPasses:
     the forward ends once the deepest captured module ran. :meth:`predict` is for a
     pass whose noise prediction moves a latent on: it runs the whole UNet and
     captures only when asked.
+
+    With ``rows_per_pass`` (the extractor's ``ensemble_batch``) a call runs the UNet on
+    that many latents at a time and concatenates the outputs (the rows are
+    independent: the same result up to float rounding); :attr:`bar`, when set, counts
+    every UNet forward.
     """
 
-    def __init__(self, unet: nn.Module, names: list[str], *, stop_early: bool = True) -> None:
+    def __init__(
+        self,
+        unet: nn.Module,
+        names: list[str],
+        *,
+        stop_early: bool = True,
+        rows_per_pass: int = 0,
+    ) -> None:
         self.unet = unet
         self.names = names
         self.stop_early = stop_early
+        #: latents per UNet forward (0: all of a call's latents in one forward)
+        self.rows_per_pass = rows_per_pass
         #: SDXL's ``added_cond_kwargs`` (``text_embeds``, ``time_ids``) of the passes now
         #: running, one row per latent (see :meth:`conditioned`); None for SD 1.x/2.x
         self.added: dict[str, torch.Tensor] | None = None
+        #: a progress bar (``update(1)`` per UNet forward) while an extraction runs
+        self.bar: Any = None
 
     @contextmanager
     def conditioned(
@@ -167,31 +186,77 @@ class UNetPasses:
             if handle is not None:
                 handle.remove()
 
-    def _kwargs(self, context: torch.Tensor) -> dict[str, Any]:
-        kwargs: dict[str, Any] = {"encoder_hidden_states": context}
+    def row_chunks(self, n: int) -> list[slice]:
+        """The rows of each UNet forward of a call on ``n`` latents."""
+        size = self.rows_per_pass or n
+        return [slice(i, min(i + size, n)) for i in range(0, n, size)]
+
+    def forwards(self, n: int) -> int:
+        """UNet forwards of one call on ``n`` latents."""
+        return len(self.row_chunks(n))
+
+    def _kwargs(self, context: torch.Tensor, rows: slice) -> dict[str, Any]:
+        kwargs: dict[str, Any] = {"encoder_hidden_states": context[rows]}
         if self.added is not None:
-            kwargs["added_cond_kwargs"] = self.added
+            kwargs["added_cond_kwargs"] = {k: v[rows] for k, v in self.added.items()}
         return kwargs
 
-    def maps(
-        self, latents: torch.Tensor, t: torch.Tensor | int, context: torch.Tensor
+    def _chunked(
+        self,
+        latents: torch.Tensor,
+        t: torch.Tensor | int,
+        context: torch.Tensor,
+        around: Callable[[slice], AbstractContextManager[Any]] | None,
+        forward: Callable[[torch.Tensor, Any, dict[str, Any]], dict[str, torch.Tensor]],
     ) -> dict[str, torch.Tensor]:
-        """The captured outputs of one pass at timestep ``t`` on prompt states ``context``."""
-        with capture_outputs(self.unet, self.names, stop_early=self.stop_early) as cap:
-            outs = cap.run(lambda: self.unet(latents, t, **self._kwargs(context)))
-        return {name: outs[name].float() for name in self.names}
+        """``forward(latents, t, kwargs)`` on each chunk of rows (inside ``around(rows)``),
+        the outputs concatenated; one chunk is returned as it came."""
+        n = latents.shape[0]
+        parts = []
+        for rows in self.row_chunks(n):
+            rows_t = t[rows] if isinstance(t, torch.Tensor) and t.ndim == 1 and len(t) == n else t
+            with around(rows) if around is not None else nullcontext():
+                parts.append(forward(latents[rows], rows_t, self._kwargs(context, rows)))
+            if self.bar is not None:
+                self.bar.update(1)
+        if len(parts) == 1:
+            return parts[0]
+        return {name: torch.cat([p[name] for p in parts]) for name in parts[0]}
+
+    def maps(
+        self,
+        latents: torch.Tensor,
+        t: torch.Tensor | int,
+        context: torch.Tensor,
+        around: Callable[[slice], AbstractContextManager[Any]] | None = None,
+    ) -> dict[str, torch.Tensor]:
+        """The captured outputs of one pass at timestep ``t`` on prompt states ``context``;
+        ``around(rows)``, when given, is entered around the forward of those rows."""
+
+        def forward(x: torch.Tensor, tt: Any, kwargs: dict[str, Any]) -> dict[str, torch.Tensor]:
+            with capture_outputs(self.unet, self.names, stop_early=self.stop_early) as cap:
+                outs = cap.run(lambda: self.unet(x, tt, **kwargs))
+            return {name: outs[name].float() for name in self.names}
+
+        return self._chunked(latents, t, context, around, forward)
 
     def predict(
         self, latents: torch.Tensor, t: torch.Tensor, context: torch.Tensor, *, capture: bool
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor] | None]:
         """The UNet output (``.sample``) of one whole pass and, with ``capture``, its maps."""
-        if not capture:
-            return self.unet(latents, t, **self._kwargs(context)).sample, None
-        result: dict[str, torch.Tensor] = {}
 
-        def forward() -> None:
-            result["sample"] = self.unet(latents, t, **self._kwargs(context)).sample
+        def forward(x: torch.Tensor, tt: Any, kwargs: dict[str, Any]) -> dict[str, torch.Tensor]:
+            if not capture:
+                return {_SAMPLE: self.unet(x, tt, **kwargs).sample}
+            result: dict[str, torch.Tensor] = {}
 
-        with capture_outputs(self.unet, self.names, stop_early=False) as cap:
-            outs = cap.run(forward)
-        return result["sample"], {name: outs[name].float() for name in self.names}
+            def run() -> None:
+                result[_SAMPLE] = self.unet(x, tt, **kwargs).sample
+
+            with capture_outputs(self.unet, self.names, stop_early=False) as cap:
+                outs = cap.run(run)
+            return {_SAMPLE: result[_SAMPLE], **{name: outs[name].float() for name in self.names}}
+
+        out = self._chunked(latents, t, context, None, forward)
+        sample = out.pop(_SAMPLE)
+        return sample, (out if capture else None)

@@ -3,7 +3,8 @@ scheduler's ``add_noise`` and run the UNet once per timestep."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from contextlib import AbstractContextManager
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -79,9 +80,15 @@ class AddNoise(Recipe):
         for ti, t in enumerate(timesteps):
             step = torch.tensor(t, dtype=torch.long, device=ex.device)
             noisy = self.noised(latents, p.scheduler, list(noise), ti, step)
-            offset = time_offsets[:, ti] if time_offsets is not None else None
-            with time_embedding_offset(p.unet, offset):
-                maps = ex.unet_passes.maps(noisy, step, context)
+            around = _offset_rows(p.unet, time_offsets[:, ti]) if time_offsets is not None else None
+            maps = ex.unet_passes.maps(noisy, step, context, around)
             for name in ex.module_names:
                 per_t[name].append(maps[name])
         return {name: torch.stack(maps, dim=1) for name, maps in per_t.items()}
+
+
+def _offset_rows(
+    unet: torch.nn.Module, offset: torch.Tensor
+) -> Callable[[slice], AbstractContextManager[None]]:
+    """For the forward of some rows: the captioner's time-embedding ``offset`` of those rows."""
+    return lambda rows: time_embedding_offset(unet, offset[rows])

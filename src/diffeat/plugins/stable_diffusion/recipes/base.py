@@ -47,6 +47,11 @@ class Recipe(ABC):
         """Raise when this mode cannot extract features of existing images."""
         return None
 
+    def forwards(self, ex: StableDiffusionExtractor, rows: int) -> int:
+        """UNet forwards of one :meth:`run` on ``rows`` latents (images x ensemble copies):
+        one call per timestep, split by ``ensemble_batch``; what the progress bar counts."""
+        return len(ex.options.timesteps) * ex.unet_passes.forwards(rows)
+
     @abstractmethod
     def run(
         self,

@@ -11,6 +11,7 @@ from PIL import Image
 
 from diffeat.core.errors import ConfigError, DiffeatError
 from diffeat.core.features import FeatureSet
+from diffeat.core.progress import inner_bar
 from diffeat.plugins.stable_diffusion.ddim import DdimStep, generation_steps
 from diffeat.plugins.stable_diffusion.options import CATEGORY
 from diffeat.plugins.stable_diffusion.recipes.base import DdimRecipe, ddim_move, unet_timestep
@@ -71,21 +72,14 @@ class Generation(DdimRecipe):
         x = torch.randn((1, *ex.latent_shape()), generator=gen).to(ex.device)
         guided = o.guidance_scale > 0
         captured: dict[int, dict[str, torch.Tensor]] = {}
-        with torch.no_grad():
-            cond = ex.prompt_embeddings(o.prompt)
-            uncond = ex.prompt_embeddings(o.negative_prompt) if guided else None
-            for step in steps:
-                z, t_in = x.to(ex.dtype), unet_timestep(step.t, 1, ex.device)
-                if uncond is not None:
-                    out_u, _ = passes.predict(z, t_in, uncond, capture=False)
-                out, maps = passes.predict(z, t_in, cond, capture=step.t in kept)
-                if maps is not None:
-                    captured[step.t] = maps
-                out = out.float()
-                if uncond is not None:
-                    out_u = out_u.float()
-                    out = out_u + o.guidance_scale * (out - out_u)
-                x = ddim_move(ex, x, out, step)
+        forwards = len(steps) * (2 if guided else 1)
+        with torch.no_grad(), inner_bar(forwards, "generate, 1 image") as bar:
+            passes.bar = bar
+            try:
+                x = self._walk(ex, x, steps, kept, captured)
+                bar.refresh()
+            finally:
+                passes.bar = None
             image = ex.decode(x)
         layers = {
             name: torch.cat([captured[t][name] for t in o.timesteps]) for name in ex.module_names
@@ -96,3 +90,30 @@ class Generation(DdimRecipe):
             "generation_seed": int(seed),
         }
         return image, FeatureSet(layers, ex.timesteps(), meta)
+
+    def _walk(
+        self,
+        ex: StableDiffusionExtractor,
+        x: torch.Tensor,
+        steps: list[DdimStep],
+        kept: dict[int, int],
+        captured: dict[int, dict[str, torch.Tensor]],
+    ) -> torch.Tensor:
+        """The DDIM sampler from noise ``x``, the maps of the kept steps into ``captured``."""
+        o, passes = ex.options, ex.unet_passes
+        guided = o.guidance_scale > 0
+        cond = ex.prompt_embeddings(o.prompt)
+        uncond = ex.prompt_embeddings(o.negative_prompt) if guided else None
+        for step in steps:
+            z, t_in = x.to(ex.dtype), unet_timestep(step.t, 1, ex.device)
+            if uncond is not None:
+                out_u, _ = passes.predict(z, t_in, uncond, capture=False)
+            out, maps = passes.predict(z, t_in, cond, capture=step.t in kept)
+            if maps is not None:
+                captured[step.t] = maps
+            out = out.float()
+            if uncond is not None:
+                out_u = out_u.float()
+                out = out_u + o.guidance_scale * (out - out_u)
+            x = ddim_move(ex, x, out, step)
+        return x

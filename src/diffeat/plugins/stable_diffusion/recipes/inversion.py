@@ -25,6 +25,11 @@ class Inversion(DdimRecipe):
         n_train = int(ex.parts.scheduler.config.num_train_timesteps)
         return inversion_steps(o.inversion_steps, n_train, o.steps_offset)
 
+    def forwards(self, ex: StableDiffusionExtractor, rows: int) -> int:
+        """The inversion's steps up to the last kept timestep, each split by ``ensemble_batch``."""
+        _, kept = self.kept(ex)
+        return (max(kept.values()) + 1) * ex.unet_passes.forwards(rows)
+
     def run(
         self,
         ex: StableDiffusionExtractor,

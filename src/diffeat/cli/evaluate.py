@@ -8,7 +8,14 @@ from typing import Any
 
 import click
 
-from diffeat.cli.common import collect_overrides, config_options, emit_json, is_quiet, store_option
+from diffeat.cli.common import (
+    collect_overrides,
+    config_options,
+    emit_json,
+    is_quiet,
+    open_reuse_store,
+    store_option,
+)
 from diffeat.cli.datasets_common import (  # noqa: F401  (build_dataset: imported from here before)
     build_dataset,
     dataset_from_cli,
@@ -133,7 +140,6 @@ def eval_cmd(
     from diffeat.eval.protocols import get_protocol
     from diffeat.eval.report import results_dict, terminal_report, write_outputs
     from diffeat.eval.runner import evaluate
-    from diffeat.store import FeatureStore
 
     dataset = dataset_from_cli(dataset_name, root, split, dataset_options)
     cfg = load_config(config, collect_overrides(overrides, model, device))
@@ -158,7 +164,7 @@ def eval_cmd(
     protocol = protocol.with_changes(
         alphas=parse_alphas(alphas), thresholds=thresholds, comparison=comparison, frame=frame
     )
-    pipe = Pipeline(cfg, store=FeatureStore(store_path) if store_path else None)
+    pipe = Pipeline(cfg, store=open_reuse_store(store_path))
     pairs = list(itertools.islice(dataset.pairs(), limit))
     quiet = is_quiet(ctx)
     with tqdm(
@@ -202,10 +208,9 @@ def _eval_task(
 
     from diffeat.core.pipeline import Pipeline
     from diffeat.eval.tasks import TaskContext, task_runner, write_task_outputs
-    from diffeat.store import FeatureStore
 
     runner = task_runner(task)
-    pipe = Pipeline(cfg, store=FeatureStore(store_path) if store_path else None)
+    pipe = Pipeline(cfg, store=open_reuse_store(store_path))
     with tqdm(desc=f"eval {task}", disable=is_quiet(ctx), file=sys.stderr, leave=False) as bar:
         ev = runner(
             TaskContext(

@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +21,11 @@ def cli_env(**extra: str) -> dict[str, str]:
 
 
 def run(
-    *args: Any, env: dict[str, str] | None = None, check: int | None = 0, timeout: float = 300
+    *args: Any,
+    env: dict[str, str] | None = None,
+    check: int | None = 0,
+    timeout: float = 300,
+    preexec_fn: Callable[[], None] | None = None,
 ) -> subprocess.CompletedProcess:
     proc = subprocess.run(
         [DIFFEAT, *map(str, args)],
@@ -28,6 +33,7 @@ def run(
         text=True,
         env=env or cli_env(),
         timeout=timeout,
+        preexec_fn=preexec_fn,
     )
     if check is not None:
         assert proc.returncode == check, (

@@ -24,6 +24,7 @@ import pytest
 import torch
 from clihelp import cli_env, run, run_json
 from test_eval import make_translate_bench, texture_folder
+from waiting import HANG_GUARD_S
 
 from diffeat.core.errors import StoreError
 from diffeat.core.pipeline import Pipeline
@@ -78,7 +79,10 @@ def unwritable_enforced(tmp_path_factory) -> None:
     code = f"open({str(folder / 'x')!r}, 'w')"
     try:
         proc = subprocess.run(
-            [sys.executable, "-c", code], preexec_fn=_as_plain_user, capture_output=True
+            [sys.executable, "-c", code],
+            preexec_fn=_as_plain_user,
+            capture_output=True,
+            timeout=HANG_GUARD_S,
         )
     except subprocess.SubprocessError as exc:  # not allowed to drop root's powers
         pytest.skip(f"cannot run a process that respects file modes here: {exc}")

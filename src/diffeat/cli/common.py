@@ -159,7 +159,7 @@ def collect_overrides(
 
 def open_reuse_store(store_path: str | None) -> FeatureStorage | None:
     """The feature store of a command that reads features and keeps what it computes
-    (``match``, ``eval``, ``plot features``): opened for writing when it can be written,
+    (``match``, ``eval``, ``plot features``, ``propagate``): opened for writing when it can be written,
     else read-only (``mode="r"``: its entries are used, what is missing is computed and not
     kept, one :class:`~diffeat.core.store_writes.StoreWriteWarning` says so). A store that
     does not exist and cannot be created: none, with that warning. ``None``: no store."""

@@ -11,6 +11,7 @@ import os
 import sys
 import traceback
 import warnings
+from typing import TextIO
 
 import click
 
@@ -102,7 +103,14 @@ def _add_commands() -> None:
     record_plugin_commands(pm)
 
 
-def _show_warning(message, category, filename, lineno, file=None, line=None) -> None:
+def _show_warning(
+    message: Warning | str,
+    category: type[Warning],
+    filename: str,
+    lineno: int,
+    file: TextIO | None = None,
+    line: str | None = None,
+) -> None:
     """Print a :class:`~diffeat.core.errors.DiffeatWarning` as one ``warning: ...`` line on
     stderr (no source location: it is about the user's files); other warnings as Python does."""
     if issubclass(category, DiffeatWarning):

@@ -6,8 +6,11 @@ import json
 import os
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
+
+from waiting import HANG_GUARD_S
 
 DIFFEAT = str(Path(sys.executable).with_name("diffeat"))
 
@@ -20,14 +23,21 @@ def cli_env(**extra: str) -> dict[str, str]:
 
 
 def run(
-    *args: Any, env: dict[str, str] | None = None, check: int | None = 0, timeout: float = 300
+    *args: Any,
+    env: dict[str, str] | None = None,
+    check: int | None = 0,
+    timeout: float = HANG_GUARD_S,
+    preexec_fn: Callable[[], None] | None = None,
 ) -> subprocess.CompletedProcess:
+    """Run ``diffeat ARGS``; with ``check``, assert its exit status. ``timeout`` is a hang
+    guard (:data:`waiting.HANG_GUARD_S`), not a speed budget."""
     proc = subprocess.run(
         [DIFFEAT, *map(str, args)],
         capture_output=True,
         text=True,
         env=env or cli_env(),
         timeout=timeout,
+        preexec_fn=preexec_fn,
     )
     if check is not None:
         assert proc.returncode == check, (
@@ -58,5 +68,5 @@ def pip_install(target: Path, package: Path) -> None:
         ],
         check=True,
         capture_output=True,
-        timeout=300,
+        timeout=HANG_GUARD_S,
     )

@@ -15,6 +15,7 @@ import click
 import pytest
 from click.testing import CliRunner
 from clihelp import DIFFEAT, cli_env, run, run_json
+from waiting import HANG_GUARD_S, wait_until
 
 from diffeat.cli.common import is_quiet
 from diffeat.testing import smooth_texture
@@ -210,13 +211,19 @@ def test_ctrl_c_exits_130_and_leaves_the_store_readable(tiny_sd, tmp_path):
     reader = threading.Thread(target=watch, daemon=True)
     reader.start()
     try:
-        assert done.wait(timeout=240), b"".join(chunks).decode(errors="replace")
+        # wait for the event (an image finished), however long; the timeouts are hang guards
+        wait_until(
+            done.is_set,
+            "the progress bar showed a finished image",
+            proc=proc,
+            output=lambda: b"".join(chunks).decode(errors="replace"),
+        )
         proc.send_signal(signal.SIGINT)
-        assert proc.wait(timeout=60) == 130
+        assert proc.wait(timeout=HANG_GUARD_S) == 130
     finally:
         if proc.poll() is None:
             proc.kill()
-    reader.join(timeout=10)
+    reader.join(timeout=HANG_GUARD_S)  # stderr closes when the process ends
     stderr = b"".join(chunks).decode(errors="replace")
     assert "interrupted" in stderr and "Traceback" not in stderr
     info = run_json("store", "info", store)

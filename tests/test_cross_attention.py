@@ -360,7 +360,6 @@ def test_cli_match_end_to_end(tiny_sd: Path, tmp_path: Path) -> None:
         "--model", str(tiny_sd), "--device", "cpu",
         "--set", "matcher.size=64", "--set", "matcher.steps=1", "--set", "matcher.restarts=1",
         "--set", "matcher.crops=5",
-        timeout=600,
     )  # fmt: skip
     (row,) = out["matches"]
     assert row["source"] == [30.0, 20.0]
@@ -384,7 +383,6 @@ def test_cli_plot_attention(tiny_sd: Path, tmp_path: Path) -> None:
         "--model", str(tiny_sd), "--device", "cpu",
         "--set", "matcher.size=64", "--set", "matcher.steps=1", "--set", "matcher.restarts=1",
         "--set", "matcher.crops=4",
-        timeout=600,
     )  # fmt: skip
     assert out["layers"] == list(CrossAttentionOptions().layers) and len(out["matches"]) == 2
     with Image.open(png) as im:  # two rows of source + 4 layers + their mean
@@ -403,7 +401,7 @@ def test_cli_names_a_layer_without_cross_attention(tiny_sd: Path, tmp_path: Path
         "match", ROOT / "examples" / "hedlin-sd14.toml", a, a, "--point", "30,20",
         "--set", f"matcher.model={json.dumps(str(tiny_sd))}", "--set", "matcher.size=64",
         "--set", 'matcher.layers=["up_blocks.0"]', "--set", 'matcher.device="cpu"',
-        check=2, timeout=600,
+        check=2,
     )  # fmt: skip
     assert "'up_blocks.0' has no cross-attention" in proc.stderr
     assert "Traceback" not in proc.stderr

@@ -20,6 +20,7 @@ from pathlib import Path
 import pytest
 import torch
 from clihelp import DIFFEAT, cli_env
+from waiting import HANG_GUARD_S
 
 from diffeat.core.datasets import ImageRef, LazyImages
 from diffeat.core.errors import DiffeatError
@@ -70,7 +71,7 @@ def test_shard_of_is_the_same_in_another_process():
         text=True,
         env=env,
         check=True,
-        timeout=120,
+        timeout=HANG_GUARD_S,
     ).stdout
     assert json.loads(out) == [shard_of(k, 5) for k in keys]
 
@@ -283,7 +284,7 @@ def test_sharded_cli_workers_fill_one_store(config, photos, reference, tmp_path,
     ]
     reports = []
     for proc in procs:
-        out, err = proc.communicate(timeout=400)
+        out, err = proc.communicate(timeout=HANG_GUARD_S)
         assert proc.returncode in (0, 2), err.decode()  # 2: the worker that owns broken.png
         reports.append(json.loads(out))
     assert [r["shard"]["index"] for r in reports] == [0, 1, 2]
@@ -363,7 +364,7 @@ def test_ray_cli_equals_one_process(config, photos, reference, ray_cluster, tmp_
         env=worker_env(),
         capture_output=True,
         text=True,
-        timeout=400,
+        timeout=HANG_GUARD_S,
     )
     assert proc.returncode == 2, proc.stderr  # broken.png is reported, the rest extracted
     report = json.loads(proc.stdout)

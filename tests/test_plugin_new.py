@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 from clihelp import DIFFEAT, cli_env, pip_install, run, run_json
+from waiting import HANG_GUARD_S
 
 from diffeat.cli.plugin_new import KINDS, plugin_package, template_dir
 from diffeat.testing import smooth_texture
@@ -70,7 +71,7 @@ def test_the_written_package_is_lint_clean_under_its_own_ruff_settings(tmp_path)
     run("plugin", "new", "all-kinds", *[a for k in KINDS for a in ("--kind", k)], "--dir", folder)
     for args in (["check", "--no-cache", "."], ["format", "--check", "--no-cache", "."]):
         proc = subprocess.run(
-            ["ruff", *args], cwd=folder, capture_output=True, text=True, timeout=120
+            ["ruff", *args], cwd=folder, capture_output=True, text=True, timeout=HANG_GUARD_S
         )
         assert proc.returncode == 0, proc.stdout + proc.stderr
 
@@ -127,7 +128,7 @@ def test_default_folder_and_kind(tmp_path):
         env=cli_env(),
         capture_output=True,
         text=True,
-        timeout=120,
+        timeout=HANG_GUARD_S,
         check=True,
     )
     assert "edges-resnet" in proc.stdout
@@ -188,7 +189,7 @@ def run_own_tests(folder: Path, site: Path) -> str:
         env=env_with(site),
         capture_output=True,
         text=True,
-        timeout=600,
+        timeout=HANG_GUARD_S,
     )
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert " passed" in proc.stdout and "failed" not in proc.stdout

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 from clihelp import cli_env, pip_install, run_json
+from waiting import HANG_GUARD_S
 
 from diffeat.testing import smooth_texture
 
@@ -45,7 +46,7 @@ def test_the_templates_own_tests_pass_against_the_installed_package(installed):
         env=env_with(site),
         capture_output=True,
         text=True,
-        timeout=300,
+        timeout=HANG_GUARD_S,
     )
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert " passed" in proc.stdout and "failed" not in proc.stdout

@@ -3,10 +3,16 @@
 from __future__ import annotations
 
 import json
+import sys
 
 import pytest
 from clihelp import run
 from PIL import Image
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
 
 pytestmark = pytest.mark.slow
 
@@ -15,6 +21,13 @@ def test_quickstart_builds_matches_and_reuses(tmp_path):
     folder = tmp_path / "qs"
     proc = run("quickstart", folder)
     assert "built the tiny offline model" in proc.stderr
+    # quick by construction, not by a stopwatch (no test asserts on elapsed time): a model
+    # of a few MB and a pipeline sized for it (128 px, 2 noise copies, one timestep)
+    weights = sum(p.stat().st_size for p in (folder / "tiny-sd").rglob("*") if p.is_file())
+    assert weights < 32 * 2**20, weights
+    config = tomllib.loads((folder / "quickstart.toml").read_text())["extractor"]
+    assert config["image_size"] == [128, 128] and config["ensemble_size"] == 2
+    assert len(config["timesteps"]) == 1
     lines = proc.stdout.splitlines()
     matches = [line for line in lines if line.startswith("  ") and "->" in line]
     assert len(matches) == 3 and all("score" in m for m in matches)

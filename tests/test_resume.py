@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import signal
 import subprocess
-import time
 from pathlib import Path
 
 import pytest
 import torch
 from clihelp import DIFFEAT, cli_env, run_json
+from waiting import wait_until
 
 from diffeat.core.pipeline import Pipeline
 from diffeat.store import FeatureStore
@@ -37,19 +37,19 @@ def test_sigkill_then_resume(tiny_sd, tmp_path):
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
     )
-    deadline = time.time() + 240
-    done = 0
-    while time.time() < deadline and proc.poll() is None:
-        if store_path.exists():
-            try:
-                store = FeatureStore(store_path, mode="r")
-                keys = list(store.extractors())
-                done = len(store.entries(keys[0])) if keys else 0
-            except Exception:
-                done = 0
-            if done >= 3:
-                break
-        time.sleep(0.05)
+
+    def complete_entries() -> int:
+        if not store_path.exists():
+            return 0
+        try:
+            store = FeatureStore(store_path, mode="r")
+            keys = list(store.extractors())
+            return len(store.entries(keys[0])) if keys else 0
+        except Exception:  # the store is being created
+            return 0
+
+    # kill once 3 entries are complete, however long that takes on a loaded machine
+    wait_until(lambda: complete_entries() >= 3, "3 complete entries", proc=proc, poll_s=0.05)
     assert proc.poll() is None, f"extraction ended before it could be killed: {proc.stderr.read()}"
     proc.send_signal(signal.SIGKILL)
     proc.wait()

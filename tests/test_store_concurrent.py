@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from waiting import HANG_GUARD_S
 
 from diffeat.core.features import FeatureSet
 from diffeat.store import FeatureStore
@@ -84,7 +85,7 @@ def _race(tmp_path: Path) -> tuple[Path, list[list[list]]]:
         go.write_text("")
         results = []
         for proc in procs:
-            out, err = proc.communicate()
+            out, err = proc.communicate(timeout=HANG_GUARD_S)  # a hang guard
             assert proc.returncode == 0, err
             results.append(json.loads(out))
     finally:

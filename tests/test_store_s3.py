@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from waiting import HANG_GUARD_S
 
 pytest.importorskip("obstore")
 pytest.importorskip("moto.server")
@@ -360,7 +361,7 @@ def test_concurrent_writer_processes(s3: LocalS3, tmp_path: Path) -> None:
     go.write_text("go")
     results = []
     for proc in procs:
-        out, err = proc.communicate(timeout=300)
+        out, err = proc.communicate(timeout=HANG_GUARD_S)
         assert proc.returncode == 0, err
         results.append(json.loads(out.strip().splitlines()[-1]))
     store = FeatureStore(url, mode="r")
@@ -412,7 +413,7 @@ def test_multi_process_extract_through_the_cli(s3: LocalS3, tiny_sd: Path, tmp_p
     ]
     reports = []
     for proc in procs:
-        out, err = proc.communicate(timeout=600)
+        out, err = proc.communicate(timeout=HANG_GUARD_S)
         assert proc.returncode == 0, err
         reports.append(json.loads(out))
     info = run_json("store", "info", url)

@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 from clihelp import DIFFEAT, cli_env, run_json
+from waiting import HANG_GUARD_S, wait_until
 
 from diffeat.cli.extract import WRITE_QUEUE_MB
 from diffeat.core import sources
@@ -68,7 +69,7 @@ def test_writer_lets_an_oversized_job_in_alone():
     time.sleep(0.05)
     assert blocked.is_alive()  # 10 + 500 > 100: waits until the queue is empty
     gate.set()
-    blocked.join(5)
+    blocked.join(HANG_GUARD_S)  # a hang guard: it ends once the gate opens
     assert [r.value for r in writer.close()] == [True, "big"]
     assert writer.peak_bytes == 500
 
@@ -346,12 +347,9 @@ def test_killed_extract_leaves_no_half_entry_and_resumes(tiny_sd, tmp_path):
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )
-    deadline = time.time() + 240
     try:
-        while time.time() < deadline and proc.poll() is None:
-            if _complete(store) >= 2:
-                break
-            time.sleep(0.02)
+        # kill once 2 entries are complete, however long that takes on a loaded machine
+        wait_until(lambda: _complete(store) >= 2, "2 complete entries", proc=proc, poll_s=0.02)
         assert proc.poll() is None, "the run ended before it could be killed"
         os.kill(proc.pid, signal.SIGKILL)
     finally:
@@ -363,7 +361,7 @@ def test_killed_extract_leaves_no_half_entry_and_resumes(tiny_sd, tmp_path):
             capture_output=True,
             text=True,
             env=cli_env(),
-            timeout=120,
+            timeout=HANG_GUARD_S,
         ).stdout
     )
     assert verify["ok"] and not verify["damaged"] and verify["checked"] >= 2

@@ -7,7 +7,6 @@ import math
 import os
 import signal
 import subprocess
-import time
 from pathlib import Path
 
 import numpy as np
@@ -15,6 +14,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from clihelp import DIFFEAT, cli_env, run
+from waiting import wait_until
 
 from diffeat.core.config import load_config, parse_config, to_toml
 from diffeat.core.errors import ConfigError
@@ -332,9 +332,8 @@ def test_cli_train_killed_and_resumed_equals_an_uninterrupted_run(cli):
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
     )
-    deadline = time.time() + 60
-    while not last.exists() and proc.poll() is None and time.time() < deadline:
-        time.sleep(0.01)
+    # kill once the first checkpoint is written, however long that takes
+    wait_until(last.exists, f"{last.name} written", proc=proc)
     assert proc.poll() is None, f"the run ended before it could be killed: {proc.stderr.read()}"
     proc.send_signal(signal.SIGKILL)
     proc.wait()

@@ -20,6 +20,7 @@ from diffeat.core.errors import DiffeatError, PluginError
 if TYPE_CHECKING:
     from tqdm import tqdm
 
+    from diffeat.core.components import FeatureStorage
     from diffeat.core.pipeline import Pipeline
     from diffeat.store import FeatureStore
 
@@ -212,15 +213,49 @@ def collect_overrides(
     return out
 
 
+def open_reuse_store(store_path: str | None) -> FeatureStorage | None:
+    """The feature store of a command that reads features and keeps what it computes
+    (``match``, ``eval``, ``plot features``, ``propagate``): opened for writing when it can be written,
+    else read-only (``mode="r"``: its entries are used, what is missing is computed and not
+    kept, one :class:`~diffeat.core.store_writes.StoreWriteWarning` says so). A store that
+    does not exist and cannot be created: none, with that warning. ``None``: no store."""
+    from diffeat.core.errors import StoreError
+    from diffeat.core.store_writes import mark_read_only, write_refusal
+    from diffeat.store.zarr_io import is_store_url
+
+    if not store_path:
+        return None
+    try:
+        store = open_store(store_path)
+    except StoreError as exc:
+        reason = write_refusal(exc)
+        if reason is None:
+            raise
+        try:
+            store = open_store(store_path, mode="r")
+        except StoreError:  # nothing there to read: as without a store
+            mark_read_only(store_path, f"it cannot be created: {reason}")
+            return None
+        mark_read_only(store, reason)
+        return store
+    if not is_store_url(store_path) and not os.access(store.path, os.W_OK):
+        # a folder this process cannot write into (permissions, a read-only mount)
+        read_only = open_store(store_path, mode="r")
+        mark_read_only(read_only, "its folder is not writable by this user or file system")
+        return read_only
+    return store
+
+
 def open_pipeline(config: str, overrides: list[str], store_path: str | None = None) -> Pipeline:
     """The pipeline of the TOML file ``config`` with ``overrides``, in front of the feature
-    store at ``store_path`` (none: features are computed, not kept), opened in the
-    command's ``--store-dtype``."""
+    store at ``store_path`` (none: features are computed, not kept; a store that cannot be
+    written: read from only, see :func:`open_reuse_store`), opened in the command's
+    ``--store-dtype``."""
     from diffeat.core.config import load_config
     from diffeat.core.pipeline import Pipeline
 
     cfg = load_config(config, overrides)
-    return Pipeline(cfg, store=open_store(store_path) if store_path else None)
+    return Pipeline(cfg, store=open_reuse_store(store_path))
 
 
 def progress_bar(total: int, desc: str, quiet: bool) -> tqdm:

@@ -13,7 +13,7 @@ from diffeat.cli.common import (
     config_options,
     emit_json,
     is_quiet,
-    open_store,
+    open_reuse_store,
     store_option,
 )
 from diffeat.cli.datasets_common import (  # noqa: F401  (build_dataset: imported from here before)
@@ -164,7 +164,7 @@ def eval_cmd(
     protocol = protocol.with_changes(
         alphas=parse_alphas(alphas), thresholds=thresholds, comparison=comparison, frame=frame
     )
-    pipe = Pipeline(cfg, store=open_store(store_path) if store_path else None)
+    pipe = Pipeline(cfg, store=open_reuse_store(store_path))
     pairs = list(itertools.islice(dataset.pairs(), limit))
     quiet = is_quiet(ctx)
     with tqdm(
@@ -210,7 +210,7 @@ def _eval_task(
     from diffeat.eval.tasks import TaskContext, task_runner, write_task_outputs
 
     runner = task_runner(task)
-    pipe = Pipeline(cfg, store=open_store(store_path) if store_path else None)
+    pipe = Pipeline(cfg, store=open_reuse_store(store_path))
     with tqdm(desc=f"eval {task}", disable=is_quiet(ctx), file=sys.stderr, leave=False) as bar:
         ev = runner(
             TaskContext(

@@ -10,12 +10,14 @@ from __future__ import annotations
 import os
 import sys
 import traceback
+import warnings
+from typing import TextIO
 
 import click
 
 from diffeat import __version__
 from diffeat.cli.group import DiffeatGroup, verbose_callback
-from diffeat.core.errors import DiffeatError
+from diffeat.core.errors import DiffeatError, DiffeatWarning
 
 ENVIRONMENT = """\b
 Environment:
@@ -103,9 +105,29 @@ def _add_commands() -> None:
     record_plugin_commands(pm)
 
 
+def _show_warning(
+    message: Warning | str,
+    category: type[Warning],
+    filename: str,
+    lineno: int,
+    file: TextIO | None = None,
+    line: str | None = None,
+) -> None:
+    """Print a :class:`~diffeat.core.errors.DiffeatWarning` as one ``warning: ...`` line on
+    stderr (no source location: it is about the user's files); other warnings as Python does."""
+    if issubclass(category, DiffeatWarning):
+        click.echo(f"warning: {message}", err=True)
+    else:
+        _python_show_warning(message, category, filename, lineno, file, line)
+
+
+_python_show_warning = warnings.showwarning
+
+
 def main(argv: list[str] | None = None) -> None:
     """Run the CLI: exit 0 on success, 2 on a user error (message, no traceback), 1 on an
     internal error, 130 when interrupted (Ctrl-C)."""
+    warnings.showwarning = _show_warning
     try:
         code = cli.main(args=argv, prog_name="diffeat", standalone_mode=False)
     except click.exceptions.Abort:

@@ -31,3 +31,8 @@ class ModelLoadError(DiffeatError):
 
 class PluginError(DiffeatError):
     """A plugin is missing, broken or registered something invalid."""
+
+
+class DiffeatWarning(UserWarning):
+    """Something the user should know that does not stop the run; the CLI prints it as one
+    ``warning: ...`` line on stderr."""

@@ -32,6 +32,7 @@ from diffeat.core.errors import DiffeatError
 from diffeat.core.features import FeatureSet
 from diffeat.core.images import as_input
 from diffeat.core.sources import extractor_cache_key, library_versions
+from diffeat.core.store_writes import can_write, mark_read_only, refused_write
 
 __all__ = ["QueryCache"]
 
@@ -57,7 +58,6 @@ class QueryCache:
         self._cache_key: str | None = None
         self._exact: FeatureStorage | None = None
         self._registered = False
-        self._writable = True
 
     @property
     def cache_key(self) -> str:
@@ -71,13 +71,7 @@ class QueryCache:
         """The store reopened to keep values in float32 (bitwise what was computed)."""
         if self._exact is None:
             mode = getattr(self.store, "mode", "a")
-            if mode == "r":  # read what is there, keep nothing
-                self._writable = False
-                warnings.warn(
-                    f"the store {self.store.path} is open read-only: {self.plugin} results "
-                    "are computed, not kept",
-                    stacklevel=3,
-                )
+            can_write(self.store, stacklevel=3)  # opened read-only: warns now, once per store
             if getattr(self.store, "dtype", "float32") == "float32":
                 self._exact = self.store
             else:
@@ -103,10 +97,10 @@ class QueryCache:
 
     def put(self, image: Image.Image, query: str, result: FeatureSet, source: str = "") -> None:
         """Keep a result. A store that cannot be written (read-only, or refusing writes) is
-        read from only, with one warning; a result the store refuses is skipped with a
-        warning and the next one is tried."""
+        read from only, with one warning for the store (:mod:`diffeat.core.store_writes`);
+        a result the store refuses is skipped with a warning and the next one is tried."""
         store = self._values
-        if not self._writable:
+        if not can_write(self.store):
             return
         try:
             if not self._registered:
@@ -119,16 +113,12 @@ class QueryCache:
                 source=source or None,
                 replace=False,
             )
-        except OSError as exc:
-            self._writable = False
-            warnings.warn(
-                f"cannot keep {self.plugin} results in the store {self.store.path} ({exc}); "
-                "computing without keeping them",
-                stacklevel=2,
-            )
+        except OSError as exc:  # refused, or any other failure of the disk: keep nothing more
+            if not refused_write(self.store, exc):
+                mark_read_only(self.store, f"writing failed: {exc}")
         except DiffeatError as exc:
-            if "read-only" in str(exc):
-                self._writable = False
+            if refused_write(self.store, exc):
+                return
             warnings.warn(
                 f"{self.plugin}: result for {query!r} not kept in the store {self.store.path} "
                 f"({exc})",

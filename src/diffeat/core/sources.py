@@ -35,11 +35,12 @@ from diffeat.core.components import (
     preprocessor_of,
 )
 from diffeat.core.config import StageConfig, config_digest
-from diffeat.core.errors import DiffeatError, ImageError
+from diffeat.core.errors import DiffeatError, ImageError, StoreError
 from diffeat.core.features import FeatureSet, LayerInfo
 from diffeat.core.images import ImageInput, ImageLike, as_input
 from diffeat.core.options import options_dict
 from diffeat.core.prefetch import ExtractSettings, Prepared, prepared_inputs
+from diffeat.core.store_writes import can_write, refused_write, write_refusal
 from diffeat.core.writer import BackgroundWriter, WriteResult
 
 STORE_KEY_VERSION = 1
@@ -159,10 +160,28 @@ class FeatureSource:
     def device(self) -> torch.device:
         return device_of(self.extractor)
 
-    def _register(self) -> None:
-        if self.store is not None and not self._registered:
+    def _register(self, *, degrade: bool = True) -> None:
+        """Record the extractor in the store once. A store that refuses writes is, with
+        ``degrade``, read from only (:mod:`diffeat.core.store_writes`), else a StoreError
+        (``extract``, whose only purpose is writing)."""
+        if self.store is None or self._registered:
+            return
+        if degrade and not can_write(self.store):
+            return
+        try:
             self.store.register_extractor(self.cache_key, self.extractor_info())
-            self._registered = True
+        except (OSError, DiffeatError) as exc:
+            reason = write_refusal(exc)
+            if reason is None:
+                raise
+            if not degrade:
+                raise StoreError(
+                    f"cannot write into the feature store {self.store.path} ({reason}): "
+                    "extracting keeps features there; choose a writable --store"
+                ) from exc
+            refused_write(self.store, exc)
+            return
+        self._registered = True
 
     def image_key(self, inp: ImageInput) -> str:
         """The store key of an image: its content hash, plus the extractor's conditioning."""
@@ -232,10 +251,20 @@ class FeatureSource:
         A complete entry is never replaced: when another process stored the image
         first (while this one computed it), its entry is kept, counted in
         ``report.found``, and (with ``keep``) read back and used.
+
+        A store that cannot be written (:mod:`diffeat.core.store_writes`: opened read-only,
+        or a write refused) keeps nothing; the features are used as if they were kept
+        (rounded alike), and the store is warned about once.
         """
         store = self._require_store("storing features")
         key = self.image_key(inp)
-        mine = store.put(self.cache_key, key, fs, source=inp.source, replace=False)
+        mine: bool | None = None
+        if can_write(store):
+            try:
+                mine = store.put(self.cache_key, key, fs, source=inp.source, replace=False)
+            except (OSError, DiffeatError) as exc:
+                if not refused_write(store, exc):
+                    raise
         if report is not None:
             if mine is False:
                 report.found += 1
@@ -425,7 +454,9 @@ class FeatureSource:
                 feats = extractor.extract_preprocessed(inputs, torch.stack(rows))
         else:
             feats = extractor.extract(inputs)
-        self._register()  # only now: a run that finds everything stored never loads the model
+        self._register(
+            degrade=False
+        )  # only now: a run that finds everything stored never loads the model
         for prep, inp, fs in zip(batch, inputs, feats):
             fs.meta.setdefault("source", inp.source)
             key = self.image_key(inp)

@@ -325,6 +325,7 @@ def crashes(bench: Bench, rounds: int, rng: random.Random) -> list[Row]:
         )
         before = after
     staging = sorted(p.name for p in store.rglob("*.partial")) if store.exists() else []
+    early = sum(1 for entry in log if entry["killed"] and entry["new_entries"] == 0)
     proc = run(bench, "extract", bench.config, photos, "--store", store, "--json")
     report = json.loads(proc.stdout) if proc.returncode == 0 else {}
     final = compare(bench, store, set(bench.keys.values()))
@@ -334,8 +335,9 @@ def crashes(bench: Bench, rounds: int, rng: random.Random) -> list[Row]:
             "crashes",
             "SIGKILL during `diffeat extract`, then rerun",
             rounds,
-            f"{kills} killed ({ended} ended first); {lost} entries lost, "
-            f"{half} half entries read as complete, {differ} entries differ from a clean run",
+            f"{kills} killed ({ended} ended first; {early} before any new entry); {lost} "
+            f"entries lost, {half} half entries read as complete, {differ} entries differ "
+            f"from a clean run; {len(staging)} staging folders of writes in flight left",
             "0 lost, 0 half, 0 differ",
             lost == 0 and half == 0 and differ == 0,
             {

@@ -54,6 +54,7 @@ import argparse
 import json
 import os
 import random
+import re
 import shutil
 import signal
 import struct
@@ -147,16 +148,21 @@ def traceback_in(text: str) -> bool:
     return "Traceback (most recent call last)" in text
 
 
-def first_line(text: str, width: int = 150) -> str:
-    """The first non-empty line of ``text`` (an error message), cut to ``width``, with the
-    work folder written ``<tmp>``."""
+def first_line(text: str, width: int = 160) -> str:
+    """The first non-empty line of ``text`` (an error message), cut to ``width``; paths in
+    the work folder are shortened to ``<tmp>/.../name`` (their last part)."""
     if WORK is not None:
-        text = text.replace(str(WORK), "<tmp>")
+        text = re.sub(re.escape(str(WORK)) + r"(/[^\s:'\"(),]+)", _short, text)
     for line in text.splitlines():
         if line.strip():
             line = line.strip()
             return line if len(line) <= width else line[: width - 3] + "..."
     return ""
+
+
+def _short(match: re.Match[str]) -> str:
+    parts = match.group(1).strip("/").split("/")
+    return "<tmp>/" + parts[0] if len(parts) == 1 else "<tmp>/.../" + parts[-1]
 
 
 # -- the store, read from this process -----------------------------------------------------------
@@ -909,7 +915,14 @@ def main(argv: list[str] | None = None) -> int:
     print()
     print(table)
     failures = sum(not r.ok for r in rows)
-    print(f"{len(rows)} checks, {failures} failed, {total:.0f} s")
+    import resource
+
+    cpu = sum(
+        getattr(resource.getrusage(who), field)
+        for who in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN)
+        for field in ("ru_utime", "ru_stime")
+    )
+    print(f"{len(rows)} checks, {failures} failed, {total:.0f} s wall, {cpu:.0f} s CPU")
     result = {
         "command": " ".join(
             [Path(sys.argv[0]).name, *(argv if argv is not None else sys.argv[1:])]
@@ -917,6 +930,7 @@ def main(argv: list[str] | None = None) -> int:
         "machine": machine_info(),
         "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
         "seconds": total,
+        "cpu_seconds": cpu,  # this process and every diffeat process it ran
         "timings_s": timings,
         "settings": {
             "rounds": args.rounds,

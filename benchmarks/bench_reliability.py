@@ -186,12 +186,14 @@ def compare(bench: Bench, path: Path, image_keys: set[str] | None = None) -> dic
     """Each complete entry of ``path`` (or ``image_keys`` of them) against the clean run:
     ``equal``, ``differ`` (values or layers not bit for bit the same), ``unreadable`` (``get``
     fails), ``missing`` (of ``image_keys``, not stored)."""
+    result: dict[str, list] = {"equal": [], "differ": [], "unreadable": [], "missing": []}
+    if image_keys is not None and not image_keys:  # e.g. killed before the store existed
+        return result
     import torch
 
     store = open_store(path)
     stored = set(store.entries(bench.cache_key))
     wanted = stored if image_keys is None else set(image_keys)
-    result: dict[str, list] = {"equal": [], "differ": [], "unreadable": [], "missing": []}
     for key in sorted(wanted):
         if key not in stored:
             result["missing"].append(key)

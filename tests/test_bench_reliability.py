@@ -90,6 +90,17 @@ def test_entry_damage_is_seen_by_the_store(bench, tmp_path):
     assert sorted(d.image_key for d in report.damaged) == [f"e{i}" for i in range(len(names))]
 
 
+def test_a_kill_before_the_store_exists_compares_nothing(bench, tmp_path):
+    state = bench.Bench(tmp_path, tmp_path / "c.toml", [], {})
+    assert bench.complete_entries(tmp_path / "none.zarr", "ck") == set()
+    assert bench.compare(state, tmp_path / "none.zarr", set()) == {
+        "equal": [],
+        "differ": [],
+        "unreadable": [],
+        "missing": [],
+    }
+
+
 def test_markdown_table_escapes_pipes_and_marks_failures(bench):
     rows = [
         bench.Row("inputs", "a|b", 1, "exit 2", "exit 2", True),

@@ -169,3 +169,25 @@ def test_missing_root_metadata_says_what_is_damaged_and_how_to_recover(tmp_path:
     out = run("store", "verify", "--repair", path).stdout
     assert "rewrote" in out and "1 entries checked, 0 damaged: ok" in out
     assert FeatureStore(path, mode="r").entries("ck") == ["x"]
+
+
+def test_extract_that_finds_everything_rewrites_garbled_extractor_info(
+    manager, tmp_path: Path, texture_files: list[Path]
+) -> None:
+    """A cache key's zarr.json garbled after extraction: a rerun of `extract` that computes
+    nothing (every entry found) still rewrites it, as `store verify` promises."""
+    from diffeat.core.pipeline import Pipeline
+
+    config = {"extractor": {"plugin": "color-blur"}, "matcher": {"plugin": "nearest"}}
+    path = tmp_path / "s.zarr"
+    Pipeline.from_dict(config, manager=manager, store=FeatureStore(path)).extract(texture_files)
+    (key,) = FeatureStore(path).extractors()
+    info = FeatureStore(path).extractors()[key]
+    (path / key / "zarr.json").write_bytes(b'{"zarr_format": 3, "node_ty')
+    assert list(FeatureStore(path).damaged_extractors()) == [key]
+
+    store = FeatureStore(path)
+    report = Pipeline.from_dict(config, manager=manager, store=store).extract(texture_files)
+    assert report.cached == len(texture_files) and report.computed == 0
+    assert not store.damaged_extractors() and store.extractors()[key] == info
+    assert verify_store(store).ok

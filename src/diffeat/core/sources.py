@@ -413,6 +413,11 @@ class FeatureSource:
             raise
         finally:
             inputs.close()  # stops the worker processes
+        if report.cached and not self._registered:
+            # entries found are no proof that the extractor info is sound (a zarr.json lost or
+            # garbled, as `store verify` reports): registering reads it and rewrites it only
+            # when it is missing, damaged or different; the model is not loaded for this
+            self._register(degrade=False)
         report.failed = [(item, error) for _, item, error in sorted(failed)]
         return report
 

@@ -71,11 +71,25 @@ def _key(model: str) -> tuple[dict, str]:
 
 
 def test_hub_origin_reads_the_repository_and_commit(tmp_path: Path) -> None:
-    snap = tmp_path / "models--org--some-name" / "snapshots" / COMMIT_A
+    repo = tmp_path / "models--org--some-name"
+    for name in ("blobs", "refs"):
+        (repo / name).mkdir(parents=True)
+    snap = repo / "snapshots" / COMMIT_A
     origin = hub_origin(snap / "unet" / "model.safetensors")
     assert origin is not None
     assert (origin.hub_id, origin.revision, origin.snapshot) == ("org/some-name", COMMIT_A, snap)
-    assert origin.identity() == {"hub_id": "org/some-name", "revision": COMMIT_A}
+    assert origin.identity() == {
+        "hub_id": "org/some-name",
+        "revision": COMMIT_A,
+        "subfolder": "unet/model.safetensors",
+    }
+    assert hub_origin(snap).identity() == {"hub_id": "org/some-name", "revision": COMMIT_A}
+    # `..` is collapsed before the commit is read
+    other = repo / "snapshots" / COMMIT_B
+    assert hub_origin(snap / ".." / COMMIT_B).revision == COMMIT_B  # type: ignore[union-attr]
+    assert hub_origin(other / ".." / ".." / ".." / "elsewhere") is None
+    # no blobs/ and refs/: not a hub cache, whatever the folder names say
+    assert hub_origin(tmp_path / "models--a--b" / "snapshots" / COMMIT_A) is None
     assert hub_origin(tmp_path / "models--org--name" / "snapshots" / "main") is None
     assert hub_origin(tmp_path / "datasets--org--name" / "snapshots" / COMMIT_A) is None
     assert hub_origin(tmp_path / "my-model" / "unet") is None
@@ -170,3 +184,31 @@ def test_the_environment_points_a_fresh_process_at_the_cache(tiny_sd: Path, tmp_
     assert done.returncode == 0, done.stderr
     identity = json.loads(done.stdout.strip().splitlines()[-1])
     assert identity["hub_id"] == "x/y" and identity["revision"] == COMMIT_A
+
+
+def test_a_copied_or_edited_snapshot_is_fingerprinted_by_content(
+    hub_cache: Path, tiny_sd: Path
+) -> None:
+    """Weights saved over a snapshot's links (or a snapshot copied with its links followed)
+    are no longer the commit's files: the folder is hashed like any local folder."""
+    snap = _snapshot(hub_cache, "org/tiny", COMMIT_A, tiny_sd)
+    assert hub_origin(snap) is not None
+    weights = next(snap.glob("unet/*.safetensors"))
+    data = weights.read_bytes()
+    weights.unlink()
+    weights.write_bytes(data)  # a real file where the link was
+    assert hub_origin(snap) is None
+    identity, _ = _key(str(snap))
+    assert "fingerprint" in identity and "hub_id" not in identity
+
+
+def test_two_models_in_one_snapshot_get_different_identities(
+    hub_cache: Path, tiny_sd: Path, tmp_path: Path
+) -> None:
+    both = tmp_path / "both"
+    shutil.copytree(tiny_sd, both / "v1")
+    shutil.copytree(tiny_sd, both / "v2")
+    snap = _snapshot(hub_cache, "org/multi", COMMIT_A, both)
+    one, key_one = _key(str(snap / "v1"))
+    two, key_two = _key(str(snap / "v2"))
+    assert (one["subfolder"], two["subfolder"]) == ("v1", "v2") and key_one != key_two

@@ -191,3 +191,7 @@ def test_extract_that_finds_everything_rewrites_garbled_extractor_info(
     assert report.cached == len(texture_files) and report.computed == 0
     assert not store.damaged_extractors() and store.extractors()[key] == info
     assert verify_store(store).ok
+    # a sound store opened read-only: found, nothing written, no error
+    read_only = FeatureStore(path, mode="r")
+    report = Pipeline.from_dict(config, manager=manager, store=read_only).extract(texture_files)
+    assert report.cached == len(texture_files) and not report.failed

@@ -363,6 +363,11 @@ class FeatureStorage(Protocol):
         """What the store holds: extractors, entry counts, bytes."""
         ...
 
+    def damaged_extractors(self) -> dict[str, str]:
+        """``cache_key -> what is wrong`` for cache keys whose extractor info is missing or
+        unreadable while their entries may be intact (``register_extractor`` rewrites it)."""
+        ...
+
 
 # -- capability checks: the one place that looks at what a component provides -----
 

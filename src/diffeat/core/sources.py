@@ -275,7 +275,15 @@ class FeatureSource:
         if mine is False:
             return self.read(key, device=self.device)
         storage = getattr(torch, store.dtype)
-        return fs.to(dtype=storage).to(self.device, torch.float32)
+        rounded = fs.to(dtype=storage)
+        if mine is None:  # not kept: the store's range check was not made, make it here
+            for name, layer in rounded.layers.items():
+                if bool((torch.isinf(layer) & torch.isfinite(fs.layers[name])).any()):
+                    raise StoreError(
+                        f"layer {name!r} of image {key!r} has values beyond the {store.dtype} "
+                        "range of the store: use a store with --store-dtype float32"
+                    )
+        return rounded.to(self.device, torch.float32)
 
     def _iter_features(
         self,
@@ -413,11 +421,12 @@ class FeatureSource:
             raise
         finally:
             inputs.close()  # stops the worker processes
-        if report.cached and not self._registered:
-            # entries found are no proof that the extractor info is sound (a zarr.json lost or
-            # garbled, as `store verify` reports): registering reads it and rewrites it only
-            # when it is missing, damaged or different; the model is not loaded for this
-            self._register(degrade=False)
+        if report.cached and not self._registered and getattr(store, "mode", "a") != "r":
+            # entries found are no proof that the extractor info is sound: a zarr.json lost
+            # or garbled (what `store verify` reports) is rewritten, as a run that computes
+            # would; the model is not loaded for this
+            if self.cache_key in store.damaged_extractors():
+                self._register(degrade=False)
         report.failed = [(item, error) for _, item, error in sorted(failed)]
         return report
 

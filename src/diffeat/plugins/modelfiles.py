@@ -112,10 +112,16 @@ class HubOrigin:
     """the 40-hex commit hash of the snapshot"""
     snapshot: Path
     """the snapshot folder (``.../models--owner--name/snapshots/<commit>``)"""
+    subfolder: str = ""
+    """the path's place inside the snapshot (``""``: the snapshot itself)"""
 
     def identity(self) -> dict[str, str]:
-        """``{"hub_id", "revision"}``: the model identity of a hub model."""
-        return {"hub_id": self.hub_id, "revision": self.revision}
+        """``{"hub_id", "revision"}`` (and ``"subfolder"`` below the snapshot's root): the
+        model identity of a hub model."""
+        out = {"hub_id": self.hub_id, "revision": self.revision}
+        if self.subfolder:
+            out["subfolder"] = self.subfolder
+        return out
 
 
 def hub_origin(path: Path | str) -> HubOrigin | None:
@@ -124,18 +130,37 @@ def hub_origin(path: Path | str) -> HubOrigin | None:
 
     A snapshot's files are the commit's files (the cache stores them under their
     content hash and links them in), so the commit identifies them exactly without
-    reading a byte. The path is taken as given, not resolved: the files of a snapshot
-    are links into ``blobs/``.
+    reading a byte. The path is normalised (``~``, ``..``) but links are not followed:
+    the files of a snapshot are links into ``blobs/``. Only a real cache qualifies: the
+    repository folder has ``blobs/`` and ``refs/``, and on POSIX every file under ``path``
+    is such a link; a copied or edited snapshot (weights saved over a link) is None, and
+    is fingerprinted by content like any local folder.
     """
-    parts = Path(path).expanduser().absolute().parts
+    absolute = Path(os.path.normpath(Path(path).expanduser().absolute()))
+    parts = absolute.parts
     for i in range(len(parts) - 2):
         repo, snapshots, commit = parts[i : i + 3]
         if snapshots == "snapshots" and _COMMIT.fullmatch(commit):
             if repo.startswith("models--") and repo.count("--") >= 2:
                 owner, _, name = repo[len("models--") :].partition("--")
-                if owner and name:
-                    return HubOrigin(f"{owner}/{name}", commit, Path(*parts[: i + 3]))
+                repo_dir = Path(*parts[: i + 1])
+                if not (owner and name and _is_cache_snapshot(repo_dir, absolute)):
+                    return None
+                sub = Path(*parts[i + 3 :]).as_posix() if len(parts) > i + 3 else ""
+                return HubOrigin(f"{owner}/{name}", commit, Path(*parts[: i + 3]), sub)
     return None
+
+
+def _is_cache_snapshot(repo_dir: Path, path: Path) -> bool:
+    if not ((repo_dir / "blobs").is_dir() and (repo_dir / "refs").is_dir()):
+        return False
+    if os.name != "posix":  # the cache copies files where links are not available
+        return True
+    if path.is_symlink() or not path.exists():
+        return True
+    if path.is_file():
+        return False
+    return all((Path(root) / f).is_symlink() for root, _, files in os.walk(path) for f in files)
 
 
 def files_fingerprint(files: Iterable[Path], root: Path | None = None) -> str:
@@ -146,13 +171,15 @@ def files_fingerprint(files: Iterable[Path], root: Path | None = None) -> str:
     :func:`file_fingerprint` of each.
     """
     files = [Path(p) for p in files]
-    origins = {hub_origin(f) for f in files}
-    if len(origins) == 1 and None not in origins:
-        (origin,) = origins
+    found = [hub_origin(f) for f in files]
+    snapshots = {None if o is None else (o.hub_id, o.revision, o.snapshot) for o in found}
+    if len(snapshots) == 1 and None not in snapshots:
+        origin = found[0]
         assert origin is not None
         h = hashlib.sha256(f"hub:{origin.hub_id}@{origin.revision}".encode())
         for f in sorted(files):
-            h.update(f.absolute().relative_to(origin.snapshot).as_posix().encode())
+            place = Path(os.path.normpath(f.expanduser().absolute()))
+            h.update(place.relative_to(origin.snapshot).as_posix().encode())
         return h.hexdigest()[:32]
     h = hashlib.sha256()
     for f in sorted(Path(p) for p in files):

@@ -443,6 +443,14 @@ class FeatureStore:
         if not isinstance(info, dict):
             raise StoreError(f"extractor info of cache key {cache_key!r} must be a dict")
         key = f"{cache_key}/zarr.json"
+        try:
+            self._register_info(cache_key, key, info)
+        except self._io_errors() as exc:  # the system's refusal stays in the chain
+            raise StoreError(
+                f"registering cache key {cache_key!r} in {self.path} failed: {exc}"
+            ) from exc
+
+    def _register_info(self, cache_key: str, key: str, info: dict[str, Any]) -> None:
         current = parse_group_json(run(self._acreate_group(key, info)))
         self._known_groups.add(cache_key)
         if current == info:
@@ -454,7 +462,7 @@ class FeatureStore:
             warnings.warn(
                 f"feature store {self.path}: cache key {cache_key!r} was registered with a "
                 f"different {', '.join(differing)}; replacing the stored extractor info",
-                stacklevel=2,
+                stacklevel=3,
             )
         # (re)write: the group was created empty by put(), or its info changed, or damaged
         run(self._store.write(key, group_json(info)))
@@ -654,8 +662,8 @@ class FeatureStore:
             "meta": meta,
         }
         timesteps = np.asarray(features.timesteps, dtype=np.int64)
-        self._allow_bfloat16()
         try:
+            self._allow_bfloat16()
             return run(self._aput(cache_key, prefix, arrays, timesteps, attrs, replace))
         except self._io_errors() as exc:
             raise StoreError(f"writing {prefix} into {self.path} failed: {exc}") from exc
@@ -677,7 +685,7 @@ class FeatureStore:
         attrs = parse_group_json(self._read_now("zarr.json")) or {}
         marker = attrs.get(ROOT_ATTR)
         marker = dict(marker) if isinstance(marker, dict) else {}
-        if marker.get("format_version") != new:
+        if not isinstance(marker.get("format_version"), int) or marker["format_version"] < new:
             marker["format_version"] = new
             run(self._store.write("zarr.json", group_json({**attrs, ROOT_ATTR: marker})))
         self.format_version = new
@@ -1112,7 +1120,9 @@ class FeatureStore:
         for image_key in complete[:1]:
             attrs = await self._aentry(f"{cache_key}/{image_key}")
             layers = attrs.get("layers", {}) if attrs else {}
-            dtypes = sorted({str(spec.get("dtype")) for spec in layers.values()})
+            # a damaged marker is `store verify`'s to report: info shows no dtype for it
+            specs = [spec for spec in layers.values() if isinstance(spec, dict)]
+            dtypes = sorted({str(spec.get("dtype")) for spec in specs})
             if dtypes:
                 return dtypes[0] if len(dtypes) == 1 else f"mixed ({', '.join(dtypes)})"
         return None

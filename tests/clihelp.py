@@ -13,6 +13,17 @@ from typing import Any
 from waiting import HANG_GUARD_S
 
 DIFFEAT = str(Path(sys.executable).with_name("diffeat"))
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def tiny_dift_config(tiny_sd: Path, path: Path) -> Path:
+    """The DIFT SD 2.1 preset (``examples/dift-sd21.toml``) on the tiny model at 64 px with
+    2 noise copies, written to ``path``."""
+    text = (ROOT / "examples" / "dift-sd21.toml").read_text()
+    text = text.replace('"stabilityai/stable-diffusion-2-1"', f'"{tiny_sd}"')
+    text = text.replace("[768, 768]", "[64, 64]").replace("ensemble_size = 8", "ensemble_size = 2")
+    path.write_text(text)
+    return path
 
 
 def cli_env(**extra: str) -> dict[str, str]:

@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from clihelp import cli_env, run, run_json
+from clihelp import cli_env, run, run_json, tiny_dift_config
 from PIL import Image
 
 from diffeat.testing import smooth_texture
@@ -19,12 +19,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 @pytest.fixture(scope="module")
 def config(tiny_sd, tmp_path_factory) -> Path:
-    p = tmp_path_factory.mktemp("cfg") / "tiny.toml"
-    text = (ROOT / "examples" / "dift-sd21.toml").read_text()
-    text = text.replace('"stabilityai/stable-diffusion-2-1"', f'"{tiny_sd}"')
-    text = text.replace("[768, 768]", "[64, 64]").replace("ensemble_size = 8", "ensemble_size = 2")
-    p.write_text(text)
-    return p
+    return tiny_dift_config(tiny_sd, tmp_path_factory.mktemp("cfg") / "tiny.toml")
 
 
 @pytest.fixture(scope="module")

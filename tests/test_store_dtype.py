@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 import zarr
-from clihelp import cli_env, run, run_json
+from clihelp import cli_env, run, run_json, tiny_dift_config
 
 from diffeat.core.errors import StoreError
 from diffeat.core.features import FeatureSet
@@ -20,8 +20,6 @@ from diffeat.store import DamagedEntry, FeatureStore, restore_root
 from diffeat.store.format import FORMAT_VERSION, check_storage_dtype, layout_version
 from diffeat.store.verify import verify_store
 from diffeat.testing import smooth_texture
-
-ROOT = Path(__file__).resolve().parents[1]
 
 
 def wide_features(seed: int = 0) -> FeatureSet:
@@ -190,12 +188,7 @@ def test_storage_dtype_enters_the_cache_key_unless_float16() -> None:
 
 @pytest.fixture(scope="module")
 def config(tiny_sd, tmp_path_factory) -> Path:
-    p = tmp_path_factory.mktemp("cfg") / "tiny.toml"
-    text = (ROOT / "examples" / "dift-sd21.toml").read_text()
-    text = text.replace('"stabilityai/stable-diffusion-2-1"', f'"{tiny_sd}"')
-    text = text.replace("[768, 768]", "[64, 64]").replace("ensemble_size = 8", "ensemble_size = 2")
-    p.write_text(text)
-    return p
+    return tiny_dift_config(tiny_sd, tmp_path_factory.mktemp("cfg") / "tiny.toml")
 
 
 @pytest.fixture(scope="module")

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from clihelp import DIFFEAT, cli_env, run_json
+from clihelp import DIFFEAT, cli_env, run_json, tiny_dift_config
 from waiting import HANG_GUARD_S, wait_until
 
 from diffeat.cli.extract import WRITE_QUEUE_MB
@@ -29,9 +29,6 @@ from diffeat.plugins.stable_diffusion.extractor import StableDiffusionExtractor
 from diffeat.plugins.vit.dinov2 import Dinov2Extractor
 from diffeat.store import FeatureStore
 from diffeat.testing import smooth_texture
-
-ROOT = Path(__file__).resolve().parents[1]
-
 
 # -- the background writer --------------------------------------------------------------------
 
@@ -333,11 +330,7 @@ def _complete(store: Path) -> int:
 
 @pytest.mark.slow
 def test_killed_extract_leaves_no_half_entry_and_resumes(tiny_sd, tmp_path):
-    config = tmp_path / "tiny.toml"
-    text = (ROOT / "examples" / "dift-sd21.toml").read_text()
-    text = text.replace('"stabilityai/stable-diffusion-2-1"', f'"{tiny_sd}"')
-    text = text.replace("[768, 768]", "[64, 64]").replace("ensemble_size = 8", "ensemble_size = 2")
-    config.write_text(text)
+    config = tiny_dift_config(tiny_sd, tmp_path / "tiny.toml")
     files = _files(tmp_path / "in", 30)  # enough that a fast machine is still at it
     store = tmp_path / "s.zarr"
     args = [DIFFEAT, "extract", config, tmp_path / "in", "--store", store, "--batch-size", "2"]

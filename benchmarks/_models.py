@@ -223,3 +223,26 @@ def build_vit(name: str, folder: Path) -> str:
     write_marker(folder, VIT_RECIPE, parameters=params, build_s=seconds)
     print(f"[{name}] built {params / 1e6:.0f}M parameters in {seconds:.0f} s", file=sys.stderr)
     return str(folder)
+
+
+def hedlin_model(model: str, sd_dir: str | Path) -> Path:
+    """The model folder of the Hedlin benchmarks: ``tiny`` (the test model, built once in
+    ``out/hedlin-tiny-sd``), ``sd15`` (random weights of SD 1.5's size in ``sd_dir``, built
+    once) or a diffusers folder with ``unet/``."""
+    if model == "tiny":
+        from diffeat.testing import build_tiny_stable_diffusion
+
+        folder = OUT / "hedlin-tiny-sd"
+        if not (folder / "model_index.json").exists():
+            build_tiny_stable_diffusion(folder)
+        return folder
+    if model == "sd15":
+        folder = Path(sd_dir)
+        if not sd15_is_complete(folder):
+            print(f"building SD 1.5 with random weights in {folder} ...", flush=True)
+            build_sd15_random(folder)
+        return folder
+    folder = Path(model)
+    if not (folder / "unet").is_dir():
+        raise SystemExit(f"--model {model}: not tiny, sd15 or a diffusers folder with unet/")
+    return folder

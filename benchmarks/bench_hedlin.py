@@ -40,20 +40,9 @@ from _common import (
 
 
 def _model(args: argparse.Namespace) -> Path:
-    if args.model == "tiny":
-        from diffeat.testing import build_tiny_stable_diffusion
+    from _models import hedlin_model
 
-        folder = OUT / "hedlin-tiny-sd"
-        if not (folder / "model_index.json").exists():
-            build_tiny_stable_diffusion(folder)
-        return folder
-    from _models import build_sd15_random, sd15_is_complete
-
-    folder = Path(args.sd_dir)
-    if not sd15_is_complete(folder):
-        print(f"building SD 1.5 with random weights in {folder} ...", flush=True)
-        build_sd15_random(folder)
-    return folder
+    return hedlin_model(args.model, args.sd_dir)
 
 
 def _run(folder: Path, args: argparse.Namespace, max_batch: int) -> dict[str, Any]:

@@ -61,25 +61,9 @@ DEFAULT_CPU = [
 
 
 def _model(args: argparse.Namespace) -> Path:
-    if args.model == "tiny":
-        from diffeat.testing import build_tiny_stable_diffusion
+    from _models import hedlin_model
 
-        folder = OUT / "hedlin-tiny-sd"
-        if not (folder / "model_index.json").exists():
-            build_tiny_stable_diffusion(folder)
-        return folder
-    if args.model == "sd15":
-        from _models import build_sd15_random, sd15_is_complete
-
-        folder = Path(args.sd_dir)
-        if not sd15_is_complete(folder):
-            print(f"building SD 1.5 with random weights in {folder} ...", flush=True)
-            build_sd15_random(folder)
-        return folder
-    folder = Path(args.model)
-    if not (folder / "unet").is_dir():
-        raise SystemExit(f"--model {args.model}: not tiny, sd15 or a diffusers folder with unet/")
-    return folder
+    return hedlin_model(args.model, args.sd_dir)
 
 
 def _benchmark(folder: Path, pairs: int, points: int, seed: int) -> Path:

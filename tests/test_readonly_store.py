@@ -301,3 +301,28 @@ def test_other_write_failures_still_stop_the_run(manager, tmp_path, texture_file
     monkeypatch.setattr(FeatureStore, "_aput", disk_full)
     with pytest.raises(StoreError, match="No space left"):
         pipe.features(texture_files)
+
+
+def test_values_beyond_float16_are_refused_with_a_read_only_store_too(
+    manager, tmp_path, texture_files, monkeypatch
+):
+    """A writable float16 store refuses features it cannot hold (they would read back as
+    inf); features computed and not kept (a read-only store) are refused the same way."""
+    from diffeat.core.features import FeatureSet
+
+    path = tmp_path / "f.zarr"
+    Pipeline.from_dict(COLOR_BLUR, store=path, manager=manager).features(texture_files[:1])
+    real = ColorBlurExtractor.extract
+
+    def huge(self, images):
+        out = real(self, images)
+        return [
+            FeatureSet({k: v * 1e6 for k, v in f.layers.items()}, f.timesteps, f.meta) for f in out
+        ]
+
+    monkeypatch.setattr(ColorBlurExtractor, "extract", huge)
+    for store in (FeatureStore(tmp_path / "w.zarr"), FeatureStore(path, mode="r")):
+        pipe = Pipeline.from_dict(COLOR_BLUR, store=store, manager=manager)
+        with warnings.catch_warnings(), pytest.raises(StoreError, match="range"):
+            warnings.simplefilter("ignore", StoreWriteWarning)
+            pipe.features(texture_files[1:2])

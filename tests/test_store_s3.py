@@ -511,3 +511,16 @@ def test_opening_while_another_process_creates_the_store(s3: LocalS3, monkeypatc
     monkeypatch.setattr(ObjectFeatureStore, "_read_now", first_read_misses)
     opened = FeatureStore(url)
     assert opened.format_version >= 3 and len(reads) >= 2
+
+    # a slow creator (a loaded machine): the root is missing for several looks, not one
+    import diffeat.store.objectstore as objectstore
+
+    monkeypatch.setattr(objectstore, "OPEN_RETRY_DELAYS_S", (0.0,) * 6)
+    reads.clear()
+
+    def five_reads_miss(self, key):
+        reads.append(key)
+        return None if len(reads) <= 5 else real(self, key)
+
+    monkeypatch.setattr(ObjectFeatureStore, "_read_now", five_reads_miss)
+    assert FeatureStore(url).format_version >= 3 and len(reads) == 6

@@ -105,6 +105,10 @@ def merge_index(entries: dict[str, list[Any]], events: list[IndexEvent]) -> dict
     return {k: v for k, v in state.items() if v[0] not in dead}
 
 
+#: waits before looking again for the root zarr.json of a prefix that holds objects
+OPEN_RETRY_DELAYS_S = (0.1, 0.3, 1.0, 2.0, 3.0, 4.0)
+
+
 class ObjectFeatureStore(FeatureStore):
     """A :class:`FeatureStore` under an object-store URL (see the module docstring).
 
@@ -144,9 +148,10 @@ class ObjectFeatureStore(FeatureStore):
     def _open(self) -> int:
         raw = self._read_now("zarr.json")
         # objects but no root metadata: another process may be creating the store right now
-        # (its zarr.json lands between our read and our listing), so look again a few times
-        # before calling the prefix foreign or damaged
-        for delay in (0.1, 0.3, 1.0):
+        # (its zarr.json lands between our read and our listing), so look again for a while
+        # (about 10 s: a loaded machine or a slow server stretches that window) before
+        # calling the prefix foreign or damaged
+        for delay in OPEN_RETRY_DELAYS_S:
             if raw is not None or not run(self._store.any_object("")):
                 break
             time.sleep(delay)

@@ -171,16 +171,17 @@ class FeatureSource:
         try:
             self.store.register_extractor(self.cache_key, self.extractor_info())
         except (OSError, DiffeatError) as exc:
+            if degrade:
+                if refused_write(self.store, exc):
+                    return
+                raise
             reason = write_refusal(exc)
             if reason is None:
                 raise
-            if not degrade:
-                raise StoreError(
-                    f"cannot write into the feature store {self.store.path} ({reason}): "
-                    "extracting keeps features there; choose a writable --store"
-                ) from exc
-            refused_write(self.store, exc)
-            return
+            raise StoreError(
+                f"cannot write into the feature store {self.store.path} ({reason}): "
+                "extracting keeps features there; choose a writable --store"
+            ) from exc
         self._registered = True
 
     def image_key(self, inp: ImageInput) -> str:
@@ -468,9 +469,8 @@ class FeatureSource:
                 feats = extractor.extract_preprocessed(inputs, torch.stack(rows))
         else:
             feats = extractor.extract(inputs)
-        self._register(
-            degrade=False
-        )  # only now: a run that finds everything stored never loads the model
+        # only now: a run that finds everything stored never loads the model
+        self._register(degrade=False)
         for prep, inp, fs in zip(batch, inputs, feats):
             fs.meta.setdefault("source", inp.source)
             key = self.image_key(inp)

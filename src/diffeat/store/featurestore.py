@@ -1117,15 +1117,16 @@ class FeatureStore:
         """The storage dtype of the entries under ``cache_key``, read from the first complete
         one (None: no entry). A source writes one dtype per cache key (the cache key names
         any storage dtype but float16); entries of several give ``"mixed (...)"``."""
-        for image_key in complete[:1]:
-            attrs = await self._aentry(f"{cache_key}/{image_key}")
-            layers = attrs.get("layers", {}) if attrs else {}
-            # a damaged marker is `store verify`'s to report: info shows no dtype for it
-            specs = [spec for spec in layers.values() if isinstance(spec, dict)]
-            dtypes = sorted({str(spec.get("dtype")) for spec in specs})
-            if dtypes:
-                return dtypes[0] if len(dtypes) == 1 else f"mixed ({', '.join(dtypes)})"
-        return None
+        if not complete:
+            return None
+        attrs = await self._aentry(f"{cache_key}/{complete[0]}")
+        layers = attrs.get("layers", {}) if attrs else {}
+        # a damaged marker is `store verify`'s to report: info shows no dtype for it
+        specs = [spec for spec in layers.values() if isinstance(spec, dict)]
+        dtypes = sorted({str(spec.get("dtype")) for spec in specs})
+        if not dtypes:
+            return None
+        return dtypes[0] if len(dtypes) == 1 else f"mixed ({', '.join(dtypes)})"
 
     # ------------------------------------------------------------------ xarray
 

@@ -524,3 +524,31 @@ def test_opening_while_another_process_creates_the_store(s3: LocalS3, monkeypatc
 
     monkeypatch.setattr(ObjectFeatureStore, "_read_now", five_reads_miss)
     assert FeatureStore(url).format_version >= 3 and len(reads) == 6
+
+
+def test_opening_an_empty_prefix_while_another_process_creates_the_store(
+    s3: LocalS3, monkeypatch
+) -> None:
+    """This process finds no root and an empty prefix; the other process's root lands
+    before this one creates its own: the conditional create loses and the open reads
+    the winner's root (the race behind the flaky two-process S3 extraction in CI)."""
+    from diffeat.store.format import OBJECT_FORMAT_VERSION, ROOT_ATTR, group_json
+    from diffeat.store.zarr_io import ZarrObjects
+
+    url = s3.url()
+    real_any = ZarrObjects.any_object
+    looks: list[bool] = []
+
+    async def empty_at_first_look(self, prefix: str = "") -> bool:
+        if not looks:
+            looks.append(False)
+            # the other process creates the store right after our look
+            root = group_json({ROOT_ATTR: {"format_version": OBJECT_FORMAT_VERSION}})
+            assert await self.create("zarr.json", root)
+            return False
+        looks.append(await real_any(self, prefix))
+        return looks[-1]
+
+    monkeypatch.setattr(ZarrObjects, "any_object", empty_at_first_look)
+    opened = FeatureStore(url)
+    assert opened.format_version >= 3 and looks[0] is False

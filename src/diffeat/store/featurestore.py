@@ -348,25 +348,7 @@ class FeatureStore:
         self._store = ZarrFolder(path, read_only=self.mode == "r")
         raw = self._read_now("zarr.json")
         if raw is None:
-            holds = _cache_keys_with_entries(path)
-            if holds:
-                raise DamagedRootError(path, "is missing", holds)
-            if self.mode == "r":
-                raise StoreError(
-                    f"{path} is not a diffeat feature store (it has no zarr.json): check the path"
-                )
-            # another process may be creating the store right now: its zarr.json (or the
-            # temporary file it is renaming) may already be there
-            others = [p for p in path.iterdir() if not p.name.startswith("zarr.")]
-            if others:
-                kind = "a zarr v2 store" if (path / ".zgroup").exists() else "not a zarr store"
-                raise StoreError(
-                    f"{path} is {kind} and not empty, so it cannot become a diffeat feature "
-                    "store: choose a new or empty folder"
-                )
-            root = group_json({ROOT_ATTR: {"format_version": LOCAL_FORMAT_VERSION}})
-            run(self._store.write_if_absent("zarr.json", root))
-            raw = self._read_now("zarr.json")
+            raw = self._read_missing_root()
         attrs = parse_group_json(raw)
         if attrs is None:
             holds = _cache_keys_with_entries(path)
@@ -384,6 +366,36 @@ class FeatureStore:
                 "or write through its object-store URL"
             )
         return version
+
+    def _read_missing_root(self) -> bytes | None:
+        """The root zarr.json of a folder that had none a moment ago: created when the
+        folder is empty (or the root of another process that won the create). Before
+        calling the folder damaged or foreign, look once more: another process may have
+        created the store since the first look."""
+        path = self.path
+        holds = _cache_keys_with_entries(path)
+        if holds:
+            if (raw := self._read_now("zarr.json")) is not None:
+                return raw
+            raise DamagedRootError(path, "is missing", holds)
+        if self.mode == "r":
+            raise StoreError(
+                f"{path} is not a diffeat feature store (it has no zarr.json): check the path"
+            )
+        # another process may be creating the store right now: its zarr.json (or the
+        # temporary file it is renaming) may already be there
+        others = [p for p in path.iterdir() if not p.name.startswith("zarr.")]
+        if others:
+            if (raw := self._read_now("zarr.json")) is not None:
+                return raw
+            kind = "a zarr v2 store" if (path / ".zgroup").exists() else "not a zarr store"
+            raise StoreError(
+                f"{path} is {kind} and not empty, so it cannot become a diffeat feature "
+                "store: choose a new or empty folder"
+            )
+        root = group_json({ROOT_ATTR: {"format_version": LOCAL_FORMAT_VERSION}})
+        run(self._store.write_if_absent("zarr.json", root))
+        return self._read_now("zarr.json")
 
     def __repr__(self) -> str:
         return f"FeatureStore({str(self.path)!r}, mode={self.mode!r}, dtype={self.dtype!r})"

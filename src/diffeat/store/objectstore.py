@@ -146,30 +146,7 @@ class ObjectFeatureStore(FeatureStore):
             ) from exc
 
     def _open(self) -> int:
-        raw = self._read_now("zarr.json")
-        # objects but no root metadata: another process may be creating the store right now
-        # (its zarr.json lands between our read and our listing), so look again for a while
-        # (about 10 s: a loaded machine or a slow server stretches that window) before
-        # calling the prefix foreign or damaged
-        for delay in OPEN_RETRY_DELAYS_S:
-            if raw is not None or not run(self._store.any_object("")):
-                break
-            time.sleep(delay)
-            raw = self._read_now("zarr.json")
-        if raw is None:
-            if run(self._store.any_object("")):
-                raise StoreError(
-                    f"{self.path} holds objects but no zarr.json, so it is not a diffeat "
-                    "feature store (or its root metadata was removed): choose another prefix"
-                )
-            if self.mode == "r":
-                raise StoreError(
-                    f"no feature store at {self.path}: nothing is stored under that prefix "
-                    "(check the URL, or extract features into it first)"
-                )
-            root = group_json({ROOT_ATTR: {"format_version": OBJECT_FORMAT_VERSION}})
-            run(self._store.create("zarr.json", root))
-            raw = self._read_now("zarr.json")
+        raw = self._read_root()
         attrs = parse_group_json(raw)
         if attrs is None:
             raise StoreError(
@@ -184,6 +161,36 @@ class ObjectFeatureStore(FeatureStore):
                 f"{version} commits entries by renaming folders; extract into a new prefix"
             )
         return version
+
+    def _read_root(self) -> bytes:
+        """The root zarr.json, created (create-if-absent) when the prefix is empty.
+
+        Another process may be creating the store at the same moment, so no single look
+        decides: an empty prefix is created conditionally (of several creators one wins,
+        the others read its root), and objects without a root are looked at again for
+        about 10 s (a loaded machine or a slow server stretches the creator's window)
+        before the prefix is called foreign or damaged."""
+        raw = self._read_now("zarr.json")
+        for delay in (*OPEN_RETRY_DELAYS_S, None):
+            if raw is not None:
+                return raw
+            if not run(self._store.any_object("")):
+                if self.mode == "r":
+                    raise StoreError(
+                        f"no feature store at {self.path}: nothing is stored under that "
+                        "prefix (check the URL, or extract features into it first)"
+                    )
+                root = group_json({ROOT_ATTR: {"format_version": OBJECT_FORMAT_VERSION}})
+                run(self._store.create("zarr.json", root))
+            elif delay is None:
+                break
+            else:
+                time.sleep(delay)
+            raw = self._read_now("zarr.json")
+        raise StoreError(
+            f"{self.path} holds objects but no zarr.json, so it is not a diffeat "
+            "feature store (or its root metadata was removed): choose another prefix"
+        )
 
     def _io_errors(self) -> tuple[type[BaseException], ...]:
         import obstore.exceptions

@@ -260,6 +260,28 @@ def test_prompt_and_seed_change_features_batch_does_not(tiny):
     )
 
 
+@pytest.mark.parametrize("family", ["flux", "sd3", "pixart"])
+def test_ensemble_batch_splits_the_forwards_not_the_result(tiny, family):
+    """``ensemble_batch=3`` on 2 images x 2 copies: forwards of 3 and 1 rows per timestep,
+    and the same maps, ditf normalisation included, as one forward (up to rounding)."""
+    other = as_input(smooth_texture((64, 64), seed=5))
+    layers = ["transformer_blocks.0", LAST[family]]
+    kw = {"layers": layers, "timesteps": [260, 101], "massive_activations": "ditf"}
+    whole = make(tiny[family], **kw).extract([IMAGE, other])
+    split_ex = make(tiny[family], ensemble_batch=3, **kw)
+    rows: list[int] = []
+    split_ex.parts.transformer.register_forward_pre_hook(
+        lambda _m, args, kwargs: rows.append(kwargs["hidden_states"].shape[0]), with_kwargs=True
+    )
+    split = split_ex.extract([IMAGE, other])
+    assert rows == [3, 1, 3, 1]
+    for a, b in zip(whole, split):
+        for name in layers:
+            torch.testing.assert_close(a.layers[name], b.layers[name], atol=1e-5, rtol=1e-4)
+    with pytest.raises(ValueError, match="ensemble_batch must be >= 0"):
+        DiffusionTransformerOptions(model=str(tiny[family]), ensemble_batch=-1).validate()
+
+
 def test_longest_side_rule_keeps_the_aspect_ratio(tiny):
     """DiTF's preprocessing: longer side to max(image_size), sides multiples of 16."""
     ex = make(

@@ -271,3 +271,44 @@ def test_split_forwards_keep_each_tile_s_captioner_offset(
     assert calls == 3 and out == ""  # 3 forwards: fewer than 4, no bar
     name = "up_blocks.1.attentions.1"
     torch.testing.assert_close(whole.layers[name], split.layers[name], rtol=1e-5, atol=1e-5)
+
+
+def test_adm_ensemble_batch_splits_the_copies_and_counts_each_forward(
+    tiny_adm_model: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``ensemble_batch=2`` on 2 images x 3 copies: 3 forwards of 2 rows per timestep,
+    each counted, and the same features as one forward per timestep (up to rounding)."""
+    import torch
+
+    from diffeat.plugins.adm.extractor import AdmExtractor
+    from diffeat.plugins.adm.options import AdmOptions
+
+    def make_adm(ensemble_batch: int) -> AdmExtractor:
+        return AdmExtractor(
+            AdmOptions(
+                model=str(tiny_adm_model),
+                layers=["output_blocks.4", "output_blocks.2"],
+                timesteps=[201, 41],
+                ensemble_size=3,
+                image_size=[64, 64],
+                device="cpu",
+                ensemble_batch=ensemble_batch,
+            )
+        )
+
+    two = images(2)
+    whole = make_adm(0).extract(two)
+    ex = make_adm(2)
+    rows: list[int] = []
+    ex.unet.register_forward_pre_hook(lambda _m, args: rows.append(args[0].shape[0]))
+    err = _Terminal()
+    monkeypatch.setattr("sys.stderr", err)
+    split = ex.extract(two)
+    assert rows == [2, 2, 2] * 2
+    assert "adm, 2 images" in err.getvalue() and counts(err.getvalue())[-1] == ("6", "6")
+    for a, b in zip(whole, split):
+        for name in a.layers:
+            assert a.layers[name].shape == b.layers[name].shape
+            torch.testing.assert_close(a.layers[name], b.layers[name], rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="ensemble_batch must be >= 0"):
+        AdmOptions(model=str(tiny_adm_model), ensemble_batch=-1).validate()

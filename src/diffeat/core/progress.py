@@ -57,3 +57,10 @@ def counted(items: Iterable[T], desc: str, unit: str = "UNet pass") -> Iterator[
             yield item
             bar.update(1)
         bar.refresh()
+
+
+def row_slices(n: int, rows_per_pass: int) -> list[slice]:
+    """The rows of each model pass when ``n`` latents run ``rows_per_pass`` at a time (an
+    extractor's ``ensemble_batch``; 0: all ``n`` in one pass)."""
+    size = rows_per_pass or n
+    return [slice(i, min(i + size, n)) for i in range(0, n, size)]

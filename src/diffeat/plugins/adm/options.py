@@ -45,6 +45,13 @@ class AdmOptions:
     )
     device: str = opt("auto", "torch device; auto: cuda if available, else cpu", cache=False)
     batch_size: int = opt(1, "images per UNet pass (each with ensemble_size copies)", cache=False)
+    ensemble_batch: int = opt(
+        0,
+        "noisy latents per UNet forward (ensemble copies, of all images of a batch together); "
+        "0: all in one forward. Smaller uses less memory and, on a CPU, lets the progress bar "
+        "count copies; results equal up to float rounding",
+        cache=False,
+    )
     stop_early: bool = opt(True, "stop the UNet once the deepest requested block ran", cache=False)
 
     def validate(self) -> None:
@@ -58,6 +65,10 @@ class AdmOptions:
             raise ValueError(f"ensemble_size must be >= 1, got {self.ensemble_size}")
         if self.batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
+        if self.ensemble_batch < 0:
+            raise ValueError(
+                f"ensemble_batch must be >= 0 (0: one forward), got {self.ensemble_batch}"
+            )
         if len(self.image_size) != 2 or any(v < 32 or v % 32 for v in self.image_size):
             raise ValueError(
                 f"image_size must be [width, height], multiples of 32, got {self.image_size}"

@@ -28,7 +28,7 @@ from diffeat.core.features import FeatureSet, LayerInfo
 from diffeat.core.geometry import ImageTransform, Size
 from diffeat.core.images import ImageInput, fit_image, fit_transform, resize, to_tensor
 from diffeat.core.noise import image_seed
-from diffeat.core.progress import counted
+from diffeat.core.progress import counted, row_slices
 from diffeat.plugins.dit.families import (
     Family,
     config_block_names,
@@ -377,10 +377,20 @@ class DiffusionTransformerExtractor(Extractor):
                     raise DiffeatError("FLUX prompts of one batch must have one T5 length")
             per_t: dict[str, list[torch.Tensor]] = {n: [] for n in self.module_names}
             desc = f"{self.family.name}, {b} image{'s' if b != 1 else ''}"
-            for ti, t in counted(enumerate(self.options.timesteps), desc):
-                eps = torch.cat([n["noise"][ti] for n in noise]).to(self.device)
-                xt, value = self.noisy(x0, eps, t)
-                maps, mods = self.run(xt, value, cond)
+            chunks = row_slices(b * e, self.options.ensemble_batch)
+            passes = [
+                (ti, t, rows) for ti, t in enumerate(self.options.timesteps) for rows in chunks
+            ]
+            done: list[tuple[dict[str, torch.Tensor], dict[str, Any]]] = []
+            for ti, t, rows in counted(passes, desc):
+                if rows.start == 0:  # the first forward at this timestep: noise every copy
+                    eps = torch.cat([n["noise"][ti] for n in noise]).to(self.device)
+                    xt, value = self.noisy(x0, eps, t)
+                    done = []
+                done.append(self.run(xt[rows], value, cond_rows(cond, rows)))
+                if rows.stop < b * e:
+                    continue
+                maps, mods = join_passes(done)
                 for name, m in maps.items():
                     mean = m.view(b, e, *m.shape[1:]).mean(dim=1)  # the ensemble first (DiTF)
                     if name in mods:
@@ -419,3 +429,23 @@ class DiffusionTransformerExtractor(Extractor):
             targets.append(HookTarget(n, modules[n], "output", lambda o: image_tokens(o, n_image)))
         with ModuleCapture(targets, stop_early=self.options.stop_early) as cap:
             return dict(cap.run(forward))
+
+
+def cond_rows(cond: dict[str, torch.Tensor], rows: slice) -> dict[str, torch.Tensor]:
+    """The prompt tensors of the latents ``rows`` (FLUX's ``txt_ids`` has no row per latent)."""
+    return {k: v if k == "txt_ids" else v[rows] for k, v in cond.items()}
+
+
+def join_passes(
+    passes: list[tuple[dict[str, torch.Tensor], dict[str, Any]]],
+) -> tuple[dict[str, torch.Tensor], dict[str, tuple[torch.Tensor, torch.Tensor]]]:
+    """The maps and AdaLN ``(shift, scale)`` of several forwards over consecutive rows, as
+    one forward over all of them would give them."""
+    if len(passes) == 1:
+        return passes[0]
+    maps = {n: torch.cat([p[0][n] for p in passes]) for n in passes[0][0]}
+    mods = {
+        n: (torch.cat([p[1][n][0] for p in passes]), torch.cat([p[1][n][1] for p in passes]))
+        for n in passes[0][1]
+    }
+    return maps, mods

@@ -96,6 +96,13 @@ class DiffusionTransformerOptions:
         cache=False,
     )
     batch_size: int = opt(1, "images per pass (each with ensemble_size copies)", cache=False)
+    ensemble_batch: int = opt(
+        0,
+        "noisy latents per transformer forward (ensemble copies, of all images of a batch "
+        "together); 0: all in one forward. Smaller uses less memory and, on a CPU, lets the "
+        "progress bar count copies; results equal up to float rounding",
+        cache=False,
+    )
     stop_early: bool = opt(
         True, "stop the transformer after the deepest requested block", cache=False
     )
@@ -112,6 +119,10 @@ class DiffusionTransformerOptions:
             raise ValueError(f"ensemble_size must be >= 1, got {self.ensemble_size}")
         if self.batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
+        if self.ensemble_batch < 0:
+            raise ValueError(
+                f"ensemble_batch must be >= 0 (0: one forward), got {self.ensemble_batch}"
+            )
         if len(self.image_size) != 2 or any(v < 16 or v % PATCH_PIXELS for v in self.image_size):
             raise ValueError(
                 f"image_size must be [width, height], multiples of {PATCH_PIXELS}, got "

@@ -16,6 +16,7 @@ from torch import nn
 
 from diffeat.core.errors import ConfigError
 from diffeat.core.features import LayerInfo
+from diffeat.core.progress import row_slices
 from diffeat.plugins.module_capture import HookTarget, ModuleCapture, first_tensor
 
 #: the key of the UNet output among a pass's captured maps (no module has this name)
@@ -188,8 +189,7 @@ class UNetPasses:
 
     def row_chunks(self, n: int) -> list[slice]:
         """The rows of each UNet forward of a call on ``n`` latents."""
-        size = self.rows_per_pass or n
-        return [slice(i, min(i + size, n)) for i in range(0, n, size)]
+        return row_slices(n, self.rows_per_pass)
 
     def forwards(self, n: int) -> int:
         """UNet forwards of one call on ``n`` latents."""

@@ -326,3 +326,26 @@ def test_values_beyond_float16_are_refused_with_a_read_only_store_too(
         with warnings.catch_warnings(), pytest.raises(StoreError, match="range"):
             warnings.simplefilter("ignore", StoreWriteWarning)
             pipe.features(texture_files[1:2])
+
+
+@pytest.mark.slow
+def test_match_on_a_store_copied_from_object_storage(config, photos, tmp_path):
+    """A store whose layout is object storage's (format 3), copied to a disk: ``match`` reads
+    its entries and computes the rest, with one warning, instead of refusing the store."""
+    store = tmp_path / "feats.zarr"
+    run_json("extract", config, photos / "p0.png", "--store", store)
+    writable = tmp_path / "writable.zarr"
+    shutil.copytree(store, writable)
+    root = json.loads((store / "zarr.json").read_text())
+    root["attributes"]["diffeat"]["format_version"] = 3  # as if written on object storage
+    (store / "zarr.json").write_text(json.dumps(root))
+    with pytest.raises(StoreError, match="format 3 store"):
+        FeatureStore(store)
+    before = snapshot(store)
+    match = ("match", config, photos / "p0.png", photos / "p2.png", "-p", "10,20")
+    proc = diffeat(*match, "--store", store, "--json")
+    assert "Traceback" not in proc.stderr
+    (line,) = warning_lines(proc.stderr)
+    assert str(store) in line and "read-only" in line and "format 3" in line
+    assert json.loads(proc.stdout)["matches"] == run_json(*match, "--store", writable)["matches"]
+    assert snapshot(store) == before

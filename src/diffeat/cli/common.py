@@ -221,12 +221,21 @@ def open_reuse_store(store_path: str | None) -> FeatureStorage | None:
     does not exist and cannot be created: none, with that warning. ``None``: no store."""
     from diffeat.core.errors import StoreError
     from diffeat.core.store_writes import mark_read_only, write_refusal
+    from diffeat.store import LayoutWriteError
     from diffeat.store.zarr_io import is_store_url
 
     if not store_path:
         return None
     try:
         store = open_store(store_path)
+    except LayoutWriteError:
+        # a store copied between a disk and object storage: readable here, not writable
+        store = open_store(store_path, mode="r")
+        made = "a local disk" if is_store_url(store_path) else "object storage"
+        mark_read_only(
+            store, f"a format {store.format_version} store made on {made}, written only there"
+        )
+        return store
     except StoreError as exc:
         reason = write_refusal(exc)
         if reason is None:

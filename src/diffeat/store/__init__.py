@@ -4,6 +4,7 @@ from diffeat.store.featurestore import (
     DamagedEntry,
     DamagedRootError,
     FeatureStore,
+    LayoutWriteError,
     MissingEntry,
     restore_root,
 )
@@ -14,6 +15,7 @@ __all__ = [
     "DamagedRootError",
     "FeatureStore",
     "InvalidKeyError",
+    "LayoutWriteError",
     "MissingEntry",
     "restore_root",
 ]

@@ -64,7 +64,14 @@ from diffeat.store.zarr_io import ZarrFolder, is_store_url, run
 if TYPE_CHECKING:
     import xarray
 
-__all__ = ["DamagedEntry", "DamagedRootError", "FeatureStore", "MissingEntry", "restore_root"]
+__all__ = [
+    "DamagedEntry",
+    "DamagedRootError",
+    "FeatureStore",
+    "LayoutWriteError",
+    "MissingEntry",
+    "restore_root",
+]
 
 _FLOAT16_SOURCES = (torch.float32, torch.float64, torch.bfloat16)
 _FLOAT16_MAX = 65504.0
@@ -142,6 +149,11 @@ class DamagedRootError(StoreError):
             f"diffeat features (cache keys {shown}): run `diffeat store verify --repair {path}` "
             "to rewrite it (the features are kept), or choose another path"
         )
+
+
+class LayoutWriteError(StoreError):
+    """A store whose layout can be read here but not written: one written on object storage
+    and copied to a disk, or the other way round (open it with ``mode="r"``)."""
 
 
 def _cache_keys_with_entries(path: Path, limit: int = 64) -> list[str]:
@@ -360,7 +372,7 @@ class FeatureStore:
             )
         version = root_version(path, attrs)
         if layout_version(version) > LOCAL_FORMAT_VERSION and self.mode == "a":
-            raise StoreError(
+            raise LayoutWriteError(
                 f"{path} is a format {version} store (written on object storage, then copied "
                 "here): a local path can read it but not write into it; open it with mode='r', "
                 "or write through its object-store URL"

@@ -41,6 +41,7 @@ from diffeat.core.errors import StoreError
 from diffeat.store.featurestore import (
     COMMIT_ATTEMPTS,
     FeatureStore,
+    LayoutWriteError,
     complete_attrs,
     gather_all,
     root_version,
@@ -155,7 +156,7 @@ class ObjectFeatureStore(FeatureStore):
             )
         version = root_version(self.path, attrs)
         if layout_version(version) < OBJECT_FORMAT_VERSION and self.mode == "a":
-            raise StoreError(
+            raise LayoutWriteError(
                 f"{self.path} is a format {version} store (copied from a local disk): on object "
                 "storage it can be read (mode='r') but not written, since format "
                 f"{version} commits entries by renaming folders; extract into a new prefix"

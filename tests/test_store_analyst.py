@@ -15,8 +15,8 @@ import torch
 
 from diffeat.core.features import FeatureSet
 from diffeat.core.geometry import ImageTransform
+from diffeat.core.images import absolute_source
 from diffeat.store import FeatureStore
-from diffeat.store.featurestore import absolute_source
 from diffeat.store.xarray_view import cell_coordinates
 from diffeat.testing import smooth_texture
 
@@ -182,3 +182,23 @@ def test_entry_without_a_transform_gets_input_coordinates_and_a_note(tmp_path: P
     store.put("ck2", "old", FeatureSet({"f": torch.ones(1, 2, 3, 5)}, (0,), {}))
     ds = store.open_xarray("ck2", "old", "f")
     assert "x_input" not in ds.coords and "no pixel coordinates" in ds.attrs["coordinates"]
+
+
+def test_features_name_the_same_absolute_source_computed_or_read(
+    manager, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A relative path: the features computed now and those read back from the store later
+    carry the same (absolute) source."""
+    from diffeat.core.pipeline import Pipeline
+
+    monkeypatch.chdir(tmp_path)
+    smooth_texture((40, 32), seed=1).save(tmp_path / "rel.png")
+    cfg = {"extractor": {"plugin": "color-blur", "image_size": [32, 32]}}
+    store = FeatureStore(tmp_path / "feats.zarr")
+    computed = Pipeline.from_dict(cfg, store=store, manager=manager).features(["rel.png"])[0]
+    read = Pipeline.from_dict(cfg, store=store, manager=manager).features(["rel.png"])[0]
+    assert computed.meta["source"] == read.meta["source"] == str(tmp_path / "rel.png")
+    alone = Pipeline.from_dict(cfg, manager=manager).features(["rel.png"])[
+        0
+    ]  # no store: the same rule
+    assert alone.meta["source"] == str(tmp_path / "rel.png")

@@ -37,7 +37,7 @@ from diffeat.core.components import (
 from diffeat.core.config import StageConfig, config_digest
 from diffeat.core.errors import DiffeatError, ImageError, StoreError
 from diffeat.core.features import FeatureSet, LayerInfo
-from diffeat.core.images import ImageInput, ImageLike, as_input
+from diffeat.core.images import ImageInput, ImageLike, absolute_source, as_input
 from diffeat.core.options import options_dict
 from diffeat.core.prefetch import ExtractSettings, Prepared, prepared_inputs
 from diffeat.core.store_writes import can_write, refused_write, write_refusal
@@ -302,7 +302,7 @@ class FeatureSource:
             feats = self.extractor.extract([inp for _, inp in batch])
             self._register()  # only now: a run that finds everything stored never loads the model
             for (index, inp), fs in zip(batch, feats):
-                fs.meta.setdefault("source", inp.source)
+                fs.meta.setdefault("source", absolute_source(inp.source))
                 if self.store is not None:
                     fs = self._store_and_round(inp, fs, keep=keep, report=report)
                 else:
@@ -472,7 +472,7 @@ class FeatureSource:
         # only now: a run that finds everything stored never loads the model
         self._register(degrade=False)
         for prep, inp, fs in zip(batch, inputs, feats):
-            fs.meta.setdefault("source", inp.source)
+            fs.meta.setdefault("source", absolute_source(inp.source))
             key = self.image_key(inp)
             nbytes = sum(t.numel() * t.element_size() for t in fs.layers.values())
             job = functools.partial(

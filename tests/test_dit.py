@@ -282,6 +282,26 @@ def test_ensemble_batch_splits_the_forwards_not_the_result(tiny, family):
         DiffusionTransformerOptions(model=str(tiny[family]), ensemble_batch=-1).validate()
 
 
+def test_join_passes_keeps_the_rows_in_order():
+    """Maps and each ``(shift, scale)`` of consecutive row chunks joined as one forward's."""
+    from diffeat.plugins.dit.extractor import cond_rows, join_passes
+
+    rows = torch.arange(5.0)
+    full_maps = {"b": rows[:, None, None, None].expand(5, 2, 3, 3)}
+    full_mods = {"b": (rows[:, None].expand(5, 2), -rows[:, None].expand(5, 2))}
+    passes = [
+        ({"b": full_maps["b"][s]}, {"b": (full_mods["b"][0][s], full_mods["b"][1][s])})
+        for s in (slice(0, 2), slice(2, 4), slice(4, 5))
+    ]
+    maps, mods = join_passes(passes)
+    assert torch.equal(maps["b"], full_maps["b"])
+    assert all(torch.equal(a, b) for a, b in zip(mods["b"], full_mods["b"]))
+    cond = {"encoder_hidden_states": torch.arange(5.0)[:, None], "txt_ids": torch.zeros(7, 3)}
+    part = cond_rows(cond, slice(1, 3))
+    assert part["encoder_hidden_states"].flatten().tolist() == [1.0, 2.0]
+    assert part["txt_ids"].shape == (7, 3)  # FLUX's text ids have no row per latent
+
+
 def test_longest_side_rule_keeps_the_aspect_ratio(tiny):
     """DiTF's preprocessing: longer side to max(image_size), sides multiples of 16."""
     ex = make(

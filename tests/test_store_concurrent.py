@@ -227,3 +227,28 @@ def test_diffeat_extract_processes_with_overlapping_images(tiny_sd, tmp_path: Pa
     (key,) = opened.extractors()
     assert len(opened.entries(key)) == 8
     assert verify_store(opened).ok
+
+
+@pytest.mark.parametrize("held", ["an entry", "another folder"])
+def test_a_root_that_lands_between_two_looks_opens_the_store(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, held: str
+) -> None:
+    """The first read of zarr.json misses (another process is creating the store) and by the
+    time the folder is looked at it holds an entry or a cache-key folder: the open reads the
+    root again instead of calling the store damaged or foreign."""
+    path = tmp_path / "feats.zarr"
+    store = FeatureStore(path)
+    if held == "an entry":
+        store.put("ck", "img", FeatureSet({"l": torch.ones(1, 2, 3, 3)}, [1]))
+    else:
+        (path / "ck").mkdir()
+    real = FeatureStore._read_now
+    reads: list[str] = []
+
+    def first_root_read_misses(self, key):
+        reads.append(key)
+        return None if key == "zarr.json" and reads.count(key) == 1 else real(self, key)
+
+    monkeypatch.setattr(FeatureStore, "_read_now", first_root_read_misses)
+    assert FeatureStore(path).format_version == store.format_version
+    assert reads.count("zarr.json") == 2

@@ -543,8 +543,8 @@ def test_opening_an_empty_prefix_while_another_process_creates_the_store(
         if not looks:
             looks.append(False)
             # the other process creates the store right after our look
-            root = group_json({ROOT_ATTR: {"format_version": OBJECT_FORMAT_VERSION}})
-            assert await self.create("zarr.json", root)
+            theirs = {"format_version": OBJECT_FORMAT_VERSION, "creator": "other"}
+            assert await self.create("zarr.json", group_json({ROOT_ATTR: theirs}))
             return False
         looks.append(await real_any(self, prefix))
         return looks[-1]
@@ -552,3 +552,24 @@ def test_opening_an_empty_prefix_while_another_process_creates_the_store(
     monkeypatch.setattr(ZarrObjects, "any_object", empty_at_first_look)
     opened = FeatureStore(url)
     assert opened.format_version >= 3 and looks[0] is False
+    root = json.loads(run(opened._store.read("zarr.json")))
+    assert root["attributes"][ROOT_ATTR]["creator"] == "other"  # theirs, not overwritten
+
+
+def test_objects_that_go_while_the_open_waits_leave_a_created_store(
+    s3: LocalS3, monkeypatch
+) -> None:
+    """Objects without a root at every look but the last, where the prefix is empty: the
+    open creates the root then and opens it (no false "holds objects" error)."""
+    import diffeat.store.objectstore as objectstore
+    from diffeat.store.zarr_io import ZarrObjects
+
+    monkeypatch.setattr(objectstore, "OPEN_RETRY_DELAYS_S", (0.0,) * 6)
+    looks: list[int] = []
+
+    async def objects_until_the_last_look(self, prefix: str = "") -> bool:
+        looks.append(1)
+        return len(looks) <= 6
+
+    monkeypatch.setattr(ZarrObjects, "any_object", objects_until_the_last_look)
+    assert FeatureStore(s3.url()).format_version >= 3 and len(looks) == 7

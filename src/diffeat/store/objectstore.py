@@ -188,6 +188,8 @@ class ObjectFeatureStore(FeatureStore):
             else:
                 time.sleep(delay)
             raw = self._read_now("zarr.json")
+        if raw is not None:  # created at the last look (the objects went meanwhile)
+            return raw
         raise StoreError(
             f"{self.path} holds objects but no zarr.json, so it is not a diffeat "
             "feature store (or its root metadata was removed): choose another prefix"

@@ -64,7 +64,9 @@ def test_flip_invariant_extractor_is_exact_on_synthetic_pairs(manager, tmp_path)
     stats = ev.stats.to_dict()
     assert stats["pairs"] == 9 and stats["images_decoded"] == 4 + 9
     assert stats["features"] == {"computed": 4 + 6, "read_from_store": 18 - 10}
-    assert ev.store["bytes"] > 0 and ev.store["cache_key"] == pipe.cache_key
+    assert ev.store["cache_key"] == pipe.cache_key
+    held = pipe.store.info()["extractors"][pipe.cache_key]["bytes"]
+    assert ev.store["cache_key_bytes"] == held > 0
     # another matcher on the same store computes nothing
     other = Pipeline.from_dict(
         {**COLOR_BLUR, "matcher": {"plugin": "mutual"}}, manager=manager, store=store
@@ -343,7 +345,9 @@ def test_cli_eval_known_pck_and_store_reuse(plugin_env, tmp_path):
     s = first["summary"]["bbox-target"]["by_alpha"]["0.1"]
     assert (s["per_image"], s["per_point"], s["category_mean_per_point"]) == (1.0, 1.0, 1.0)
     assert first["run"]["features"] == {"computed": 4 + 6, "read_from_store": 2}
-    assert first["store"]["bytes"] > 0 and first["outputs"]["json"] == str(out / "results.json")
+    assert first["store"]["cache_key_bytes"] > 0 and first["outputs"]["json"] == str(
+        out / "results.json"
+    )
     results = json.loads((out / "results.json").read_text())
     assert all(d == 0 for p in results["pairs"] for d in p["distances"])
     assert results["pipeline"]["config"]["extractor"]["plugin"] == "example-patches"

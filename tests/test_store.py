@@ -217,6 +217,8 @@ def test_register_extractor_and_info(store: FeatureStore) -> None:
     assert ck2["entries"] == 1 and ck2.get("plugin") is None
     assert summary["bytes"] > ck1["bytes"] + ck2["bytes"]
     json.dumps(summary)  # JSON all the way
+    assert store.cache_key_bytes("ck1") == ck1["bytes"] > store.cache_key_bytes("ck2")
+    assert store.cache_key_bytes("ck2") == ck2["bytes"]
 
 
 def test_register_extractor_later_and_changes(store: FeatureStore) -> None:

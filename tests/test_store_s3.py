@@ -573,3 +573,13 @@ def test_objects_that_go_while_the_open_waits_leave_a_created_store(
 
     monkeypatch.setattr(ZarrObjects, "any_object", objects_until_the_last_look)
     assert FeatureStore(s3.url()).format_version >= 3 and len(looks) == 7
+
+
+def test_cache_key_bytes_is_what_info_reports_for_the_key(s3: LocalS3) -> None:
+    store = FeatureStore(s3.url())
+    for key, n in (("ck", 3), ("other", 1)):
+        for i in range(n):
+            store.put(key, f"img{i}", FeatureSet({"l": torch.ones(1, 4, 3, 3)}, [1]))
+    info = store.info()["extractors"]
+    assert store.cache_key_bytes("ck") == info["ck"]["bytes"] > 0
+    assert store.cache_key_bytes("other") == info["other"]["bytes"] < info["ck"]["bytes"]

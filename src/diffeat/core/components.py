@@ -363,6 +363,11 @@ class FeatureStorage(Protocol):
         """What the store holds: extractors, entry counts, bytes."""
         ...
 
+    def cache_key_bytes(self, cache_key: str) -> int:
+        """Bytes stored for one extractor's entries, without looking at the others (what an
+        evaluation reports: ``info`` looks at every entry of every extractor)."""
+        ...
+
     def damaged_extractors(self) -> dict[str, str]:
         """``cache_key -> what is wrong`` for cache keys whose extractor info is missing or
         unreadable while their entries may be intact (``register_extractor`` rewrites it)."""

@@ -186,7 +186,9 @@ def _settings_lines(ev: Evaluation) -> list[str]:
         else f"features: {feats['computed']} computed (no store)",
     ]
     if ev.store:
-        lines.append(f"store: {ev.store['path']} ({ev.store['bytes']} bytes)")
+        nbytes = ev.store["cache_key_bytes"]
+        held = f" (this pipeline's features: {nbytes} bytes)" if nbytes is not None else ""
+        lines.append(f"store: {ev.store['path']}{held}")
     if stats["seconds_per_pair_mean"] is not None:
         lines.append(
             f"time: {stats['seconds_total']:.2f} s, {1000 * stats['seconds_per_pair_mean']:.1f} ms "

@@ -327,15 +327,13 @@ def evaluate(
     kinds, per_pair, summaries = score(outcomes, protocol, dataset_name)
     store_info = None
     if pipeline.store is not None:
-        info = pipeline.store.info()
+        # this run's cache key only: the whole store's info reads every entry of every
+        # extractor (minutes in a store of millions of images)
         key = pipeline.cache_key if stats.computed or stats.read_from_store else None
         store_info = {
             "path": str(pipeline.store.path),
-            "bytes": info.get("bytes"),
             "cache_key": key,
-            "cache_key_bytes": info.get("extractors", {}).get(key, {}).get("bytes")
-            if key
-            else None,
+            "cache_key_bytes": pipeline.store.cache_key_bytes(key) if key else None,
         }
     return Evaluation(
         dataset=dataset_name,

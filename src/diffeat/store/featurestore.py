@@ -1088,6 +1088,12 @@ class FeatureStore:
 
     # ------------------------------------------------------------------ summaries
 
+    def cache_key_bytes(self, cache_key: str) -> int:
+        """Bytes stored for one extractor's entries (as :meth:`info` reports them), looking
+        at that cache key only, not at the whole store."""
+        check_key(cache_key, "cache key")
+        return self._stored_bytes(cache_key)
+
     def info(self) -> dict[str, Any]:
         """A summary of the store (for ``diffeat store info``)::
 

@@ -324,6 +324,17 @@ class ObjectFeatureStore(FeatureStore):
             return super().entries(cache_key)
         return sorted(run(self._aindex(cache_key, compact=True)))
 
+    def cache_key_bytes(self, cache_key: str) -> int:
+        check_key(cache_key, "cache key")
+
+        async def count() -> int:
+            if self._indexed:  # the index's bytes: a bounded number of requests
+                state = await self._aindex(cache_key, compact=False)
+                return sum(int(v[1]) for v in state.values())
+            return sum(int(m["size"]) for m in await self._store.list_objects(cache_key))
+
+        return run(count())
+
     async def _ainfo(self) -> dict[str, Any]:
         extractors = await self._aextractors()
         summary: dict[str, dict[str, Any]] = {}

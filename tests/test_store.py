@@ -219,6 +219,14 @@ def test_register_extractor_and_info(store: FeatureStore) -> None:
     json.dumps(summary)  # JSON all the way
     assert store.cache_key_bytes("ck1") == ck1["bytes"] > store.cache_key_bytes("ck2")
     assert store.cache_key_bytes("ck2") == ck2["bytes"]
+    # the bytes are every file's size below each folder, as a plain walk adds them up
+    for prefix, reported in (("ck1", ck1["bytes"]), ("", summary["bytes"])):
+        walked = sum(
+            os.path.getsize(os.path.join(d, f))
+            for d, _, files in os.walk(store.path / prefix)
+            for f in files
+        )
+        assert reported == walked
 
 
 def test_register_extractor_later_and_changes(store: FeatureStore) -> None:

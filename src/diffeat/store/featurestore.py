@@ -121,6 +121,31 @@ class MissingEntry(KeyError):
         return str(self.args[0])
 
 
+def _bytes_by_top_folder(folder: Path) -> dict[str, int]:
+    """Bytes of the files under ``folder``, per name directly in it (a file's own name, or
+    the folder it lies below): one ``scandir`` walk; files removed meanwhile by another
+    process count as nothing."""
+    sizes: dict[str, int] = {}
+    stack: list[tuple[str, str | None]] = [(os.fspath(folder), None)]
+    while stack:
+        current, top = stack.pop()
+        try:
+            listing = os.scandir(current)
+        except (FileNotFoundError, NotADirectoryError):
+            continue
+        with listing:
+            for item in listing:
+                name = top or item.name
+                try:
+                    if item.is_dir(follow_symlinks=False):
+                        stack.append((item.path, name))
+                    else:
+                        sizes[name] = sizes.get(name, 0) + item.stat().st_size
+                except FileNotFoundError:
+                    pass
+    return sizes
+
+
 class DamagedRootError(StoreError):
     """The root ``zarr.json`` of a folder that holds diffeat features is missing or damaged."""
 
@@ -426,14 +451,7 @@ class FeatureStore:
         return f"{check_key(cache_key, 'cache key')}/{check_key(image_key, 'image key')}"
 
     def _stored_bytes(self, prefix: str) -> int:
-        total = 0
-        for dirpath, _dirs, files in os.walk(self.path / prefix):
-            for name in files:
-                try:
-                    total += os.stat(os.path.join(dirpath, name)).st_size
-                except FileNotFoundError:  # removed meanwhile by another process
-                    pass
-        return total
+        return sum(_bytes_by_top_folder(self.path / prefix).values())
 
     # ------------------------------------------------------------------ extractors
 
@@ -1108,13 +1126,15 @@ class FeatureStore:
     async def _ainfo(self) -> dict[str, Any]:
         extractors = await self._aextractors()
         scans = await asyncio.gather(*(self._ascan(k) for k in extractors))
+        # one walk of the folders gives every cache key's bytes and the total
+        by_key = await asyncio.to_thread(_bytes_by_top_folder, self.path)
         summary: dict[str, dict[str, Any]] = {}
         for (key, info), (complete, incomplete) in zip(extractors.items(), scans):
             summary[key] = {
                 **(info or {}),
                 "entries": len(complete),
                 "incomplete": len(incomplete),
-                "bytes": await asyncio.to_thread(self._stored_bytes, key),
+                "bytes": by_key.get(key, 0),
                 "dtype": await self._asample_dtype(key, complete),
             }
             if info is None:
@@ -1123,7 +1143,7 @@ class FeatureStore:
             "path": str(self.path),
             "format_version": self.format_version,
             "extractors": summary,
-            "bytes": await asyncio.to_thread(self._stored_bytes, ""),
+            "bytes": sum(by_key.values()),
         }
 
     async def _asample_dtype(self, cache_key: str, complete: list[str]) -> str | None:

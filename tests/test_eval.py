@@ -485,3 +485,21 @@ def test_config_protocol_is_the_eval_default(plugin_env, tmp_path):
     cfg.write_text('protocol = "nope"\n' + text)
     proc = run(*args, env=plugin_env, check=2)
     assert "nope" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_the_store_report_never_fails_a_finished_evaluation(tmp_path) -> None:
+    from diffeat.eval.runner import _cache_key_bytes
+    from diffeat.store import FeatureStore
+
+    class OlderStore:  # written against the protocol before cache_key_bytes
+        def info(self):
+            return {"extractors": {"ck": {"bytes": 123}}}
+
+    class Unreadable:
+        def cache_key_bytes(self, cache_key):
+            raise PermissionError(13, "Permission denied", str(tmp_path))
+
+    store = FeatureStore(tmp_path / "feats.zarr")
+    assert _cache_key_bytes(OlderStore(), "ck") == 123
+    assert _cache_key_bytes(Unreadable(), "ck") is None
+    assert _cache_key_bytes(store, "never-written") is None  # computed, not kept

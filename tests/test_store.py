@@ -763,3 +763,22 @@ def test_store_survives_sigkill(tmp_path: Path) -> None:
     nxt = f"img{len(done):05d}"
     store.put("ck", nxt, make_features())
     assert store.has("ck", nxt)
+
+
+def test_store_bytes_follow_os_walk_rules(tmp_path: Path) -> None:
+    """A link to a folder is not followed (or counted), a link to a file counts its target,
+    a missing or file prefix is 0: the rules of the plain ``os.walk`` sum."""
+    from diffeat.store.featurestore import _bytes_by_top_folder
+
+    root = tmp_path / "root"
+    (root / "ck" / "entry").mkdir(parents=True)
+    (root / "ck" / "entry" / "a").write_bytes(b"x" * 100)
+    (root / "zarr.json").write_bytes(b"y" * 7)
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (outside / "big").write_bytes(b"z" * 5000)
+    (root / "ck" / "linked").symlink_to(outside, target_is_directory=True)
+    (root / "ck" / "file-link").symlink_to(root / "zarr.json")
+    assert _bytes_by_top_folder(root) == {"ck": 107, "zarr.json": 7}
+    assert _bytes_by_top_folder(root / "missing") == {}
+    assert _bytes_by_top_folder(root / "zarr.json") == {}

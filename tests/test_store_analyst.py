@@ -15,7 +15,7 @@ import torch
 
 from diffeat.core.features import FeatureSet
 from diffeat.core.geometry import ImageTransform
-from diffeat.core.images import absolute_source
+from diffeat.core.paths import absolute_source
 from diffeat.store import FeatureStore
 from diffeat.store.xarray_view import cell_coordinates
 from diffeat.testing import smooth_texture

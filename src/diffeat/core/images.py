@@ -403,21 +403,3 @@ def to_tensor(image: Image.Image) -> torch.Tensor:
     """``[3, H, W]`` float32 in ``[-1, 1]`` from an RGB image, as diffusion VAEs expect."""
     arr = torch.from_numpy(np.asarray(image, dtype=np.uint8).copy()).permute(2, 0, 1).float()
     return (arr / 255.0 - 0.5) * 2.0
-
-
-def absolute_source(source: str) -> str:
-    """``source`` as stored with an entry: a relative path to an existing file (as the
-    writer's working folder resolves it) made absolute, also the file part of a video
-    frame's ``clip.mp4#12``; anything else (``<memory>``, a URL, an absolute path, free
-    text naming no file) unchanged."""
-    if not source or source.startswith("<") or "://" in source or os.path.isabs(source):
-        return source
-    path, sep, rest = source, "", ""
-    if not os.path.isfile(source) and "#" in source:
-        path, sep, rest = source.rpartition("#")
-    try:
-        if os.path.isfile(path):
-            return os.path.abspath(path) + sep + rest
-    except (OSError, ValueError):  # a name the filesystem cannot hold: not a file
-        pass
-    return source

@@ -37,8 +37,9 @@ from diffeat.core.components import (
 from diffeat.core.config import StageConfig, config_digest
 from diffeat.core.errors import DiffeatError, ImageError, StoreError
 from diffeat.core.features import FeatureSet, LayerInfo
-from diffeat.core.images import ImageInput, ImageLike, absolute_source, as_input
+from diffeat.core.images import ImageInput, ImageLike, as_input
 from diffeat.core.options import options_dict
+from diffeat.core.paths import absolute_source
 from diffeat.core.prefetch import ExtractSettings, Prepared, prepared_inputs
 from diffeat.core.store_writes import can_write, refused_write, write_refusal
 from diffeat.core.writer import BackgroundWriter, WriteResult

@@ -186,7 +186,7 @@ def _settings_lines(ev: Evaluation) -> list[str]:
         else f"features: {feats['computed']} computed (no store)",
     ]
     if ev.store:
-        nbytes = ev.store["cache_key_bytes"]
+        nbytes = ev.store.get("cache_key_bytes")
         held = f" (this pipeline's features: {nbytes} bytes)" if nbytes is not None else ""
         lines.append(f"store: {ev.store['path']}{held}")
     if stats["seconds_per_pair_mean"] is not None:

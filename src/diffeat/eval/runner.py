@@ -17,6 +17,7 @@ versus read from the pipeline's store are counted per image use.
 
 from __future__ import annotations
 
+import logging
 import math
 import time
 from collections import OrderedDict
@@ -44,6 +45,8 @@ from diffeat.eval.protocols import PCKProtocol
 if TYPE_CHECKING:
     from diffeat.core.pipeline import Pipeline
     from diffeat.core.sources import Progress
+
+log = logging.getLogger(__name__)
 
 IMAGE_CACHE = 256  # decoded images kept per run (pairs come grouped by category)
 
@@ -333,7 +336,7 @@ def evaluate(
         store_info = {
             "path": str(pipeline.store.path),
             "cache_key": key,
-            "cache_key_bytes": pipeline.store.cache_key_bytes(key) if key else None,
+            "cache_key_bytes": _cache_key_bytes(pipeline.store, key) if key else None,
         }
     return Evaluation(
         dataset=dataset_name,
@@ -350,3 +353,18 @@ def evaluate(
         pipeline_source=str(pipeline.config.source),
         store=store_info,
     )
+
+
+def _cache_key_bytes(store: Any, cache_key: str) -> int | None:
+    """The bytes the store holds for ``cache_key``; None when it holds nothing for it (its
+    features were computed, not kept) or cannot say. Reporting never fails a finished run:
+    a store written against an older ``FeatureStorage`` without ``cache_key_bytes`` is
+    asked for its ``info()`` instead."""
+    try:
+        measure = getattr(store, "cache_key_bytes", None)
+        if measure is not None:
+            return int(measure(cache_key)) or None
+        return store.info().get("extractors", {}).get(cache_key, {}).get("bytes")
+    except (OSError, DiffeatError) as exc:
+        log.warning("cannot measure the bytes of %s in the store: %s", cache_key, exc)
+        return None

@@ -32,7 +32,7 @@ import torch
 
 from diffeat.core.errors import StoreError
 from diffeat.core.features import FeatureSet
-from diffeat.core.images import absolute_source
+from diffeat.core.paths import absolute_source
 from diffeat.store.format import (
     BFLOAT16_VERSIONS,
     CHECKSUM_VERSION,
@@ -123,25 +123,27 @@ class MissingEntry(KeyError):
 
 def _bytes_by_top_folder(folder: Path) -> dict[str, int]:
     """Bytes of the files under ``folder``, per name directly in it (a file's own name, or
-    the folder it lies below): one ``scandir`` walk; files removed meanwhile by another
-    process count as nothing."""
+    the folder it lies below): one ``scandir`` walk, with ``os.walk``'s rules: links to
+    folders are not followed, folders that cannot be listed and files removed meanwhile
+    (by another process) count as nothing."""
     sizes: dict[str, int] = {}
     stack: list[tuple[str, str | None]] = [(os.fspath(folder), None)]
     while stack:
         current, top = stack.pop()
         try:
             listing = os.scandir(current)
-        except (FileNotFoundError, NotADirectoryError):
+        except OSError:  # gone, not a folder, or not ours to read
             continue
         with listing:
             for item in listing:
                 name = top or item.name
                 try:
-                    if item.is_dir(follow_symlinks=False):
-                        stack.append((item.path, name))
+                    if item.is_dir():
+                        if not item.is_symlink():
+                            stack.append((item.path, name))
                     else:
                         sizes[name] = sizes.get(name, 0) + item.stat().st_size
-                except FileNotFoundError:
+                except OSError:
                     pass
     return sizes
 

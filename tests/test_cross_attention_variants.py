@@ -10,24 +10,17 @@ from pathlib import Path
 
 import pytest
 import torch
+from test_cross_attention import SIZE, _view
+from test_cross_attention import _matcher as _parity_matcher
 
 from diffeat.core.components import View
 from diffeat.core.errors import ConfigError, DiffeatError
-from diffeat.core.geometry import ImageTransform
 from diffeat.core.options import build_options, options_dict
 from diffeat.core.sources import extractor_cache_key
 from diffeat.plugins.cross_attention.crops import crop_bounds, crop_side, squashed, stream_seed
 from diffeat.plugins.cross_attention.matcher import CrossAttentionMatcher, _half_on_cpu
 from diffeat.plugins.cross_attention.options import CrossAttentionOptions
 from diffeat.testing import smooth_texture
-
-SIZE = 64
-TINY = {"size": SIZE, "steps": 2, "restarts": 2, "crops": 5, "device": "cpu"}
-
-
-def _view(size: tuple[int, int], seed: int) -> View:
-    image = smooth_texture(size, seed=seed)
-    return View(image, ImageTransform.resize(image.size, image.size))
 
 
 @pytest.fixture(scope="module")
@@ -36,7 +29,8 @@ def views() -> tuple[View, View]:
 
 
 def _matcher(model: Path, **options: object) -> CrossAttentionMatcher:
-    return CrossAttentionMatcher(CrossAttentionOptions(model=str(model), **{**TINY, **options}))
+    """The parity tests' tiny matcher, without the per-layer maps (not needed here)."""
+    return _parity_matcher(model, **{"return_maps": False, **options})
 
 
 def _count_encoded(matcher: CrossAttentionMatcher) -> list[int]:

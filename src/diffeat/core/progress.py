@@ -17,6 +17,7 @@ from __future__ import annotations
 import os
 import sys
 from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from typing import Any, TypeVar
 
 T = TypeVar("T")
@@ -42,21 +43,25 @@ def progress_bar(total: int, desc: str, unit: str, enabled: bool = True) -> Any:
     return tqdm(total=total, desc=desc, unit=unit, disable=disable, file=sys.stderr, leave=False)
 
 
-def inner_bar(total: int, desc: str, unit: str = "UNet pass") -> Any:
+@contextmanager
+def inner_bar(total: int, desc: str, unit: str = "UNet pass") -> Iterator[Any]:
     """The bar of the model passes of one batch of images (:func:`progress_bar`), drawn only
-    when there are at least :data:`INNER_MIN_PASSES` of them."""
-    return progress_bar(total, desc, unit, enabled=total >= INNER_MIN_PASSES)
+    when there are at least :data:`INNER_MIN_PASSES` of them; ``update(1)`` per pass. On a
+    normal exit the final count is drawn, whatever tqdm's redraw interval skipped."""
+    with progress_bar(total, desc, unit, enabled=total >= INNER_MIN_PASSES) as bar:
+        yield bar
+        bar.refresh()
 
 
 def counted(items: Iterable[T], desc: str, unit: str = "UNet pass") -> Iterator[T]:
     """``items``, one model pass each, counted by an :func:`inner_bar` as each is done
-    (``for t in counted(timesteps, "adm, 2 images"): ...``)."""
+    (``for t in counted(timesteps, "my-model, 2 images"): ...``), for a plugin whose passes
+    are a plain loop."""
     items = list(items)
     with inner_bar(len(items), desc, unit) as bar:
         for item in items:
             yield item
             bar.update(1)
-        bar.refresh()
 
 
 def row_slices(n: int, rows_per_pass: int) -> list[slice]:

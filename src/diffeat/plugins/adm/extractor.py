@@ -44,7 +44,7 @@ from diffeat.core.images import (
     to_tensor,
 )
 from diffeat.core.noise import image_seed
-from diffeat.core.progress import counted, row_slices
+from diffeat.core.progress import inner_bar, row_slices
 from diffeat.plugins.adm.architecture import AdmArchitecture, BlockInfo
 from diffeat.plugins.adm.convert import ADM_FILE, read_adm_meta
 from diffeat.plugins.adm.options import AdmOptions
@@ -271,18 +271,17 @@ class AdmExtractor(Extractor):
         per_t: dict[str, list[torch.Tensor]] = {blk.name: [] for blk in self.blocks}
         desc = f"adm, {b} image{'s' if b != 1 else ''}"
         chunks = row_slices(b * e, self.options.ensemble_batch)
-        passes = [(ti, t, rows) for ti, t in enumerate(self.options.timesteps) for rows in chunks]
-        parts: dict[str, list[torch.Tensor]] = {}
-        for ti, t, rows in counted(passes, desc):
-            if rows.start == 0:  # the first forward at this timestep: noise every copy
+        with inner_bar(len(self.options.timesteps) * len(chunks), desc) as bar:
+            for ti, t in enumerate(self.options.timesteps):
                 a, s = q_sample_coefficients(t, meta["diffusion_steps"], meta["noise_schedule"])
                 eps = torch.cat([n[ti] for n in noise]).to(self.device, torch.float32)
                 xt = (a * x0 + s * eps).to(self.dtype)
-                parts = {blk.name: [] for blk in self.blocks}
-            for name, m in self.run_unet(xt[rows], t).items():
-                parts[name].append(m)
-            if rows.stop == b * e:  # every copy ran: average each image's ensemble
-                for name, ms in parts.items():
+                parts: dict[str, list[torch.Tensor]] = {blk.name: [] for blk in self.blocks}
+                for rows in chunks:
+                    for name, m in self.run_unet(xt[rows], t).items():
+                        parts[name].append(m)
+                    bar.update(1)
+                for name, ms in parts.items():  # every copy ran: average each image's ensemble
                     m = torch.cat(ms)
                     per_t[name].append(m.view(b, e, *m.shape[1:]).mean(dim=1))
         return {name: torch.stack(ms, dim=1) for name, ms in per_t.items()}

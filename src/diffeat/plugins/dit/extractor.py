@@ -28,7 +28,7 @@ from diffeat.core.features import FeatureSet, LayerInfo
 from diffeat.core.geometry import ImageTransform, Size
 from diffeat.core.images import ImageInput, fit_image, fit_transform, resize, to_tensor
 from diffeat.core.noise import image_seed
-from diffeat.core.progress import counted, row_slices
+from diffeat.core.progress import inner_bar, row_slices
 from diffeat.plugins.dit.families import (
     Family,
     config_block_names,
@@ -378,25 +378,21 @@ class DiffusionTransformerExtractor(Extractor):
             per_t: dict[str, list[torch.Tensor]] = {n: [] for n in self.module_names}
             desc = f"{self.family.name}, {b} image{'s' if b != 1 else ''}"
             chunks = row_slices(b * e, self.options.ensemble_batch)
-            passes = [
-                (ti, t, rows) for ti, t in enumerate(self.options.timesteps) for rows in chunks
-            ]
-            done: list[tuple[dict[str, torch.Tensor], dict[str, Any]]] = []
-            for ti, t, rows in counted(passes, desc):
-                if rows.start == 0:  # the first forward at this timestep: noise every copy
+            with inner_bar(len(self.options.timesteps) * len(chunks), desc) as bar:
+                for ti, t in enumerate(self.options.timesteps):
                     eps = torch.cat([n["noise"][ti] for n in noise]).to(self.device)
                     xt, value = self.noisy(x0, eps, t)
                     done = []
-                done.append(self.run(xt[rows], value, cond_rows(cond, rows)))
-                if rows.stop < b * e:
-                    continue
-                maps, mods = join_passes(done)
-                for name, m in maps.items():
-                    mean = m.view(b, e, *m.shape[1:]).mean(dim=1)  # the ensemble first (DiTF)
-                    if name in mods:
-                        shift, scale = (v.view(b, e, -1).mean(dim=1) for v in mods[name])
-                        mean = ditf_normalise(mean, shift, scale, self.options.massive_channels)
-                    per_t[name].append(mean)
+                    for rows in chunks:
+                        done.append(self.run(xt[rows], value, cond_rows(cond, rows)))
+                        bar.update(1)
+                    maps, mods = join_passes(done)
+                    for name, m in maps.items():
+                        mean = m.view(b, e, *m.shape[1:]).mean(dim=1)  # the ensemble first
+                        if name in mods:  # DiTF: the AdaLN mean over the ensemble too
+                            shift, scale = (v.view(b, e, -1).mean(dim=1) for v in mods[name])
+                            mean = ditf_normalise(mean, shift, scale, self.options.massive_channels)
+                        per_t[name].append(mean)
         return {name: torch.stack(items, dim=1) for name, items in per_t.items()}
 
     def run(

@@ -577,7 +577,6 @@ class StableDiffusionExtractor(Extractor):
                 passes.bar = bar  # counts UNet forwards (ensemble chunks x timesteps or steps)
                 try:
                     maps = self.recipe.run(self, latents, context, noise, offsets)
-                    bar.refresh()  # the final count, whatever the redraw interval skipped
                 finally:
                     passes.bar = None
         return {name: m.view(b, e, *m.shape[1:]).mean(dim=1) for name, m in maps.items()}

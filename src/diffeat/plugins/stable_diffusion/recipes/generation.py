@@ -77,7 +77,6 @@ class Generation(DdimRecipe):
             passes.bar = bar
             try:
                 x = self._walk(ex, x, steps, kept, captured)
-                bar.refresh()
             finally:
                 passes.bar = None
             image = ex.decode(x)
